@@ -1,0 +1,1 @@
+"""rvm: recurrent visual models in JAX."""
