@@ -1,0 +1,257 @@
+"""The CIFAR ResNet of Huang et al. with optional weight sharing between blocks.
+
+A level is a padding block (levels 2 and 3: stride 2, shortcut = 2x2 average
+pooling + zero channels) followed by `n` non-padding blocks that run under
+`nn.scan`, so the compiled graph holds one block body per level whatever the
+depth. Per-block variables (conv biases, BatchNorm scale/bias/statistics, and the
+conv kernels unless shared) are stacked along the scan axis. In a raw-shared
+level the two conv kernels are parameters of the level and are broadcast to
+every iteration, which makes the level a recurrent network with readout time `n`.
+
+Stochastic depth drops a whole block with `nn.cond`, so a dropped block costs no
+convolutions; at evaluation the residual is scaled by its survival probability.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rvm.models.conv import conv3x3
+
+Array = jax.Array
+
+# He initialisation with fan-out, as in Huang et al.'s Torch code.
+kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def death_rates(blocks_per_level: Sequence[int], final_rate: float) -> list[np.ndarray]:
+    """Per-level death rates: 0 at the network's first residual block, linear to `final_rate`."""
+    total = sum(blocks_per_level)
+    rates = final_rate * np.arange(total) / max(total - 1, 1)
+    bounds = np.cumsum([0, *blocks_per_level])
+    return [rates[a:b].astype(np.float32) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class Conv(nn.Module):
+    """3x3 'SAME' convolution with bias whose kernel is its own or given by the caller."""
+
+    features: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, kernel: Array | None = None) -> Array:
+        if kernel is None:
+            kernel = self.param("kernel", kernel_init, (3, 3, x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        y = conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
+        return y + bias.astype(self.dtype)
+
+
+class Residual(nn.Module):
+    """The residual branch conv-BN-ReLU-conv-BN."""
+
+    features: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool, kernels: tuple[Array, Array] | None) -> Array:
+        k1, k2 = kernels if kernels is not None else (None, None)
+        norm = lambda name: nn.BatchNorm(
+            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
+        )
+        y = Conv(self.features, self.strides, self.dtype, name="conv1")(x, k1)
+        y = nn.relu(norm("bn1")(y))
+        y = Conv(self.features, 1, self.dtype, name="conv2")(y, k2)
+        return norm("bn2")(y)
+
+
+def shortcut(x: Array, features: int, strides: int) -> Array:
+    """Identity, or 2x2 average pooling and zero channels appended (Huang et al.)."""
+    if strides == 1 and x.shape[-1] == features:
+        return x
+    x = nn.avg_pool(x, (strides, strides), (strides, strides))
+    return jnp.pad(x, [(0, 0)] * 3 + [(0, features - x.shape[-1])])
+
+
+class Block(nn.Module):
+    """A residual block that runs only where `run` holds; otherwise it is the shortcut.
+
+    `scale` multiplies the residual (the survival probability at evaluation).
+    When `run` is traced the block sits under `nn.cond`, so a skipped block does
+    no work. Its output is ReLU(shortcut + scale * residual).
+    """
+
+    features: int
+    strides: int = 1
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.residual = Residual(self.features, self.strides, self.dtype)
+
+    def _run(self, x, train, kernels, scale):
+        s = shortcut(x, self.features, self.strides)
+        return nn.relu(s + scale * self.residual(x, train, kernels))
+
+    def _skip(self, x, train, kernels, scale):
+        return shortcut(x, self.features, self.strides).astype(self.dtype)
+
+    def __call__(self, x, train: bool, kernels=None, run=True, scale=1.0) -> Array:
+        if self.is_initializing() or run is True:
+            return self._run(x, train, kernels, scale)
+        if run is False:
+            return self._skip(x, train, kernels, scale)
+        return nn.cond(
+            run,
+            lambda mdl, x, k, s: mdl._run(x, train, k, s),
+            lambda mdl, x, k, s: mdl._skip(x, train, k, s),
+            self,
+            x.astype(self.dtype),
+            kernels,
+            scale,
+        )
+
+
+class ScanStep(nn.Module):
+    """One iteration of a level's scan: the carry is the representation."""
+
+    features: int
+    train: bool
+    keep_activations: bool
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, step, kernels):
+        run, scale = step
+        x = Block(self.features, 1, self.dtype, name="block")(x, self.train, kernels, run, scale)
+        return x, (x if self.keep_activations else None)
+
+
+class Level(nn.Module):
+    """A padding block (if `downsample`) then `num_blocks` scanned non-padding blocks.
+
+    Args of `__call__`:
+      rates: death rates of the level's blocks, padding block first (numpy).
+      mask: optional keep-mask over the non-padding blocks (1 runs, 0 identity).
+      iterations: evaluation only; run this many non-padding iterations instead
+        of `num_blocks`. Iterations past the trained count reuse the last block's
+        per-block variables (biases, BatchNorm) and survival probability, so the
+        shared recurrence simply continues with its final normalisation.
+    """
+
+    features: int
+    num_blocks: int
+    downsample: bool
+    shared: bool
+    keep_activations: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool, rates: np.ndarray, mask=None, iterations=None):
+        stochastic = train and bool(np.any(rates > 0))
+        if self.downsample:
+            pad_rate, rates = rates[0], rates[1:]
+            run = True
+            if stochastic and pad_rate > 0:
+                run = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - pad_rate)
+            scale = 1.0 if train else 1.0 - float(pad_rate)
+            x = Block(self.features, 2, self.dtype, name="pad")(x, train, None, run, scale)
+        inputs = x
+
+        length = self.num_blocks if iterations is None else int(iterations)
+        index = np.minimum(np.arange(length), self.num_blocks - 1)
+        if length > self.num_blocks and not self.shared:
+            raise ValueError(
+                f"iterations={length} exceeds the trained {self.num_blocks} blocks; running "
+                "more iterations than trained needs a raw-shared (or consolidated) level"
+            )
+        if train and length != self.num_blocks:
+            raise ValueError("iterations can differ from the trained count only at evaluation")
+
+        run = jnp.ones((length,), bool) if mask is None else jnp.asarray(mask).astype(bool)
+        if run.shape != (length,):
+            raise ValueError(f"mask has shape {run.shape}, expected ({length},)")
+        if stochastic:
+            alive = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rates[index])
+            run = run & alive
+        scale = jnp.ones(length) if train else jnp.asarray(1.0 - rates[index])
+
+        kernels = None
+        if self.shared:
+            shape = lambda cin: (3, 3, cin, self.features)
+            kernels = (
+                self.param("conv1_kernel", kernel_init, shape(self.features)),
+                self.param("conv2_kernel", kernel_init, shape(self.features)),
+            )
+
+        scan = nn.scan(
+            ScanStep,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast),
+            length=length,
+        )
+        if length != self.num_blocks:
+            gather = lambda tree: jax.tree.map(lambda v: v[index], tree)
+            scan = nn.map_variables(scan, ("params", "batch_stats"), trans_in_fn=gather)
+        x, acts = scan(self.features, train, self.keep_activations, self.dtype, name="blocks")(
+            x, (run, scale), kernels
+        )
+        return x, (inputs, acts)
+
+
+class ResNet(nn.Module):
+    """Three-level CIFAR ResNet; `shared_levels` marks levels with raw-shared kernels.
+
+    `__call__` returns logits, or `(logits, activations)` when `keep_activations`
+    is set: per level, the level's input (after its padding block) and the
+    stacked outputs of its scanned blocks, for trajectory analysis.
+    """
+
+    blocks_per_level: tuple[int, ...] = (18, 18, 18)
+    shared_levels: tuple[bool, ...] = (False, False, False)
+    widths: tuple[int, ...] = (16, 32, 64)
+    num_classes: int = 10
+    final_death_rate: float = 0.5
+    keep_activations: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        train: bool = False,
+        masks: Sequence[Any] | None = None,
+        iterations: Sequence[int | None] | None = None,
+    ):
+        masks = masks if masks is not None else [None] * len(self.widths)
+        iterations = iterations if iterations is not None else [None] * len(self.widths)
+        rates = death_rates(self.blocks_per_level, self.final_death_rate)
+
+        x = Conv(self.widths[0], 1, self.dtype, name="stem_conv")(x.astype(self.dtype))
+        x = nn.relu(
+            nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="stem_bn")(x)
+        )
+        activations = []
+        for i, features in enumerate(self.widths):
+            downsample = i > 0
+            x, acts = Level(
+                features,
+                self.blocks_per_level[i] - int(downsample),
+                downsample,
+                self.shared_levels[i],
+                self.keep_activations,
+                self.dtype,
+                name=f"level{i + 1}",
+            )(x, train, rates[i], masks[i], iterations[i])
+            activations.append(acts)
+        x = jnp.mean(x, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        return (logits, activations) if self.keep_activations else logits

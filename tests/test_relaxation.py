@@ -1,0 +1,76 @@
+"""The relaxation transformation against autodiff of the explicit penalty."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rvm.train import relaxation as rx
+
+
+def random_tree(seed):
+    k = jax.random.split(jax.random.key(seed), 4)
+    params = {
+        "a": {"kernel": jax.random.normal(k[0], (5, 3, 3, 2, 2)), "bias": jax.random.normal(k[1], (5, 2))},
+        "b": jax.random.normal(k[2], (3, 7)),
+        "c": jax.random.normal(k[3], (4,)),
+    }
+    mask = {"a": {"kernel": True, "bias": False}, "b": True, "c": False}
+    return params, mask
+
+
+def explicit_penalty(params, mask):
+    total = 0.0
+    for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)):
+        if m:
+            total += jnp.sum((w - jnp.mean(w, axis=0)) ** 2)
+    return total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_update_equals_grad_of_explicit_penalty(seed):
+    params, mask = random_tree(seed)
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(seed + 10), p.shape), params)
+    pull = 0.37
+    tx = rx.relaxation(pull, mask)
+    updates, state = tx.update(grads, tx.init(params), params)
+    penalty_grad = jax.grad(lambda p: pull * explicit_penalty(p, mask))(params)
+    assert jnp.abs(penalty_grad["b"]).max() > 0  # the penalty really acts on set leaves
+    expected = jax.tree.map(jnp.add, grads, penalty_grad)
+    for got, want in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state.penalty, explicit_penalty(params, mask), rtol=1e-5)
+    np.testing.assert_allclose(updates["c"], grads["c"])  # leaves outside the sets untouched
+
+
+def test_schedule_is_exponential_between_its_ends():
+    pull = rx.exponential_pull(1e-4, 1e-1, 1000)
+    np.testing.assert_allclose(pull(0), 1e-4, rtol=1e-6)
+    np.testing.assert_allclose(pull(1000), 1e-1, rtol=1e-5)
+    np.testing.assert_allclose(pull(500), np.sqrt(1e-4 * 1e-1), rtol=1e-5)
+    np.testing.assert_allclose(pull(5000), 1e-1, rtol=1e-5)
+
+
+def test_schedule_counts_steps_inside_a_chain():
+    params, mask = random_tree(0)
+    tx = optax.chain(rx.relaxation(rx.exponential_pull(1e-4, 1e-1, 10), mask), optax.sgd(0.1))
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(10):
+        _, state = tx.update(zeros, state, params)
+    np.testing.assert_allclose(state[0].pull, rx.exponential_pull(1e-4, 1e-1, 10)(9), rtol=1e-6)
+
+
+def test_bad_pull_schedule_is_rejected():
+    with pytest.raises(ValueError, match="positive"):
+        rx.exponential_pull(0.0, 1e-1, 100)
+
+
+def test_angles_are_zero_for_equal_kernels_and_positive_otherwise():
+    params, mask = random_tree(0)
+    angles = rx.max_angles(params, mask)
+    assert set(angles) == {"a/kernel", "b"}
+    assert all(a > 1.0 for a in angles.values())
+    tied = jax.tree.map(lambda w, m: jnp.broadcast_to(w[0], w.shape) if m else w, params, mask)
+    assert all(a < 1e-2 for a in rx.max_angles(tied, mask).values())

@@ -1,0 +1,248 @@
+"""The shared-ResNet family: parameter counts, sharing, masks, readout time, consolidation."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from jax import lax
+
+from rvm.models import sharing
+from rvm.models.resnet import death_rates
+
+
+def model_config(blocks=(3, 4, 4), mode="nonshared", scope="all", sd=True):
+    return ml_collections.ConfigDict(
+        dict(
+            blocks_per_level=blocks,
+            sharing=mode,
+            scope=scope,
+            stochastic_depth=sd,
+            final_death_rate=0.5,
+            dtype="float32",
+        )
+    )
+
+
+def init(model, x, seed=0):
+    return model.init({"params": jax.random.key(seed), "dropout": jax.random.key(1)}, x)
+
+
+def randomize_stats(variables, seed=3):
+    """BatchNorm statistics away from (0, 1), so evaluation-mode tests see them."""
+    leaves, tree = jax.tree.flatten(variables["batch_stats"])
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [
+        jax.random.uniform(k, v.shape, minval=0.5, maxval=1.5)
+        if i % 2
+        else 0.1 * jax.random.normal(k, v.shape)
+        for i, (k, v) in enumerate(zip(keys, leaves))
+    ]
+    return {**variables, "batch_stats": jax.tree.unflatten(tree, new)}
+
+
+X = jax.random.normal(jax.random.key(42), (4, 8, 8, 3))
+
+
+@pytest.mark.parametrize(
+    "blocks, mode, scope, expected",
+    [
+        ((18, 18, 18), "nonshared", "middle", 1_732_010),
+        ((18, 18, 18), "raw", "middle", 1_437_098),
+        ((18, 18, 18), "relaxed", "middle", 1_732_010),
+        ((18, 18, 18), "minimal", "middle", 1_434_026),
+        ((18, 18, 18), "raw", "all", 179_114),
+        ((18, 18, 18), "minimal", "all", 168_266),
+        ((3, 4, 4), "nonshared", "all", 363_146),
+        ((3, 4, 4), "raw", "all", 169_610),
+    ],
+)
+def test_parameter_counts_match_the_paper(blocks, mode, scope, expected):
+    model = sharing.build_model(model_config(blocks, mode, scope), 10)
+    shapes = jax.eval_shape(lambda: init(model, X))
+    assert sharing.count_params(shapes["params"]) == expected
+
+
+@pytest.mark.parametrize(
+    "blocks, scope, expected",
+    [((18, 18, 18), "middle", 1_437_098), ((18, 18, 18), "all", 179_114), ((3, 4, 4), "all", 169_610)],
+)
+def test_relaxed_count_after_consolidation_equals_raw(blocks, scope, expected):
+    cfg = model_config(blocks, "relaxed", scope)
+    shapes = jax.eval_shape(lambda: init(sharing.build_model(cfg, 10), X))
+    merged = jax.eval_shape(lambda p: sharing.consolidate(p, scope), shapes["params"])
+    assert sharing.count_params(merged) == expected
+    raw = jax.eval_shape(lambda: init(sharing.build_model(cfg, 10, consolidated=True), X))
+    assert jax.tree.structure(merged) == jax.tree.structure(raw["params"])
+
+
+def test_minimal_shrinks_only_the_levels_in_scope():
+    assert sharing.trained_blocks(model_config((18, 18, 18), "minimal", "middle")) == (18, 2, 18)
+    assert sharing.trained_blocks(model_config((18, 18, 18), "minimal", "all")) == (1, 2, 2)
+    assert sharing.trained_blocks(model_config((5, 7, 9), "raw", "all")) == (5, 7, 9)
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("sharing", "tied", "model.sharing='tied' is not one of nonshared, raw, relaxed, minimal"),
+        ("scope", "upper", "model.scope='upper' is not one of middle, all"),
+        ("blocks_per_level", (3, 4), "model.blocks_per_level=(3, 4) must be 3 integers"),
+        ("blocks_per_level", (3, 1, 4), "at least (1, 2, 2)"),
+        ("final_death_rate", 1.0, "model.final_death_rate=1.0 must be a number in [0, 1)"),
+        ("dtype", "float16", "model.dtype='float16'"),
+    ],
+)
+def test_bad_model_config_names_field_and_allowed_values(field, value, words):
+    cfg = model_config()
+    cfg[field] = value
+    with pytest.raises(ValueError, match=None) as err:
+        sharing.validate(cfg)
+    assert words in str(err.value)
+
+
+# --- A hand-written reference for a raw-shared level -------------------------------------
+
+
+def conv(x, kernel, bias, strides=1):
+    y = lax.conv_general_dilated(
+        x, kernel, (strides, strides), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return y + bias
+
+
+def bn(x, params, stats):
+    return (x - stats["mean"]) / jnp.sqrt(stats["var"] + 1e-5) * params["scale"] + params["bias"]
+
+
+def residual(x, p, s, k1, k2):
+    y = jax.nn.relu(bn(conv(x, k1, p["conv1"]["bias"]), p["bn1"], s["bn1"]))
+    return bn(conv(y, k2, p["conv2"]["bias"]), p["bn2"], s["bn2"])
+
+
+def test_scanned_raw_level_equals_unrolled_loop():
+    cfg = model_config((2, 3, 2), "raw", "middle", sd=False)
+    model = sharing.build_model(cfg.copy_and_resolve_references(), 10, keep_activations=True)
+    variables = randomize_stats(init(model, X))
+    _, acts = model.apply(variables, X)
+    level_in, level_out = acts[1]
+    p, s = variables["params"]["level2"], variables["batch_stats"]["level2"]
+    x = level_in
+    blocks = p["blocks"]["block"]["residual"]
+    stats = s["blocks"]["block"]["residual"]
+    assert blocks["bn1"]["scale"].shape[0] == 2  # per-block variables stacked
+    expected = []
+    for i in range(2):
+        pick = lambda t: jax.tree.map(lambda v: v[i], t)
+        x = jax.nn.relu(x + residual(x, pick(blocks), pick(stats), p["conv1_kernel"], p["conv2_kernel"]))
+        expected.append(x)
+    assert not np.allclose(expected[0], expected[1], atol=1e-3)
+    np.testing.assert_allclose(level_out, jnp.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+def test_relaxed_with_equal_kernels_consolidates_to_the_same_logits():
+    cfg = model_config((2, 3, 3), "relaxed", "all", sd=False)
+    relaxed = sharing.build_model(cfg, 10)
+    raw = sharing.build_model(cfg, 10, consolidated=True)
+    variables = randomize_stats(init(relaxed, X))
+    mask = sharing.set_mask(variables["params"], "all")
+
+    def consolidated(v):
+        return {**v, "params": sharing.consolidate(v["params"], "all")}
+
+    # Unequal kernels: consolidation changes the function.
+    before = relaxed.apply(variables, X)
+    assert not np.allclose(before, raw.apply(consolidated(variables), X), atol=1e-3)
+
+    # Kernels set to their mean: consolidation is exact.
+    equalize = lambda w, m: jnp.broadcast_to(w.mean(0), w.shape) if m else w
+    tied = {**variables, "params": jax.tree.map(equalize, variables["params"], mask)}
+    np.testing.assert_allclose(
+        relaxed.apply(tied, X), raw.apply(consolidated(tied), X), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_masks_of_ones_equal_the_plain_model_and_zeros_skip_the_level():
+    cfg = model_config((3, 4, 4), "nonshared", "all", sd=True)
+    model = sharing.build_model(cfg, 10, keep_activations=True)
+    variables = randomize_stats(init(model, X))
+    plain, _ = model.apply(variables, X)
+    ones = [jnp.ones(3), jnp.ones(3), jnp.ones(3)]
+    masked, _ = model.apply(variables, X, masks=ones)
+    np.testing.assert_allclose(masked, plain, rtol=1e-6, atol=1e-6)
+
+    zeros = [jnp.ones(3), jnp.zeros(3), jnp.ones(3)]
+    skipped, acts = model.apply(variables, X, masks=zeros)
+    assert not np.allclose(skipped, plain, atol=1e-3)
+    level_in, level_out = acts[1]
+    np.testing.assert_array_equal(level_out[-1], level_in)
+
+
+def test_eval_scaling_is_the_survival_probability():
+    blocks = (2, 3, 3)
+    rates = np.concatenate(death_rates(blocks, 0.5))
+    np.testing.assert_allclose(rates, 0.5 * np.arange(8) / 7)
+    cfg = model_config(blocks, "nonshared", "all", sd=True)
+    model = sharing.build_model(cfg, 10, keep_activations=True)
+    variables = randomize_stats(init(model, X))
+    _, acts = model.apply(variables, X)
+    level_in, level_out = acts[2]
+    # The last block of the network has death rate 0.5; its input is the level's penultimate output.
+    p = jax.tree.map(lambda v: v[-1], variables["params"]["level3"]["blocks"]["block"]["residual"])
+    s = jax.tree.map(lambda v: v[-1], variables["batch_stats"]["level3"]["blocks"]["block"]["residual"])
+    x = level_out[-2]
+    r = residual(x, p, s, p["conv1"]["kernel"], p["conv2"]["kernel"])
+    np.testing.assert_allclose(level_out[-1], jax.nn.relu(x + (1 - rates[-1]) * r), atol=1e-4)
+    assert not np.allclose(level_out[-1], jax.nn.relu(x + r), atol=1e-3)
+
+
+def test_stochastic_depth_training_drops_blocks_per_rng():
+    cfg = model_config((2, 3, 3), "nonshared", "all", sd=True)
+    cfg.final_death_rate = 0.9
+    model = sharing.build_model(cfg, 10)
+    variables = init(model, X)
+    run = lambda seed: model.apply(
+        variables, X, train=True, rngs={"dropout": jax.random.key(seed)}, mutable=["batch_stats"]
+    )[0]
+    outs = [run(s) for s in range(4)]
+    np.testing.assert_array_equal(outs[0], run(0))
+    assert any(not np.allclose(outs[0], o) for o in outs[1:])
+
+    cfg.stochastic_depth = False
+    plain = sharing.build_model(cfg, 10)
+    a = plain.apply(variables, X, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
+    b = plain.apply(variables, X, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_fewer_iterations_equal_masking_the_top_blocks():
+    cfg = model_config((2, 5, 2), "raw", "middle", sd=True)
+    model = sharing.build_model(cfg, 10)
+    variables = randomize_stats(init(model, X))
+    fewer = model.apply(variables, X, iterations=[None, 2, None])
+    masked = model.apply(variables, X, masks=[None, jnp.array([1, 1, 0, 0.0]), None])
+    np.testing.assert_allclose(fewer, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_more_iterations_continue_with_the_last_blocks_variables():
+    cfg = model_config((2, 3, 2), "raw", "middle", sd=False)
+    model = sharing.build_model(cfg, 10, keep_activations=True)
+    variables = randomize_stats(init(model, X))
+    _, trained = model.apply(variables, X)
+    _, longer = model.apply(variables, X, iterations=[None, 4, None])
+    (level_in, out2), (_, out4) = trained[1], longer[1]
+    assert out4.shape[0] == 4
+    np.testing.assert_allclose(out4[:2], out2, rtol=1e-5, atol=1e-5)
+    p, s = variables["params"]["level2"], variables["batch_stats"]["level2"]
+    last = lambda t: jax.tree.map(lambda v: v[-1], t["blocks"]["block"]["residual"])
+    x = out2[-1]
+    for i in range(2):
+        x = jax.nn.relu(x + residual(x, last(p), last(s), p["conv1_kernel"], p["conv2_kernel"]))
+        np.testing.assert_allclose(out4[2 + i], x, rtol=1e-4, atol=1e-4)
+
+
+def test_more_iterations_than_trained_needs_a_shared_level():
+    model = sharing.build_model(model_config((2, 3, 2), "nonshared", "middle"), 10)
+    variables = init(model, X)
+    with pytest.raises(ValueError, match="raw-shared"):
+        model.apply(variables, X, iterations=[None, 4, None])
