@@ -12,7 +12,10 @@ from rvm.train import relaxation as rx
 def random_tree(seed):
     k = jax.random.split(jax.random.key(seed), 4)
     params = {
-        "a": {"kernel": jax.random.normal(k[0], (5, 3, 3, 2, 2)), "bias": jax.random.normal(k[1], (5, 2))},
+        "a": {
+            "kernel": jax.random.normal(k[0], (5, 3, 3, 2, 2)),
+            "bias": jax.random.normal(k[1], (5, 2)),
+        },
         "b": jax.random.normal(k[2], (3, 7)),
         "c": jax.random.normal(k[3], (4,)),
     }

@@ -65,7 +65,11 @@ def test_parameter_counts_match_the_paper(blocks, mode, scope, expected):
 
 @pytest.mark.parametrize(
     "blocks, scope, expected",
-    [((18, 18, 18), "middle", 1_437_098), ((18, 18, 18), "all", 179_114), ((3, 4, 4), "all", 169_610)],
+    [
+        ((18, 18, 18), "middle", 1_437_098),
+        ((18, 18, 18), "all", 179_114),
+        ((3, 4, 4), "all", 169_610),
+    ],
 )
 def test_relaxed_count_after_consolidation_equals_raw(blocks, scope, expected):
     cfg = model_config(blocks, "relaxed", scope)
@@ -133,8 +137,10 @@ def test_scanned_raw_level_equals_unrolled_loop():
     assert blocks["bn1"]["scale"].shape[0] == 2  # per-block variables stacked
     expected = []
     for i in range(2):
-        pick = lambda t: jax.tree.map(lambda v: v[i], t)
-        x = jax.nn.relu(x + residual(x, pick(blocks), pick(stats), p["conv1_kernel"], p["conv2_kernel"]))
+        pick = lambda t, i=i: jax.tree.map(lambda v: v[i], t)
+        x = jax.nn.relu(
+            x + residual(x, pick(blocks), pick(stats), p["conv1_kernel"], p["conv2_kernel"])
+        )
         expected.append(x)
     assert not np.allclose(expected[0], expected[1], atol=1e-3)
     np.testing.assert_allclose(level_out, jnp.stack(expected), rtol=1e-4, atol=1e-4)
@@ -189,7 +195,9 @@ def test_eval_scaling_is_the_survival_probability():
     level_in, level_out = acts[2]
     # The last block of the network has death rate 0.5; its input is the level's penultimate output.
     p = jax.tree.map(lambda v: v[-1], variables["params"]["level3"]["blocks"]["block"]["residual"])
-    s = jax.tree.map(lambda v: v[-1], variables["batch_stats"]["level3"]["blocks"]["block"]["residual"])
+    s = jax.tree.map(
+        lambda v: v[-1], variables["batch_stats"]["level3"]["blocks"]["block"]["residual"]
+    )
     x = level_out[-2]
     r = residual(x, p, s, p["conv1"]["kernel"], p["conv2"]["kernel"])
     np.testing.assert_allclose(level_out[-1], jax.nn.relu(x + (1 - rates[-1]) * r), atol=1e-4)
@@ -210,8 +218,12 @@ def test_stochastic_depth_training_drops_blocks_per_rng():
 
     cfg.stochastic_depth = False
     plain = sharing.build_model(cfg, 10)
-    a = plain.apply(variables, X, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"])
-    b = plain.apply(variables, X, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"])
+    a = plain.apply(
+        variables, X, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+    )
+    b = plain.apply(
+        variables, X, train=True, rngs={"dropout": jax.random.key(1)}, mutable=["batch_stats"]
+    )
     np.testing.assert_array_equal(a[0], b[0])
 
 
@@ -230,7 +242,7 @@ def test_more_iterations_continue_with_the_last_blocks_variables():
     variables = randomize_stats(init(model, X))
     _, trained = model.apply(variables, X)
     _, longer = model.apply(variables, X, iterations=[None, 4, None])
-    (level_in, out2), (_, out4) = trained[1], longer[1]
+    (_, out2), (_, out4) = trained[1], longer[1]
     assert out4.shape[0] == 4
     np.testing.assert_allclose(out4[:2], out2, rtol=1e-5, atol=1e-5)
     p, s = variables["params"]["level2"], variables["batch_stats"]["level2"]

@@ -237,7 +237,9 @@ class ResNet(nn.Module):
 
         x = Conv(self.widths[0], 1, self.dtype, name="stem_conv")(x.astype(self.dtype))
         x = nn.relu(
-            nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype, name="stem_bn")(x)
+            nn.BatchNorm(
+                use_running_average=not train, momentum=0.9, dtype=self.dtype, name="stem_bn"
+            )(x)
         )
         activations = []
         for i, features in enumerate(self.widths):

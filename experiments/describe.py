@@ -1,0 +1,50 @@
+r"""Prints one JSON line describing the model of a config, without training.
+
+  python -m experiments.describe --config=experiments/configs/cifar10.py:middle18_relaxed \
+      [--config.model.blocks_per_level=(5,6,7)] [--config.model.scope=all]
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from rvm.models import sharing
+
+config_flags.DEFINE_config_file("config", None, "Config file, with :variant.", lock_config=True)
+
+
+def describe(config, num_classes: int = 10) -> dict:
+    """Parameter counts as trained and after consolidation, from shapes alone."""
+    cfg = config.model
+    x = jnp.zeros((1, 32, 32, 3))
+
+    def count(model):
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+        return shapes["params"]
+
+    params = count(sharing.build_model(cfg, num_classes))
+    merged = (
+        jax.eval_shape(lambda p: sharing.consolidate(p, cfg.scope), params)
+        if cfg.sharing == "relaxed"
+        else params
+    )
+    return {
+        "params": sharing.count_params(params),
+        "params_consolidated": sharing.count_params(merged),
+        "blocks_per_level": list(cfg.blocks_per_level),
+        "trained_blocks_per_level": list(sharing.trained_blocks(cfg)),
+        "sharing": cfg.sharing,
+        "scope": cfg.scope,
+    }
+
+
+def main(argv):
+    del argv
+    print(json.dumps(describe(flags.FLAGS.config)))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,105 @@
+"""Image classification on a device-resident dataset: batches, loss and evaluation.
+
+The whole training split sits on every device as uint8; a step gathers its batch
+by index, augments and normalises it inside the jitted step, then constrains it
+to be sharded over the `data` mesh axis.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import struct
+
+from rvm.data import pipeline
+from rvm.train import sharding
+
+
+@struct.dataclass
+class DeviceImages:
+    """A training split and its normalisation statistics, on device."""
+
+    images: jax.Array  # [N, H, W, C] uint8
+    labels: jax.Array  # [N] int32
+    mean: jax.Array
+    std: jax.Array
+
+
+def put_train_split(images, labels, stats, mesh) -> DeviceImages:
+    mean, std = stats
+    tree = DeviceImages(images, labels.astype(np.int32), mean, std)
+    return jax.device_put(tree, sharding.replicated(mesh))
+
+
+def make_get_batch(cfg: ml_collections.ConfigDict, mesh):
+    """`get_batch(data, step, rng)` for config `cfg` (the whole run config)."""
+    batch_sharding = sharding.batch(mesh)
+
+    def get_batch(data: DeviceImages, step, rng):
+        idx = pipeline.batch_indices(cfg.seed, step, data.images.shape[0], cfg.batch_size)
+        images = pipeline.augment(data.images[idx], rng, flip=cfg.data.flip, crop=cfg.data.crop)
+        images = pipeline.normalize(images, data.mean, data.std)
+        images = jax.lax.with_sharding_constraint(images, batch_sharding)
+        labels = jax.lax.with_sharding_constraint(data.labels[idx], batch_sharding)
+        return images, labels
+
+    return get_batch
+
+
+def make_loss_fn(model: nn.Module):
+    def loss_fn(params, batch_stats, batch, rng, train: bool):
+        images, labels = batch
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            images,
+            train=train,
+            rngs={"dropout": rng},
+            mutable=["batch_stats"],
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        error = jnp.mean(jnp.argmax(logits, -1) != labels)
+        return loss, (updates["batch_stats"], {"error": error})
+
+    return loss_fn
+
+
+@partial(jax.jit, static_argnames=("model", "iterations"))
+def _eval_batch(model, variables, images, labels, weight, mean, std, masks, iterations):
+    x = pipeline.normalize(images.astype(jnp.float32), mean, std)
+    logits = model.apply(variables, x, train=False, masks=masks, iterations=iterations)
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    wrong = (jnp.argmax(logits, -1) != labels).astype(jnp.float32)
+    return jnp.sum(wrong * weight), jnp.sum(loss * weight)
+
+
+def evaluate(
+    model: nn.Module,
+    variables: dict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    stats: tuple[Any, Any],
+    batch_size: int,
+    mesh=None,
+    masks=None,
+    iterations: tuple[int | None, ...] | None = None,
+) -> dict[str, float]:
+    """Error (%) and mean loss over the whole split; the last batch is padded and masked."""
+    batch_sharding = sharding.batch(mesh) if mesh is not None else None
+    wrong = total_loss = 0.0
+    for x, y, weight in pipeline.eval_batches(images, labels, batch_size):
+        if batch_sharding is not None:
+            x, y, weight = jax.device_put((x, y, weight), batch_sharding)
+        w, lsum = _eval_batch(model, variables, x, y, weight, *stats, masks, iterations)
+        wrong += float(w)
+        total_loss += float(lsum)
+    n = len(labels)
+    return {"error": 100.0 * wrong / n, "loss": total_loss / n}

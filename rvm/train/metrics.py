@@ -1,0 +1,78 @@
+"""Run records in the workdir: `metrics.jsonl` (one line per epoch), `config.json`,
+`results.json`, TensorBoard summaries when `tensorboardX` is installed, and a
+progress line with an ETA on the log."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and np.ndim(value) == 0:
+        return value.item()
+    return value
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    Path(path).write_text(json.dumps(_plain(value), indent=2, sort_keys=True) + "\n")
+
+
+class MetricWriter:
+    def __init__(self, workdir: str | Path, total_steps: int):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.total_steps = total_steps
+        self.start = time.time()
+        self.tb = None
+        try:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+        except ImportError:
+            pass
+
+    def write(self, step: int, first_step: int, record: dict[str, Any]) -> None:
+        """Appends one record and logs progress; `first_step` is where this process began."""
+        record = _plain(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+                elif isinstance(value, dict):
+                    for k, v in value.items():
+                        self.tb.add_scalar(f"{key}/{k}", v, step)
+            self.tb.flush()
+        elapsed = time.time() - self.start
+        done = max(step - first_step, 1)
+        eta = elapsed / done * (self.total_steps - step)
+        shown = {k: v for k, v in record.items() if isinstance(v, float)}
+        logging.info(
+            "step %d/%d (%.1f%%) %s | ETA %s",
+            step,
+            self.total_steps,
+            100.0 * step / self.total_steps,
+            " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())),
+            time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.0f}h",
+        )
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

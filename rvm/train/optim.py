@@ -1,0 +1,36 @@
+"""The optimiser of Huang et al.: SGD with Nesterov momentum, step-decayed learning rate,
+L2 weight decay, and (for relaxed sharing) the relaxation pull, all before momentum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+import optax
+
+from rvm.train.relaxation import exponential_pull, relaxation
+
+
+def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """`cfg.learning_rate`, multiplied by `cfg.lr_decay` at each fraction in `cfg.lr_boundaries`."""
+    boundaries = {int(round(f * total_steps)): cfg.lr_decay for f in cfg.lr_boundaries}
+    return optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int, relax_mask: Any | None = None
+) -> optax.GradientTransformation:
+    """The chain for config section `optim`; `relax_mask` marks the kernel sets to relax."""
+    chain = [optax.add_decayed_weights(cfg.weight_decay)]
+    if relax_mask is not None:
+        pull = exponential_pull(cfg.pull_start, cfg.pull_end, total_steps)
+        chain.append(relaxation(pull, relax_mask))
+    chain.append(
+        optax.sgd(learning_rate(cfg, total_steps), momentum=cfg.momentum, nesterov=cfg.nesterov)
+    )
+    return optax.chain(*chain)
+
+
+def relaxation_state(opt_state: Any):
+    """The relaxation transformation's state inside `make_optimizer`'s chain, or None."""
+    return next((s for s in opt_state if hasattr(s, "penalty")), None)

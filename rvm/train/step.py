@@ -1,0 +1,52 @@
+"""The jitted train step, generic over tasks.
+
+A task supplies `get_batch(data, step, rng)` (data lives on device; the batch is
+a pure function of the step and the run's key, so a resumed run sees the same
+batches) and `loss_fn(params, batch_stats, batch, rng, train)` returning
+`(loss, (new_batch_stats, metrics))`. Under `jax.jit` with the batch sharded
+over a `("data",)` mesh, BatchNorm statistics are those of the global batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+
+from rvm.train.optim import relaxation_state
+from rvm.train.state import TrainState
+
+LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]]
+
+
+def train_step(
+    state: TrainState,
+    data: Any,
+    *,
+    get_batch: Callable[[Any, jax.Array, jax.Array], Any],
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    lr_schedule: optax.Schedule | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One SGD step; returns the new state and this step's scalar metrics."""
+    data_rng, model_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    batch = get_batch(data, state.step, data_rng)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (batch_stats, metrics)), grads = grad_fn(
+        state.params, state.batch_stats, batch, model_rng, True
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, **metrics}
+    if lr_schedule is not None:
+        metrics["learning_rate"] = lr_schedule(state.step)
+    relax = relaxation_state(opt_state)
+    if relax is not None:
+        metrics["pull"] = relax.pull
+        metrics["penalty"] = relax.penalty
+    new_state = state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, metrics
