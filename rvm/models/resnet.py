@@ -22,12 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rvm.models.conv import conv3x3
+from rvm.models.conv import Conv3x3
 
 Array = jax.Array
-
-# He initialisation with fan-out, as in Huang et al.'s Torch code.
-kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def death_rates(blocks_per_level: Sequence[int], final_rate: float) -> list[np.ndarray]:
@@ -36,22 +33,6 @@ def death_rates(blocks_per_level: Sequence[int], final_rate: float) -> list[np.n
     rates = final_rate * np.arange(total) / max(total - 1, 1)
     bounds = np.cumsum([0, *blocks_per_level])
     return [rates[a:b].astype(np.float32) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-class Conv(nn.Module):
-    """3x3 'SAME' convolution with bias whose kernel is its own or given by the caller."""
-
-    features: int
-    strides: int = 1
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array, kernel: Array | None = None) -> Array:
-        if kernel is None:
-            kernel = self.param("kernel", kernel_init, (3, 3, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = conv3x3(x.astype(self.dtype), kernel.astype(self.dtype), self.strides)
-        return y + bias.astype(self.dtype)
 
 
 class Residual(nn.Module):
@@ -67,9 +48,9 @@ class Residual(nn.Module):
         norm = lambda name: nn.BatchNorm(
             use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
         )
-        y = Conv(self.features, self.strides, self.dtype, name="conv1")(x, k1)
+        y = Conv3x3(self.features, self.strides, dtype=self.dtype, name="conv1")(x, k1)
         y = nn.relu(norm("bn1")(y))
-        y = Conv(self.features, 1, self.dtype, name="conv2")(y, k2)
+        y = Conv3x3(self.features, dtype=self.dtype, name="conv2")(y, k2)
         return norm("bn2")(y)
 
 
@@ -187,8 +168,8 @@ class Level(nn.Module):
         if self.shared:
             shape = lambda cin: (3, 3, cin, self.features)
             kernels = (
-                self.param("conv1_kernel", kernel_init, shape(self.features)),
-                self.param("conv2_kernel", kernel_init, shape(self.features)),
+                self.param("conv1_kernel", Conv3x3.kernel_init, shape(self.features)),
+                self.param("conv2_kernel", Conv3x3.kernel_init, shape(self.features)),
             )
 
         scan = nn.scan(
@@ -235,7 +216,7 @@ class ResNet(nn.Module):
         iterations = iterations if iterations is not None else [None] * len(self.widths)
         rates = death_rates(self.blocks_per_level, self.final_death_rate)
 
-        x = Conv(self.widths[0], 1, self.dtype, name="stem_conv")(x.astype(self.dtype))
+        x = Conv3x3(self.widths[0], dtype=self.dtype, name="stem_conv")(x)
         x = nn.relu(
             nn.BatchNorm(
                 use_running_average=not train, momentum=0.9, dtype=self.dtype, name="stem_bn"

@@ -1,0 +1,232 @@
+"""`conv3x3` / `Conv3x3`: same values and gradients as the plain conv, in every transform."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from rvm.models.conv import Conv3x3, conv3x3
+
+DIMS = ("NHWC", "HWIO", "NHWC")
+# (batch, height, width, C_in): even and odd sizes, non-square; C_out = 5 != C_in.
+SHAPES = [(2, 8, 8, 3), (2, 7, 9, 3), (1, 5, 6, 3)]
+COUT = 5
+PAD = ((1, 1), (1, 1))  # Huang et al.'s (Torch) padding; 'SAME' differs for stride 2
+
+
+def plain(x, kernel, strides=1):
+    return lax.conv_general_dilated(x, kernel, (strides, strides), PAD, dimension_numbers=DIMS)
+
+
+def inputs(shape, seed=0, dtype=jnp.float32):
+    kx, kk = jax.random.split(jax.random.key(seed))
+    x = jax.random.normal(kx, shape, dtype)
+    kernel = jax.random.normal(kk, (3, 3, shape[-1], COUT), dtype)
+    return x, kernel
+
+
+def weighted(f, weights):
+    """A scalar whose cotangent w.r.t. f's output is cos(y) * weights: neither constant nor 1."""
+    return lambda *args: jnp.sum(jnp.sin(f(*args)) * weights)
+
+
+def params_of(x, strides):
+    params = Conv3x3(COUT, strides).init(jax.random.key(1), x)["params"]
+    # A non-zero bias, so a dropped or misplaced bias shows.
+    return {**params, "bias": jnp.arange(COUT, dtype=jnp.float32) / COUT}
+
+
+def assert_close(a, b, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+def assert_nontrivial(tree):
+    for leaf in jax.tree.leaves(tree):
+        assert float(jnp.max(jnp.abs(leaf))) > 1e-3
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_lax_and_nn_conv(shape, strides):
+    x, kernel = inputs(shape)
+    y = conv3x3(x, kernel, strides)
+    expected = plain(x, kernel, strides)
+    assert (
+        y.shape
+        == expected.shape
+        == (shape[0], -(-shape[1] // strides), -(-shape[2] // strides), COUT)
+    )
+    assert_nontrivial(y)
+    assert_close(y, expected)
+
+    params = params_of(x, strides)
+    reference = nn.Conv(COUT, (3, 3), strides, padding=PAD)
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, reference.init(jax.random.key(0), x)["params"]
+    )
+    assert_close(
+        Conv3x3(COUT, strides).apply({"params": params}, x),
+        reference.apply({"params": params}, x),
+    )
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_match_autodiff_of_nn_conv(shape, strides):
+    x, _ = inputs(shape)
+    params = params_of(x, strides)
+    ours = lambda p, x: Conv3x3(COUT, strides).apply({"params": p}, x)
+    theirs = lambda p, x: nn.Conv(COUT, (3, 3), strides, padding=PAD).apply({"params": p}, x)
+    weights = jax.random.normal(jax.random.key(7), ours(params, x).shape)
+
+    got = jax.grad(weighted(ours, weights), argnums=(0, 1))(params, x)
+    want = jax.grad(weighted(theirs, weights), argnums=(0, 1))(params, x)
+    assert_nontrivial(want)
+    jax.tree.map(assert_close, got, want)
+
+
+def test_bfloat16_keeps_dtypes_and_matches_float32():
+    x, kernel = inputs(SHAPES[0], dtype=jnp.bfloat16)
+    weights = jax.random.normal(jax.random.key(7), (*SHAPES[0][:3], COUT))
+    y = conv3x3(x, kernel)
+    dx, dk = jax.grad(weighted(conv3x3, weights), argnums=(0, 1))(x, kernel)
+    assert y.dtype == dx.dtype == dk.dtype == jnp.bfloat16
+
+    f32 = lambda a: a.astype(jnp.float32)
+    want = jax.grad(weighted(plain, weights), argnums=(0, 1))(f32(x), f32(kernel))
+    assert_nontrivial(want)
+    assert_close(f32(y), plain(f32(x), f32(kernel)), tol=5e-2)
+    # bf16 keeps ~3 significant digits; relative to each gradient's scale.
+    for g, w in zip((dx, dk), want):
+        assert float(jnp.max(jnp.abs(f32(g) - w))) < 2e-2 * float(jnp.max(jnp.abs(w)))
+
+
+def test_module_defaults():
+    x = jnp.ones((1, 4, 4, 64))
+    assert set(Conv3x3(8, use_bias=False).init(jax.random.key(0), x)["params"]) == {"kernel"}
+    # He-normal with fan-out: std sqrt(2 / (9 * C_out)), whatever C_in is.
+    kernel = Conv3x3(32).init(jax.random.key(0), x)["params"]["kernel"]
+    assert float(jnp.std(kernel)) == pytest.approx(np.sqrt(2 / (9 * 32)), rel=0.05)
+    ones = Conv3x3(8, kernel_init=nn.initializers.ones).init(jax.random.key(0), x)["params"]
+    assert float(jnp.min(ones["kernel"])) == 1.0
+    y = Conv3x3(8, dtype=jnp.bfloat16).apply({"params": ones}, x)
+    assert y.dtype == jnp.bfloat16
+
+
+def test_rejects_a_kernel_of_the_wrong_shape():
+    x, kernel = inputs(SHAPES[0])
+    with pytest.raises(ValueError, match="kernel"):
+        conv3x3(x, kernel[:2])
+    with pytest.raises(ValueError, match="kernel"):
+        conv3x3(x[..., :2], kernel)
+
+
+def test_jit_and_vmap():
+    x, kernel = inputs(SHAPES[1])
+    xs = jnp.stack([x, 2 * x, -x])
+    kernels = jnp.stack([kernel, kernel[::-1], 0.5 * kernel])
+    weights = jax.random.normal(jax.random.key(7), (*SHAPES[1][:3], COUT))
+
+    def grads(f):
+        per_example = jax.grad(weighted(f, weights), argnums=(0, 1))
+        return jax.jit(jax.vmap(per_example))(xs, kernels)
+
+    got, want = grads(conv3x3), grads(plain)
+    assert_nontrivial(want)
+    assert not np.allclose(want[1][0], want[1][1])  # the mapped axis really differs
+    jax.tree.map(assert_close, got, want)
+
+
+def test_lax_scan_with_a_broadcast_kernel_and_checkpoint():
+    """A shared kernel used at every step (its gradient sums over steps), rematerialised."""
+    x, _ = inputs((2, 6, 6, 4))
+    kernel = 0.3 * jax.random.normal(jax.random.key(3), (3, 3, 4, 4))
+
+    def loss(conv):
+        def run(x, kernel):
+            step = jax.checkpoint(lambda h, _: (jnp.tanh(conv(h, kernel)), None))
+            h, _ = lax.scan(step, x, None, length=3)
+            return jnp.sum(jnp.sin(h) * x)
+
+        return run
+
+    got = jax.jit(jax.grad(loss(conv3x3), argnums=(0, 1)))(x, kernel)
+    want = jax.grad(loss(plain), argnums=(0, 1))(x, kernel)
+    assert_nontrivial(want)
+    jax.tree.map(assert_close, got, want)
+
+
+def test_checkpoint_with_the_kernel_used_twice():
+    x, kernel = inputs((2, 6, 6, 5))
+
+    def loss(conv):
+        @jax.checkpoint
+        def block(x, k):
+            return conv(jax.nn.relu(conv(x, k)), k)
+
+        return lambda x, k: jnp.sum(jnp.sin(block(x, k)))
+
+    got = jax.grad(loss(conv3x3), argnums=(0, 1))(x, kernel)
+    want = jax.grad(loss(plain), argnums=(0, 1))(x, kernel)
+    assert_nontrivial(want)
+    jax.tree.map(assert_close, got, want)
+
+
+class _Step(nn.Module):
+    conv: type
+
+    @nn.compact
+    def __call__(self, h, _):
+        if self.conv is nn.Conv:
+            y = nn.Conv(h.shape[-1], (3, 3), padding=PAD, name="conv")(h)
+        else:
+            y = Conv3x3(h.shape[-1], name="conv")(h)
+        return jnp.tanh(y), None
+
+
+def test_nn_scan_matches_nn_conv():
+    x, _ = inputs((2, 6, 6, 4))
+
+    def model(conv):
+        return nn.scan(_Step, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)(
+            conv
+        )
+
+    params = model(Conv3x3).init(jax.random.key(0), x, None)["params"]
+
+    def loss(conv):
+        return lambda p, x: jnp.sum(jnp.sin(model(conv).apply({"params": p}, x, None)[0]) * x)
+
+    got = jax.jit(jax.grad(loss(Conv3x3), argnums=(0, 1)))(params, x)
+    want = jax.grad(loss(nn.Conv), argnums=(0, 1))(params, x)
+    assert_nontrivial(want)
+    assert not np.allclose(want[0]["conv"]["kernel"][0], want[0]["conv"]["kernel"][1])
+    jax.tree.map(assert_close, got, want)
+
+
+def _conv_labels(conv):
+    """dim_labels of every convolution XLA:CPU compiles for a scanned conv's gradient."""
+    x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
+
+    def loss(x, kernel):
+        h, _ = lax.scan(lambda h, _: (jnp.tanh(conv(h, kernel)), None), x, None, length=3)
+        return jnp.sum(h)
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+    return re.findall(r"dim_labels=([^,\s]+)", text)
+
+
+def test_backward_convolutions_in_a_scan_are_canonical():
+    """The point of the module: no convolution left in a permuted layout inside the loop.
+
+    Tied to XLA:CPU of the pinned jax; if it fails after an upgrade, re-run
+    bench/conv_scan.py before deciding whether the custom VJP is still needed.
+    """
+    canonical = "b01f_01io->b01f"
+    assert set(_conv_labels(plain)) - {canonical}  # autodiff of the plain conv is not
+    labels = _conv_labels(conv3x3)
+    assert len(labels) >= 3 and set(labels) == {canonical}
