@@ -89,6 +89,7 @@ def test_eight_devices_match_one_device():
 
 def test_smoke_run_writes_metrics_results_and_consolidates(tmp_path):
     config = tiny_config("relaxed", num_epochs=2)
+    config.model.blocks_per_level = (2, 2, 2)  # sets of two blocks, so consolidation merges
     results = loop.train_and_evaluate(config, tmp_path)
     assert results["finished"] and results["step"] == 16
     assert results["params_consolidated"] < results["params"]

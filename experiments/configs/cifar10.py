@@ -53,6 +53,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.num_epochs = 500
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 3
+    config.log_every_steps = 50
+    config.skip_nonfinite = False  # True: skip (and count) steps with a non-finite loss
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "auto"  # tfds, binary (official archive layout), synthetic, auto

@@ -20,6 +20,8 @@ RESUME_SAFE = frozenset(
         "eval_batch_size",
         "checkpoint_every_epochs",
         "keep_checkpoints",
+        "log_every_steps",
+        "skip_nonfinite",
         "data.binary_dir",
         "data.tfds_data_dir",
         "data.source",
@@ -54,8 +56,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "num_epochs",
         "checkpoint_every_epochs",
         "keep_checkpoints",
+        "log_every_steps",
     ):
         _positive_int(config, field)
+    for field in ("skip_nonfinite", "data.flip", "data.crop", "model.stochastic_depth"):
+        if not isinstance(_get(config, field), bool):
+            raise ValueError(f"{field}={_get(config, field)!r} must be True or False")
     if not isinstance(config.seed, int) or isinstance(config.seed, bool):
         raise ValueError(f"seed={config.seed!r} must be an integer")
     opt = config.optim

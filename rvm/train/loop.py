@@ -27,6 +27,7 @@ from rvm.data import ImageData, load_images, pipeline
 from rvm.models import sharing
 from rvm.train import checkpoint, image_task, metrics, optim
 from rvm.train import sharding as shd
+from rvm.train import workdir as guard
 from rvm.train.config_check import check_resume, validate
 from rvm.train.relaxation import max_angles
 from rvm.train.state import TrainState
@@ -109,6 +110,7 @@ def build_run(config: ml_collections.ConfigDict, data: ImageData, mesh: Mesh) ->
             loss_fn=image_task.make_loss_fn(model),
             tx=tx,
             lr_schedule=optim.learning_rate(config.optim, total_steps),
+            skip_nonfinite=config.skip_nonfinite,
         ),
         in_shardings=(replicated, replicated),
         out_shardings=(replicated, replicated),
@@ -130,6 +132,11 @@ def train_and_evaluate(
     validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with guard.exclusive(workdir):
+        return _train(config, workdir, max_steps)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | None) -> dict:
     data = load_images(config.data)
     run = build_run(config, data, shd.data_mesh())
     model, state, steps_per_epoch, total_steps = (
@@ -140,14 +147,15 @@ def train_and_evaluate(
     )
     mask_fn = run.mask_fn
     num_params = sharing.count_params(state.params)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    guard.check_writable(workdir, needed_bytes=2 * state_bytes)
 
-    # --- Resume --------------------------------------------------------------------------
+    # --- Resume ------------------------------------------------------------------------
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    start = ckpts.latest_step()
-    if start is not None:
+    if ckpts.all_steps():
         check_resume(config, workdir)
-        state = ckpts.restore(state, start)
-        logging.info("Resumed %s from step %d", workdir, start)
+        state = ckpts.restore_latest_usable(state)
+        logging.info("Resumed %s from step %d", workdir, int(state.step))
     metrics.write_json(workdir / "config.json", config.to_dict())
     writer = metrics.MetricWriter(workdir, total_steps)
     first_step = int(state.step)
@@ -169,10 +177,16 @@ def train_and_evaluate(
     with _SigtermFlag() as sigterm:
         for step in range(first_step, stop):
             state, m = run.step_fn(state, run.train_data)
+            if step_metrics:  # one step behind, so the host never waits on the device
+                _check_finite(step_metrics[-1], step, config.skip_nonfinite)
             step_metrics.append(m)
             done = step + 1
+            if done % config.log_every_steps == 0:
+                writer.progress(done, first_step, jax.device_get(m))
+            if done % steps_per_epoch == 0 or done == stop:
+                _check_finite(m, done, config.skip_nonfinite)
             if done % steps_per_epoch == 0:
-                record = _epoch_record(config, model, state, data, evaluate, step_metrics, done)
+                record = _epoch_record(model, state, data, evaluate, step_metrics)
                 record["images_per_sec"] = (
                     len(step_metrics) * config.batch_size / (time.time() - epoch_start)
                 )
@@ -181,11 +195,12 @@ def train_and_evaluate(
                 if mask_fn is not None:
                     record["max_angle"] = max_angles(state.params, mask_fn(state.params))
                 writer.write(done, first_step, record)
-                history.append(metrics._plain(record))
+                history.append(metrics.plain(record))
                 step_metrics, epoch_start = [], time.time()
                 if record["epoch"] % config.checkpoint_every_epochs == 0:
                     ckpts.save(done, state)
             if sigterm.raised:
+                _check_finite(m, done, config.skip_nonfinite)
                 ckpts.save(done, state)
                 ckpts.close()
                 raise Preempted(f"SIGTERM at step {done}; checkpoint saved in {ckpts.directory}")
@@ -223,7 +238,23 @@ def train_and_evaluate(
     return results
 
 
-def _epoch_record(config, model, state, data, evaluate, step_metrics, step) -> dict:
+class NonFiniteError(FloatingPointError):
+    """The loss went non-finite; the last checkpoint written is still a good one."""
+
+
+def _check_finite(step_metrics: dict, step: int, skipping: bool) -> None:
+    """Stops on a non-finite loss (unless such steps are being skipped and counted)."""
+    if skipping:
+        return
+    loss = float(jax.device_get(step_metrics["loss"]))
+    if not np.isfinite(loss):
+        raise NonFiniteError(
+            f"metric 'loss' is {loss} at step {step}; stopping without saving, so the newest "
+            "checkpoint is the last good one (config.skip_nonfinite=True skips such steps)"
+        )
+
+
+def _epoch_record(model, state, data, evaluate, step_metrics) -> dict:
     """Means of the epoch's step metrics plus test (and validation) error."""
     fetched = jax.device_get(step_metrics)
     record = {
@@ -234,6 +265,8 @@ def _epoch_record(config, model, state, data, evaluate, step_metrics, step) -> d
     for k in ("learning_rate", "pull", "penalty"):
         if k in record:
             record[k] = float(fetched[-1][k])
+    if "skipped" in record:
+        record["skipped"] = int(sum(m["skipped"] for m in fetched))
     test = evaluate(model, state.variables, data.test_images, data.test_labels)
     record.update(test_error=test["error"], test_loss=test["loss"])
     if data.val_images is not None and len(data.val_labels):

@@ -13,11 +13,11 @@ import numpy as np
 from absl import logging
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if hasattr(value, "item") and np.ndim(value) == 0:
         return value.item()
     return value
@@ -31,7 +31,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def write_json(path: str | Path, value: Any) -> None:
-    Path(path).write_text(json.dumps(_plain(value), indent=2, sort_keys=True) + "\n")
+    Path(path).write_text(json.dumps(plain(value), indent=2, sort_keys=True) + "\n")
+
+
+def _duration(seconds: float) -> str:
+    return (
+        time.strftime("%H:%M:%S", time.gmtime(seconds))
+        if seconds < 86400
+        else (f"{seconds / 3600:.0f}h")
+    )
 
 
 class MetricWriter:
@@ -47,9 +55,22 @@ class MetricWriter:
         except ImportError:
             pass
 
+    def progress(self, step: int, first_step: int, step_metrics: dict[str, Any]) -> None:
+        """A log line between epochs: where the run is and when it should end."""
+        elapsed = time.time() - self.start
+        eta = elapsed / max(step - first_step, 1) * (self.total_steps - step)
+        logging.info(
+            "step %d/%d loss=%.4g | %.2f steps/s | ETA %s",
+            step,
+            self.total_steps,
+            float(step_metrics["loss"]),
+            (step - first_step) / max(elapsed, 1e-9),
+            _duration(eta),
+        )
+
     def write(self, step: int, first_step: int, record: dict[str, Any]) -> None:
         """Appends one record and logs progress; `first_step` is where this process began."""
-        record = _plain(record)
+        record = plain(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         if self.tb is not None:
@@ -70,7 +91,7 @@ class MetricWriter:
             self.total_steps,
             100.0 * step / self.total_steps,
             " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())),
-            time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.0f}h",
+            _duration(eta),
         )
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from rvm.train.optim import relaxation_state
@@ -29,8 +30,13 @@ def train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule | None = None,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step; returns the new state and this step's scalar metrics."""
+    """One SGD step; returns the new state and this step's scalar metrics.
+
+    With `skip_nonfinite`, a step whose loss or gradients are not finite leaves
+    params, statistics and optimiser state as they were (metric `skipped` = 1).
+    """
     data_rng, model_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
     batch = get_batch(data, state.step, data_rng)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -49,4 +55,15 @@ def train_step(
     new_state = state.replace(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
     )
+    if skip_nonfinite:
+        finite = jnp.isfinite(loss) & jnp.all(
+            jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        )
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = new_state.replace(
+            params=keep(params, state.params),
+            batch_stats=keep(batch_stats, state.batch_stats),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics

@@ -1,0 +1,58 @@
+"""Guards on a run's workdir: one run at a time, and room to write checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another live process trains in this workdir."""
+
+
+@contextlib.contextmanager
+def exclusive(workdir: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `workdir/.lock` while the run lives.
+
+    `flock` locks belong to the open file, so the kernel drops them when the
+    process dies however it dies: a killed run never blocks its own restart.
+    """
+    path = workdir / ".lock"
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            owner = f.read().strip() or "another process"
+            raise WorkdirBusyError(
+                f"{workdir} is in use by {owner}; two runs must not share a workdir "
+                "(wait for it to finish, or pick another --workdir)"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def check_writable(workdir: Path, needed_bytes: int) -> None:
+    """Fails early, naming the workdir, if it cannot hold a few more checkpoints."""
+    probe = workdir / ".write_probe"
+    try:
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
+    free = shutil.disk_usage(workdir).free
+    if free < needed_bytes:
+        raise OSError(
+            f"workdir {workdir} has {free / 2**20:.1f} MiB free; checkpoints need about "
+            f"{needed_bytes / 2**20:.1f} MiB"
+        )
