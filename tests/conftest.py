@@ -1,6 +1,14 @@
-"""Test setup: 8 simulated CPU devices, set before jax is first imported."""
+"""Test setup, before jax is first imported: 8 simulated CPU devices, and a persistent
+compilation cache, since many tests (and the subprocess runs) compile the same tiny
+train step again and again."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "rvm-tests-jax-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")

@@ -258,3 +258,12 @@ def test_more_iterations_than_trained_needs_a_shared_level():
     variables = init(model, X)
     with pytest.raises(ValueError, match="raw-shared"):
         model.apply(variables, X, iterations=[None, 4, None])
+
+
+def test_unrolled_blocks_compute_the_same_network():
+    model = sharing.build_model(model_config((2, 3, 3), "raw", "all", sd=True), 10)
+    variables = randomize_stats(init(model, X))
+    unrolled = model.clone(unroll=True)
+    np.testing.assert_allclose(
+        unrolled.apply(variables, X), model.apply(variables, X), rtol=1e-5, atol=1e-5
+    )

@@ -132,6 +132,7 @@ class Level(nn.Module):
     downsample: bool
     shared: bool
     keep_activations: bool = False
+    unroll: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -178,6 +179,7 @@ class Level(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(0, nn.broadcast),
             length=length,
+            unroll=length if self.unroll else 1,
         )
         if length != self.num_blocks:
             gather = lambda tree: jax.tree.map(lambda v: v[index], tree)
@@ -202,6 +204,7 @@ class ResNet(nn.Module):
     num_classes: int = 10
     final_death_rate: float = 0.5
     keep_activations: bool = False
+    unroll: bool = False  # inline every block (one body per block), for comparisons
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -231,6 +234,7 @@ class ResNet(nn.Module):
                 downsample,
                 self.shared_levels[i],
                 self.keep_activations,
+                self.unroll,
                 self.dtype,
                 name=f"level{i + 1}",
             )(x, train, rates[i], masks[i], iterations[i])

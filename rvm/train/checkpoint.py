@@ -8,6 +8,7 @@ warning in favour of the one before it.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,23 @@ class Checkpoints:
             try:
                 return self.restore(target, step)
             except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
+                aside = self.workdir / "damaged_checkpoints" / str(step)
                 logging.warning(
-                    "checkpoint %s is unusable (%s: %s); trying the one before",
+                    "checkpoint %s is unusable (%s: %s); moved to %s, trying the one before",
                     self.directory / str(step),
                     type(e).__name__,
                     str(e).splitlines()[0][:200] if str(e) else "",
+                    aside,
                 )
+                # Out of the way, so the step can be written again, yet kept for a post-mortem.
+                aside.parent.mkdir(exist_ok=True)
+                shutil.rmtree(aside, ignore_errors=True)
+                (self.directory / str(step)).rename(aside)
+                self.manager.reload()
         if steps:
             raise CheckpointError(
-                f"no usable checkpoint in {self.workdir} (steps {steps} all failed to restore); "
-                "refusing to start over on top of an existing run: move the workdir aside"
+                f"no usable checkpoint in {self.workdir} (steps {steps} all failed to restore, "
+                "now in damaged_checkpoints/); refusing to start over on top of an existing run"
             )
         return None
 

@@ -156,6 +156,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
         check_resume(config, workdir)
         state = ckpts.restore_latest_usable(state)
         logging.info("Resumed %s from step %d", workdir, int(state.step))
+        metrics.truncate_jsonl(workdir / "metrics.jsonl", after_step=int(state.step))
     metrics.write_json(workdir / "config.json", config.to_dict())
     writer = metrics.MetricWriter(workdir, total_steps)
     first_step = int(state.step)

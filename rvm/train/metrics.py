@@ -30,6 +30,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_jsonl(path: str | Path, after_step: int) -> None:
+    """Drops records past `after_step`: epochs a killed run logged but did not checkpoint."""
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get("step", 0) <= after_step]
+    if len(kept) != len(records):
+        Path(path).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+
+
 def write_json(path: str | Path, value: Any) -> None:
     Path(path).write_text(json.dumps(plain(value), indent=2, sort_keys=True) + "\n")
 

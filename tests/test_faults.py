@@ -1,0 +1,276 @@
+"""Runs that die and bad input: kill anywhere and resume exactly, preemption, damaged
+checkpoints, non-finite losses, shared workdirs, full disks, bad configs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import cifar10
+from rvm.data import load_images
+from rvm.train import loop
+from rvm.train import sharding as shd
+from rvm.train import workdir as guard
+from rvm.train.checkpoint import CheckpointError, Checkpoints
+from rvm.train.config_check import validate
+
+REPO = Path(__file__).resolve().parents[1]
+# 256 images / batch 32 = 8 steps an epoch, a checkpoint every epoch, 3 epochs.
+OVERRIDES = {
+    "model.blocks_per_level": "(1,2,2)",
+    "data.synthetic_train": "256",
+    "data.synthetic_test": "64",
+    "batch_size": "32",
+    "eval_batch_size": "64",
+    "num_epochs": "3",
+    "log_every_steps": "4",
+}
+
+
+def tiny_config():
+    config = cifar10.get_config("smoke")
+    for key, value in OVERRIDES.items():
+        node, name = config, key
+        if "." in key:
+            section, name = key.split(".")
+            node = config[section]
+        node[name] = eval(value)
+    return config
+
+
+def launch(workdir: Path) -> subprocess.Popen:
+    args = [
+        sys.executable,
+        "-m",
+        "experiments.train",
+        "--config=experiments/configs/cifar10.py:smoke",
+    ]
+    args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    return subprocess.Popen(
+        [*args, f"--workdir={workdir}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def final_params(workdir: Path):
+    config = tiny_config()
+    run = loop.build_run(config, load_images(config.data), shd.data_mesh(jax.devices()[:1]))
+    ckpts = Checkpoints(workdir)
+    state = ckpts.restore(run.state, ckpts.latest_step())
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    proc = launch(workdir)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    return workdir
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> bool:
+    """SIGKILLs `proc` once `ready()` holds; False if it finished first."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_parameters(uninterrupted, tmp_path):
+    ckpt_dir = tmp_path / "checkpoints"
+
+    def writing():  # orbax is writing a step into a temporary directory
+        return ckpt_dir.exists() and any("tmp" in p.name for p in ckpt_dir.iterdir())
+
+    def after(seconds):
+        start = time.time()
+        return lambda: time.time() - start > seconds
+
+    # First inside a checkpoint write, then at random moments (start-up, steps,
+    # evaluation); each restart must pick up only complete checkpoints.
+    rng = random.Random(0)
+    caught_writing = kill_when(launch(tmp_path), writing)
+    for _ in range(2):
+        proc = launch(tmp_path)
+        kill_when(proc, after(rng.uniform(5, 25)))
+    proc = launch(tmp_path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert caught_writing, "the run was never caught inside a checkpoint write"
+    for a, b in zip(final_params(uninterrupted), final_params(tmp_path), strict=True):
+        np.testing.assert_array_equal(a, b)
+    epochs = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(epochs) == 3  # epochs redone after a kill are not logged twice
+
+
+def test_sigterm_saves_and_exits_with_the_requeue_code(uninterrupted, tmp_path):
+    proc = launch(tmp_path)
+    first_epoch_logged = lambda: (tmp_path / "metrics.jsonl").exists()
+    deadline = time.time() + 300
+    while proc.poll() is None and not first_epoch_logged() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == loop.PREEMPTED_EXIT_CODE, err[-2000:]
+    assert "SIGTERM at step" in err
+    saved = Checkpoints(tmp_path).latest_step()
+    assert saved is not None and saved >= 8
+    proc = launch(tmp_path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    for a, b in zip(final_params(uninterrupted), final_params(tmp_path), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _damage(step_dir: Path) -> Path:
+    victim = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    return victim
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    config = tiny_config()
+    loop.train_and_evaluate(config, tmp_path, max_steps=16)
+    ckpts = Checkpoints(tmp_path)
+    assert ckpts.all_steps() == [8, 16]
+    _damage(tmp_path / "checkpoints" / "16")
+    with caplog.at_level("WARNING"):
+        result = loop.train_and_evaluate(config, tmp_path, max_steps=17)
+    assert result["step"] == 17
+    assert f"{tmp_path}/checkpoints/16 is unusable" in caplog.text
+    assert (tmp_path / "damaged_checkpoints" / "16").is_dir()  # kept for a post-mortem
+    assert Checkpoints(tmp_path).all_steps() == [8, 16, 17]  # 16 written anew
+
+    for step in Checkpoints(tmp_path).all_steps():
+        _damage(tmp_path / "checkpoints" / str(step))
+    with pytest.raises(CheckpointError, match=f"no usable checkpoint in {tmp_path}"):
+        loop.train_and_evaluate(config, tmp_path)
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    config = tiny_config()
+    # A learning rate that explodes after step 10 of 24: the first epoch trains cleanly.
+    config.optim.lr_boundaries = (0.4,)
+    config.optim.lr_decay = 1e30
+    with pytest.raises(FloatingPointError, match=r"metric 'loss' is (nan|inf) at step 1\d"):
+        loop.train_and_evaluate(config, tmp_path / "stops")
+    assert Checkpoints(tmp_path / "stops").all_steps() == [8]
+
+    config.skip_nonfinite = True
+    result = loop.train_and_evaluate(config, tmp_path / "skips")
+    assert result["finished"]
+    lines = (tmp_path / "skips" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert records[0]["skipped"] == 0 and records[-1]["skipped"] > 0
+
+
+def test_second_run_on_a_workdir_refuses_and_a_dead_owner_holds_nothing(tmp_path):
+    with guard.exclusive(tmp_path):
+        with pytest.raises(
+            guard.WorkdirBusyError, match=f"{tmp_path} is in use by pid {os.getpid()}"
+        ):
+            loop.train_and_evaluate(tiny_config(), tmp_path, max_steps=1)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pathlib import Path; from rvm.train import workdir as g\n"
+            f"with g.exclusive(Path({str(tmp_path)!r})):\n"
+            "    print('held', flush=True); time.sleep(600)",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(guard.WorkdirBusyError):
+        with guard.exclusive(tmp_path):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with guard.exclusive(tmp_path):  # the kernel released the dead holder's lock
+        pass
+
+
+def test_full_or_unwritable_workdir_fails_at_start_naming_it(tmp_path, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=1024))
+    with pytest.raises(OSError, match=f"workdir {tmp_path} has 0.0 MiB free"):
+        loop.train_and_evaluate(tiny_config(), tmp_path)
+    monkeypatch.undo()
+
+    def refuse(self, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_bytes", refuse)
+    with pytest.raises(OSError, match=f"workdir {tmp_path} is not writable: Permission denied"):
+        loop.train_and_evaluate(tiny_config(), tmp_path)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_resume_allows_safe_changes(tmp_path):
+    config = tiny_config()
+    loop.train_and_evaluate(config, tmp_path, max_steps=8)
+    config.log_every_steps = 1
+    config.eval_batch_size = 32
+    assert loop.train_and_evaluate(config, tmp_path, max_steps=9)["step"] == 9
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("batch_size", 0, "batch_size=0 must be a positive integer"),
+        ("batch_size", 12.5, "batch_size=12.5 must be a positive integer"),
+        ("num_epochs", -1, "num_epochs=-1 must be a positive integer"),
+        ("model.sharing", "shared", "model.sharing='shared' is not one of"),
+        ("model.scope", "lower", "model.scope='lower' is not one of middle, all"),
+        ("model.final_death_rate", 1.5, "model.final_death_rate=1.5 must be a number in [0, 1)"),
+        ("model.final_death_rate", -0.1, "must be a number in [0, 1)"),
+        ("model.blocks_per_level", (3, 4), "must be 3 integers"),
+        ("optim.pull_start", 0.0, "optim.pull_start=0.0 must be a positive number"),
+        ("optim.pull_end", -1.0, "optim.pull_end=-1.0 must be a positive number"),
+        ("optim.lr_boundaries", (0.75, 0.5), "must be increasing fractions"),
+        ("data.normalization", "pixel", "data.normalization='pixel' is not one of feature"),
+        ("data.flip", "yes", "data.flip='yes' must be True or False"),
+        ("seed", "0", "seed='0' must be an integer"),
+    ],
+)
+def test_bad_config_values_are_named_before_compiling(field, value, message):
+    config = tiny_config()
+    node, name = config, field
+    if "." in field:
+        section, name = field.split(".")
+        node = config[section]
+    with node.ignore_type():
+        node[name] = value
+    with pytest.raises(ValueError) as err:
+        validate(config)
+    assert message in str(err.value)
+
+
+def test_batch_not_divisible_by_devices_is_named(tmp_path):
+    config = tiny_config()
+    config.batch_size = 30
+    data = load_images(config.data)
+    with pytest.raises(ValueError, match="batch_size=30 is not divisible by the 8 devices"):
+        loop.build_run(config, data, shd.data_mesh())
