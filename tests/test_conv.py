@@ -208,6 +208,42 @@ def test_nn_scan_matches_nn_conv():
     jax.tree.map(assert_close, got, want)
 
 
+class _SharedStep(nn.Module):
+    @nn.compact
+    def __call__(self, h, kernel):
+        return jnp.tanh(Conv3x3(h.shape[-1], name="conv")(h, kernel)), None
+
+
+def test_nn_scan_with_a_broadcast_kernel():
+    """Raw sharing: every iteration gets the caller's kernel and owns only its bias."""
+    x, _ = inputs((2, 6, 6, 4))
+    kernel = 0.3 * jax.random.normal(jax.random.key(3), (3, 3, 4, 4))
+    model = nn.scan(
+        _SharedStep,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=nn.broadcast,
+        length=3,
+    )()
+    shapes = jax.tree.map(jnp.shape, model.init(jax.random.key(0), x, kernel)["params"])
+    assert shapes == {"conv": {"bias": (3, 4)}}
+    params = {"conv": {"bias": jnp.arange(12.0).reshape(3, 4) / 12}}
+
+    def loss(p, x, k):
+        return jnp.sum(jnp.sin(model.apply({"params": p}, x, k)[0]) * x)
+
+    def unrolled(p, x, k):
+        h = x
+        for b in p["conv"]["bias"]:
+            h = jnp.tanh(plain(h, k) + b)
+        return jnp.sum(jnp.sin(h) * x)
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(params, x, kernel)
+    want = jax.grad(unrolled, argnums=(0, 1, 2))(params, x, kernel)
+    assert_nontrivial(want)
+    jax.tree.map(assert_close, got, want)
+
+
 def _conv_labels(conv):
     """dim_labels of every convolution XLA:CPU compiles for a scanned conv's gradient."""
     x, kernel = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4))
