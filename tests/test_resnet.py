@@ -20,6 +20,7 @@ def model_config(blocks=(3, 4, 4), mode="nonshared", scope="all", sd=True):
             stochastic_depth=sd,
             final_death_rate=0.5,
             dtype="float32",
+            unroll=False,
         )
     )
 

@@ -76,6 +76,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.stochastic_depth = True
     config.model.final_death_rate = 0.5
     config.model.dtype = "float32"
+    config.model.unroll = False  # True inlines every block instead of nn.scan (benchmarks)
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 0.1

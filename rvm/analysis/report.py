@@ -31,8 +31,7 @@ PAPER_PARAMS = {
     2: {"nonshared": 1732010, "relaxed": 179114, "raw": 179114, "minimal": 168266},
     3: {"nonshared": 363146, "relaxed": 169610, "raw": 169610, "minimal": 168266},
 }
-# Fields that do not make two runs different experiments (the seed is what repeats).
-_NOT_A_DIFFERENCE = RESUME_SAFE | {"seed"}
+_NOT_A_DIFFERENCE = RESUME_SAFE | {"seed"}  # fields that do not make another experiment
 
 
 @dataclasses.dataclass(frozen=True)

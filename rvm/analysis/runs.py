@@ -128,10 +128,24 @@ def read_run_info(workdir: str | Path) -> RunInfo:
             f"{workdir} is not a run directory: it has no config.json "
             "(run directories are written by `python -m experiments.train --workdir=DIR`)"
         )
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = ml_collections.ConfigDict(_with_defaults(json.loads(path.read_text())))
     results_path = workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     return RunInfo(workdir, config, metrics.read_jsonl(workdir / "metrics.jsonl"), results)
+
+
+def _with_defaults(saved: dict) -> dict:
+    """The saved config over today's defaults: a field added to the config family after
+    a run was trained (such as `model.unroll`) takes its default, so older run
+    directories stay readable; every saved value wins."""
+    from experiments.configs import cifar10  # lazily: the library must not need it to import
+
+    def merge(default: Any, value: Any) -> Any:
+        if isinstance(default, dict) and isinstance(value, dict):
+            return {**default, **{k: merge(default.get(k), v) for k, v in value.items()}}
+        return value
+
+    return merge(cifar10.get_config().to_dict(), saved)
 
 
 @partial(jax.jit, static_argnames="model")

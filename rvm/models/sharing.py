@@ -51,6 +51,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     rate = cfg.final_death_rate
     if not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
         raise ValueError(f"model.final_death_rate={rate!r} must be a number in [0, 1)")
+    if not isinstance(cfg.unroll, bool):
+        raise ValueError(f"model.unroll={cfg.unroll!r} must be True or False")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype={cfg.dtype!r} is not one of float32, bfloat16")
 
@@ -85,6 +87,7 @@ def build_model(
         num_classes=num_classes,
         final_death_rate=cfg.final_death_rate if cfg.stochastic_depth else 0.0,
         keep_activations=keep_activations,
+        unroll=cfg.unroll,
         dtype=jnp.dtype(cfg.dtype),
     )
 

@@ -25,6 +25,7 @@ RESUME_SAFE = frozenset(
         "data.binary_dir",
         "data.tfds_data_dir",
         "data.source",
+        "model.unroll",
     }
 )
 
@@ -80,7 +81,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"data.normalization={data.normalization!r} is not one of feature, channel"
         )
-    _nonnegative(config, "data.holdout")
+    holdout = config.data.holdout
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
+        raise ValueError(f"data.holdout={holdout!r} must be a non-negative integer")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

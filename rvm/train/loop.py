@@ -156,7 +156,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
         check_resume(config, workdir)
         state = ckpts.restore_latest_usable(state)
         logging.info("Resumed %s from step %d", workdir, int(state.step))
-        metrics.truncate_jsonl(workdir / "metrics.jsonl", after_step=int(state.step))
+    # Epochs logged after the checkpoint we start from (a kill before the save) are redone.
+    metrics.truncate_jsonl(workdir / "metrics.jsonl", after_step=int(state.step))
     metrics.write_json(workdir / "config.json", config.to_dict())
     writer = metrics.MetricWriter(workdir, total_steps)
     first_step = int(state.step)
@@ -202,7 +203,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
                     ckpts.save(done, state)
             if sigterm.raised:
                 _check_finite(m, done, config.skip_nonfinite)
-                ckpts.save(done, state)
+                if done not in ckpts.all_steps():  # not already saved at an epoch's end
+                    ckpts.save(done, state)
                 ckpts.close()
                 raise Preempted(f"SIGTERM at step {done}; checkpoint saved in {ckpts.directory}")
     final_step = int(state.step)

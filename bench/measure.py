@@ -1,0 +1,259 @@
+"""One measurement in its own process: `python -m bench.measure SPEC_JSON RESULT_PATH`.
+
+`bench/run.py` starts one of these per measurement, so JAX and PyTorch never
+share a process's threads or memory, XLA flags can differ per measurement, and
+the peak RSS (`ru_maxrss`) belongs to that measurement alone. A measurement
+imports only the framework it measures. Timing: `time.perf_counter` around
+windows of `steps` steps after warm-up, JAX results blocked on; the result
+holds every window's seconds per step and their median.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+IMAGE_SHAPE = (32, 32, 3)
+NUM_CLASSES = 10
+TRAIN_IMAGES = 2048  # synthetic training split the batches are drawn from
+
+
+def _rss_mb() -> float:
+    """Current resident set size, for the baseline before any model is built."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _time_windows(step: Callable[[], Any], sync: Callable[[Any], Any], spec: dict) -> dict:
+    """First call (compilation included), warm-up, then `windows` timed windows of `steps`."""
+    start = time.perf_counter()
+    sync(step())
+    first = time.perf_counter() - start
+    for _ in range(max(spec["warmup"] - 1, 0)):
+        sync(step())
+    windows = []
+    for _ in range(spec["windows"]):
+        start = time.perf_counter()
+        out = None
+        for _ in range(spec["steps"]):
+            out = step()
+        sync(out)
+        windows.append((time.perf_counter() - start) / spec["steps"])
+    return {"first_call_s": first, "windows_s": windows, "step_s": statistics.median(windows)}
+
+
+# --- rvm ---------------------------------------------------------------------------------
+
+
+def _rvm_config(spec: dict):
+    from experiments.configs.cifar10 import get_config
+
+    config = get_config()
+    config.data.source = "synthetic"
+    config.data.synthetic_train = max(TRAIN_IMAGES, spec["batch"])
+    config.data.synthetic_test = spec.get("eval_batch", 512)
+    config.batch_size = spec["batch"]
+    config.eval_batch_size = spec.get("eval_batch", spec["batch"])
+    config.model.blocks_per_level = tuple(spec["blocks"])
+    config.model.sharing = spec["sharing"]
+    config.model.scope = spec.get("scope", "all")
+    config.model.stochastic_depth = spec["stochastic_depth"]
+    return config
+
+
+def rvm_train(spec: dict) -> dict:
+    """rvm's real jitted, donated train step from `build_run` (optionally blocks unrolled)."""
+
+    import jax
+
+    from rvm.data import load_images
+    from rvm.models import sharing
+    from rvm.train import loop
+    from rvm.train import sharding as shd
+
+    config = _rvm_config(spec)
+    data = load_images(config.data)
+    devices = jax.devices()
+    if len(devices) != spec["devices"]:
+        raise RuntimeError(f"{len(devices)} devices, spec asks for {spec['devices']}")
+    baseline = _rss_mb()
+
+    config.model.unroll = bool(spec.get("unroll"))
+    start = time.perf_counter()
+    run = loop.build_run(config, data, shd.data_mesh(devices))
+    jax.block_until_ready(run.state)
+    init_s = time.perf_counter() - start
+
+    box = {"state": run.state}
+
+    def step():
+        box["state"], metrics = run.step_fn(box["state"], run.train_data)
+        return box["state"], metrics
+
+    result = _time_windows(step, jax.block_until_ready, spec)
+    loss = float(jax.device_get(step()[1]["loss"]))
+    return {
+        **result,
+        "init_s": init_s,
+        "final_loss": loss,
+        "params": sharing.count_params(box["state"].params),
+        "baseline_rss_mb": baseline,
+    }
+
+
+def rvm_eval(spec: dict) -> dict:
+    """`rvm.train.image_task.evaluate` over one eval batch of synthetic images per call."""
+    import jax
+
+    from rvm.data import load_images, normalization_stats
+    from rvm.models import sharing
+    from rvm.train import image_task
+
+    config = _rvm_config(spec)
+    data = load_images(config.data)
+    baseline = _rss_mb()
+    model = sharing.build_model(config.model, data.num_classes)
+    dummy = jax.numpy.zeros((1, *IMAGE_SHAPE))
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), dummy)
+    stats = normalization_stats(data.train_images, config.data.normalization)
+    images, labels = data.test_images, data.test_labels
+
+    def step():
+        return image_task.evaluate(model, variables, images, labels, stats, len(labels))
+
+    return {**_time_windows(step, lambda out: out, spec), "baseline_rss_mb": baseline}
+
+
+# --- PyTorch -----------------------------------------------------------------------------
+
+
+def _torch_setup(spec: dict):
+    """Threads, the twin model (channels_last if asked) and a uint8 NHWC synthetic split."""
+    import torch
+
+    from bench.torch_resnet import TorchResNet
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    shared = spec["sharing"] == "raw"
+    if shared and spec.get("scope", "all") != "all":
+        raise ValueError("the twin benchmarks raw sharing on all levels only")
+    rate = 0.5 if spec["stochastic_depth"] else 0.0
+    model = TorchResNet(spec["blocks"], (shared,) * 3, NUM_CLASSES, final_death_rate=rate)
+    if spec["layout"] == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    n = max(TRAIN_IMAGES, spec["batch"], spec.get("eval_batch", 0))
+    images = torch.randint(0, 256, (n, *IMAGE_SHAPE), dtype=torch.uint8)
+    labels = torch.randint(0, NUM_CLASSES, (n,))
+    as_float = images.float()
+    mean, std = as_float.mean(0), as_float.std(0) + 1e-6  # per-feature, as rvm's default
+    return torch, model, images, labels, mean, std
+
+
+def _to_input(torch, images, mean, std, layout: str):
+    """uint8 NHWC -> normalised float NCHW; the permuted view already is channels_last."""
+    x = ((images.float() - mean) / std).permute(0, 3, 1, 2)
+    return x.contiguous() if layout == "nchw" else x
+
+
+def torch_train(spec: dict) -> dict:
+    """Eager (or `torch.compile`d model) step: gather, flip, forward, backward, SGD-Nesterov."""
+    torch, model, images, labels, mean, std = _torch_setup(spec)
+    import torch.nn.functional as F
+
+    baseline = _rss_mb()
+    model.train()
+    forward = torch.compile(model) if spec.get("compile") else model
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
+    )
+    gen = torch.Generator().manual_seed(0)
+    batch = spec["batch"]
+
+    def step():
+        idx = torch.randint(len(labels), (batch,), generator=gen)
+        x = images[idx]
+        flip = torch.rand(batch, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(2), x)
+        loss = F.cross_entropy(forward(_to_input(torch, x, mean, std, spec["layout"])), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    result = _time_windows(step, lambda out: out, spec)
+    return {**result, "final_loss": float(step().detach()), "baseline_rss_mb": baseline}
+
+
+def torch_eval(spec: dict) -> dict:
+    """`torch.no_grad()` evaluation of one eval batch: normalise, forward, error and loss."""
+    torch, model, images, labels, mean, std = _torch_setup(spec)
+    import torch.nn.functional as F
+
+    baseline = _rss_mb()
+    model.eval()
+    n = spec["eval_batch"]
+    images, labels = images[:n], labels[:n]
+
+    def step():
+        with torch.no_grad():
+            logits = model(_to_input(torch, images, mean, std, spec["layout"]))
+            wrong = (logits.argmax(-1) != labels).sum().item()
+            return wrong, F.cross_entropy(logits, labels, reduction="sum").item()
+
+    return {**_time_windows(step, lambda out: out, spec), "baseline_rss_mb": baseline}
+
+
+# --- The machine's float32 ceiling -------------------------------------------------------
+
+
+def matmul(spec: dict) -> dict:
+    """An n x n float32 matrix product (2 n^3 FLOPs) with numpy's BLAS or PyTorch."""
+    n = spec["n"]
+    if spec["library"] == "torch":
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        a, b = torch.rand(n, n), torch.rand(n, n)
+    else:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        a, b = (rng.random((n, n), dtype=np.float32) for _ in range(2))
+    result = _time_windows(lambda: a @ b, lambda out: out, spec)
+    result["gflops"] = 2 * n**3 / result["step_s"] / 1e9
+    return result
+
+
+KINDS = {
+    "rvm_train": rvm_train,
+    "rvm_eval": rvm_eval,
+    "torch_train": torch_train,
+    "torch_eval": torch_eval,
+    "matmul": matmul,
+}
+
+
+def main(argv: list[str]) -> None:
+    spec, out_path = json.loads(argv[0]), argv[1]
+    result = KINDS[spec["kind"]](spec)
+    result["max_rss_mb"] = _peak_rss_mb()
+    with open(out_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

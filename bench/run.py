@@ -1,0 +1,627 @@
+"""rvm's CPU benchmark suite: every measurement in its own process, one report per invocation.
+
+    python bench/run.py                       # everything (about an hour on an idle 2-core VM)
+    python bench/run.py --quick               # tiny step counts: a smoke check of the real models
+    python bench/run.py --only train,compile  # a subset; see MEASUREMENTS
+
+Writes `bench/results/<name>.md` and `.json` (rewritten after each measurement, so
+an interrupted run keeps what it measured). This process imports neither JAX
+nor PyTorch: `bench/measure.py` runs each measurement in a fresh subprocess, so
+the frameworks never share threads or memory, XLA flags can differ per
+measurement, and a hung or aborted child (a 2-device XLA:CPU all-reduce can
+abort after 40 s when other processes load the cores) is reported, not fatal.
+Identical measurements requested by several sections run once per invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTHS = (16, 32, 64)
+NUM_CLASSES = 10
+MEASUREMENTS = (
+    "ceiling",  # float32 GFLOP/s of a large matmul (numpy and torch)
+    "train",  # training throughput, rvm against the PyTorch twin
+    "compile",  # (18,18,18) compile and init time, nn.scan against unrolled blocks
+    "relaxed",  # relaxed against raw sharing, step time
+    "stochastic_depth",  # stochastic depth on against off, rvm and torch
+    "eval",  # evaluation throughput
+    "memory",  # peak RSS of a training process
+    "data_parallel",  # rvm over the host's cores as separate XLA devices
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    small: tuple[int, ...] = (3, 4, 4)
+    large: tuple[int, ...] = (18, 18, 18)
+    batch: int = 128
+    eval_batch: int = 1000
+    steps: int = 4  # per timed window
+    windows: int = 5  # the median window is reported
+    warmup: int = 2  # untimed calls, the first (compiling) one included
+    matmul_n: int = 4096
+    timeout: float = 1800.0  # seconds per child process
+
+
+# --- FLOPs -------------------------------------------------------------------------------
+
+
+def forward_macs(blocks: tuple[int, ...], size: int = 32, channels: int = 3) -> int:
+    """Multiply-accumulates of one image's forward pass: every 3x3 conv and the dense head.
+
+    A 3x3 conv producing an HxWxC_out map from C_in channels costs H*W*C_out*C_in*9;
+    a padding block's first conv works at the halved size. BatchNorm, ReLU, biases,
+    pooling and the optimiser are left out (elementwise, a few percent at most).
+    """
+    macs = size * size * WIDTHS[0] * channels * 9  # stem
+    cin = WIDTHS[0]
+    for level, (num, width) in enumerate(zip(blocks, WIDTHS)):
+        size //= 2 if level > 0 else 1
+        for _ in range(num):
+            macs += size * size * width * 9 * (cin + width)  # conv1 (cin -> width), conv2
+            cin = width
+    return macs + WIDTHS[-1] * NUM_CLASSES
+
+
+def train_flops(blocks: tuple[int, ...]) -> int:
+    """Training FLOPs per image: 3 x forward (backward = input and kernel gradients) x 2 per MAC."""
+    return 3 * 2 * forward_macs(blocks)
+
+
+# --- Specs: what each section measures ---------------------------------------------------
+
+
+def _timing(s: Settings) -> dict:
+    return {"steps": s.steps, "windows": s.windows, "warmup": s.warmup}
+
+
+def rvm(s: Settings, blocks, sharing="nonshared", sd=False, **extra) -> dict:
+    return {
+        "kind": "rvm_train",
+        "blocks": list(blocks),
+        "sharing": sharing,
+        "scope": "all",
+        "stochastic_depth": sd,
+        "devices": 1,
+        "unroll": False,
+        "batch": s.batch,
+        **_timing(s),
+        **extra,
+    }
+
+
+def twin(s: Settings, blocks, sharing="nonshared", layout="channels_last", **extra) -> dict:
+    return {
+        "kind": "torch_train",
+        "blocks": list(blocks),
+        "sharing": sharing,
+        "scope": "all",
+        "stochastic_depth": False,
+        "layout": layout,
+        "compile": False,
+        "batch": s.batch,
+        **_timing(s),
+        **extra,
+    }
+
+
+IMPLS = {
+    "rvm": lambda s, b, sh: rvm(s, b, sh),
+    "torch eager NCHW": lambda s, b, sh: twin(s, b, sh, layout="nchw"),
+    "torch eager channels_last": lambda s, b, sh: twin(s, b, sh),
+    "torch.compile channels_last": lambda s, b, sh: twin(s, b, sh, compile=True),
+}
+SHARINGS = {"nonshared": "nonshared", "raw": "all-levels raw"}
+
+
+def model_label(blocks, sharing: str) -> str:
+    return f"{tuple(blocks)} {SHARINGS.get(sharing, sharing)}"
+
+
+def plan(s: Settings) -> dict[str, dict[str, dict]]:
+    """Section -> label -> spec. Stochastic depth is off unless the section is about it."""
+    eval_timing = {**_timing(s), "steps": 1}  # one window = one eval batch
+    two = {"devices": 2, "timeout": min(s.timeout, 900)}  # a hung all-reduce must not hold us
+    sections = {
+        "ceiling": {
+            f"{lib} {s.matmul_n}x{s.matmul_n}": {
+                "kind": "matmul",
+                "library": lib,
+                "n": s.matmul_n,
+                **_timing(s),
+            }
+            for lib in ("numpy", "torch")
+        },
+        "train": {
+            f"{model_label(b, sh)} / {impl}": make(s, b, sh)
+            for b in (s.small, s.large)
+            for sh in SHARINGS
+            for impl, make in IMPLS.items()
+        },
+        # The paper's configuration (stochastic depth on); same seed, same dropped blocks.
+        "compile": {
+            "nn.scan": rvm(s, s.large, sd=True),
+            "unrolled": rvm(s, s.large, sd=True, unroll=True),
+        },
+        "relaxed": {
+            "relaxed": rvm(s, s.large, "relaxed"),
+            "raw": rvm(s, s.large, "raw"),
+        },
+        "stochastic_depth": {
+            "rvm on": rvm(s, s.large, sd=True),
+            "rvm off": rvm(s, s.large),
+            "torch eager channels_last on": twin(s, s.large, stochastic_depth=True),
+            "torch eager channels_last off": twin(s, s.large),
+        },
+        "eval": {
+            "rvm evaluate": {
+                **rvm(s, s.large, sd=True, kind="rvm_eval", eval_batch=s.eval_batch),
+                **eval_timing,
+            },
+            "torch eager channels_last no_grad": {
+                **twin(s, s.large, kind="torch_eval", stochastic_depth=True),
+                "eval_batch": s.eval_batch,
+                **eval_timing,
+            },
+        },
+        # The training processes of section `train`, read for their peak RSS.
+        "memory": {"rvm": rvm(s, s.large), "torch eager channels_last": twin(s, s.large)},
+        "data_parallel": {
+            f"{tuple(b)} nonshared / {d} device{'s' * (d > 1)}": rvm(s, b, **(two if d > 1 else {}))
+            for b in (s.small, s.large)
+            for d in (1, 2)
+        },
+    }
+    assert set(sections) == set(MEASUREMENTS)
+    return sections
+
+
+# --- Running children --------------------------------------------------------------------
+
+
+def child_env(spec: dict) -> dict[str, str]:
+    """The parent's environment on the CPU, uncached, with the spec's XLA host device count."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    # No persistent compilation caches: a first call always compiles from scratch.
+    env.update(JAX_ENABLE_COMPILATION_CACHE="false", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    if spec.get("devices", 1) > 1:
+        flags.append(f"--xla_force_host_platform_device_count={spec['devices']}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    return env
+
+
+class Runner:
+    """Runs each distinct spec once in a subprocess with a timeout; failures become records."""
+
+    def __init__(self, timeout: float, workdir: Path):
+        self.timeout, self.workdir = timeout, workdir
+        self.done: dict[str, dict] = {}
+
+    def __call__(self, spec: dict, label: str) -> dict:
+        key = json.dumps(spec, sort_keys=True)
+        if key in self.done:
+            print(f"  {label}: measured above", flush=True)
+        else:
+            print(f"  {label} ...", end=" ", flush=True)
+            self.done[key] = self._run(spec)
+            print(_summary(self.done[key]), flush=True)
+        return self.done[key]
+
+    def _run(self, spec: dict) -> dict:
+        n, timeout = len(self.done), spec.get("timeout", self.timeout)
+        out, log = self.workdir / f"{n}.json", self.workdir / f"{n}.log"
+        cmd = [sys.executable, "-m", "bench.measure", json.dumps(spec), str(out)]
+        start = time.perf_counter()
+        with open(log, "w") as logf:
+            # A session of its own, so a timeout also ends torch.compile's worker processes.
+            proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=child_env(spec),
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                rc = None
+            except BaseException:
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
+        wall = time.perf_counter() - start
+        record = {"spec": spec, "wall_s": wall}
+        if rc == 0 and out.exists():
+            return {**record, "ok": True, **json.loads(out.read_text())}
+        tail = log.read_text(errors="replace")[-1500:].strip()
+        why = f"timed out after {timeout:.0f} s" if rc is None else f"exit status {rc}"
+        return {**record, "ok": False, "error": why, "log_tail": tail}
+
+
+def _summary(r: dict) -> str:
+    if not r["ok"]:
+        return f"FAILED ({r['error']})"
+    if "gflops" in r:
+        return f"{r['gflops']:.1f} GFLOP/s"
+    return (
+        f"{r['step_s']:.3g} s/step, first call {r['first_call_s']:.3g} s, wall {r['wall_s']:.0f} s"
+    )
+
+
+# --- Machine -----------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    """CPU model, cores, memory, selected ISA flags, and the load when the run began."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = [line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line]
+    model = next((v.strip() for k, v in fields if k.strip() == "model name"), platform.processor())
+    flags = next((v.split() for k, v in fields if k.strip() == "flags"), [])
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+    meminfo = Path("/proc/meminfo")
+    mem_kb = int(meminfo.read_text().split()[1]) if meminfo.exists() else 0
+    return {
+        "cpu": model,
+        "logical_cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "isa": [f for f in wanted if f in flags],
+        "load_average_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+# --- Report ------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def _step(r: dict | None) -> float | None:
+    return r["step_s"] if r and r.get("ok") else None
+
+
+def _spread(r: dict) -> str:
+    w = r["windows_s"]
+    return f"{_fmt(r['step_s'])} [{_fmt(min(w))}-{_fmt(max(w))}]"
+
+
+def _target(name: str, value: float | None, bound: float, at_most: bool, unit: str = "") -> dict:
+    """A target with its margin: how far the value sits inside (+) or outside (-) the bound."""
+    if value is None:
+        return {"target": name, "pass": None, "text": "not measured"}
+    ok = value <= bound if at_most else value >= bound
+    margin = (bound - value) if at_most else (value - bound)
+    verdict = "PASS" if ok else "FAIL"
+    text = f"{verdict}: {value:.3g}{unit} vs {bound:.3g}{unit} (margin {margin:+.3g}{unit})"
+    return {"target": name, "pass": ok, "value": value, "bound": bound, "text": text}
+
+
+def _failures(section: dict) -> list[str]:
+    lines = []
+    for label, r in section.items():
+        if not r["ok"]:
+            tail = (r["log_tail"] or "(empty log)").replace("\n", "\n    ")
+            lines += [f"- **{label}** failed: {r['error']}. Log tail:", "", f"    {tail}", ""]
+    return lines
+
+
+def report_ceiling(res: dict, ctx: dict) -> list[str]:
+    lines = ["| matmul | s | GFLOP/s |", "| --- | --- | --- |"]
+    for label, r in res.items():
+        if r["ok"]:
+            lines.append(f"| {label} | {_spread(r)} | {r['gflops']:.1f} |")
+    lines.append("")
+    lines.append(f"Ceiling used below: **{_fmt(ctx.get('ceiling'))} GFLOP/s** (the faster).")
+    return lines
+
+
+def report_train(res: dict, ctx: dict, s: Settings) -> list[str]:
+    ceiling = ctx.get("ceiling")
+    lines = [
+        f"Batch {s.batch}, float32, synthetic 32x32 images, stochastic depth off. Training "
+        "FLOPs per image = 3 x 2 x forward MACs (3x3 convs + head): "
+        + ", ".join(f"{tuple(b)} {train_flops(b) / 1e9:.3f} GFLOP" for b in (s.small, s.large))
+        + ". Step = median of the windows [fastest-slowest].",
+        "",
+        "| model | implementation | s/step | images/s | vs rvm | GFLOP/s | of ceiling "
+        "| first call s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for blocks in (s.small, s.large):
+        for sharing in SHARINGS:
+            model = model_label(blocks, sharing)
+            base = _step(res.get(f"{model} / rvm"))
+            for impl in IMPLS:
+                r = res.get(f"{model} / {impl}")
+                if not r or not r["ok"]:
+                    lines.append(f"| {model} | {impl} | failed | | | | | |")
+                    continue
+                ips = s.batch / r["step_s"]
+                gflops = ips * train_flops(blocks) / 1e9
+                ratio = _fmt(base / r["step_s"]) + "x" if base else "n/a"
+                frac = f"{100 * gflops / ceiling:.1f}%" if ceiling else "n/a"
+                lines.append(
+                    f"| {model} | {impl} | {_spread(r)} | {ips:.1f} | {ratio} | {gflops:.1f} "
+                    f"| {frac} | {_fmt(r['first_call_s'])} |"
+                )
+    return lines
+
+
+def report_compile(res: dict, ctx: dict, s: Settings) -> list[str]:
+    lines = [
+        f"{tuple(s.large)} nonshared, stochastic depth on (the paper's run), batch {s.batch}. "
+        "`init` = `build_run` (jit of the init, its run, data put on device). "
+        "`compile` = first call minus the median step.",
+        "",
+        "| blocks | init s | first call s | compile s | s/step |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for label, r in res.items():
+        if r["ok"]:
+            lines.append(
+                f"| {label} | {_fmt(r['init_s'])} | {_fmt(r['first_call_s'])} "
+                f"| {_fmt(r['first_call_s'] - r['step_s'])} | {_spread(r)} |"
+            )
+    return lines
+
+
+def report_steps(res: dict, ctx: dict, s: Settings, note: str) -> list[str]:
+    lines = [note, "", "| run | s/step | images/s |", "| --- | --- | --- |"]
+    for label, r in res.items():
+        if r["ok"]:
+            lines.append(f"| {label} | {_spread(r)} | {s.batch / r['step_s']:.1f} |")
+    return lines
+
+
+def report_eval(res: dict, ctx: dict, s: Settings) -> list[str]:
+    ceiling = ctx.get("ceiling")
+    flops = 2 * forward_macs(s.large)
+    lines = [
+        f"{tuple(s.large)} nonshared in eval mode, one batch of {s.eval_batch} per window "
+        f"({flops / 1e9:.3f} GFLOP per image); rvm through `image_task.evaluate` "
+        "(host-to-device copy, jitted forward, error and loss).",
+        "",
+        "| implementation | s/batch | images/s | of ceiling |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, r in res.items():
+        if r["ok"]:
+            ips = s.eval_batch / r["step_s"]
+            frac = f"{100 * ips * flops / 1e9 / ceiling:.1f}%" if ceiling else "n/a"
+            lines.append(f"| {label} | {_spread(r)} | {ips:.1f} | {frac} |")
+    return lines
+
+
+def report_memory(res: dict, ctx: dict, s: Settings) -> list[str]:
+    lines = [
+        f"Peak RSS (`ru_maxrss`) of the process training {tuple(s.large)} nonshared at batch "
+        f"{s.batch} (compilation included); baseline = RSS after imports and data, before "
+        "the model.",
+        "",
+        "| process | peak MiB | baseline MiB | peak - baseline MiB |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, r in res.items():
+        if r["ok"]:
+            peak, base = r["max_rss_mb"], r["baseline_rss_mb"]
+            lines.append(f"| {label} | {peak:.0f} | {base:.0f} | {peak - base:.0f} |")
+    return lines
+
+
+def report_data_parallel(res: dict, ctx: dict, s: Settings) -> list[str]:
+    lines = [
+        "rvm's step over a `(\"data\",)` mesh of the host's cores as separate XLA devices "
+        "(`--xla_force_host_platform_device_count`), against one device.",
+        "",
+        "| run | s/step | images/s | speed-up |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, r in res.items():
+        if r["ok"]:
+            one = _step(res.get(label.rsplit("/", 1)[0] + "/ 1 device"))
+            speedup = f"{one / r['step_s']:.2f}x" if one else "n/a"
+            lines.append(f"| {label} | {_spread(r)} | {s.batch / r['step_s']:.1f} | {speedup} |")
+    return lines
+
+
+def targets(results: dict, s: Settings) -> list[dict]:
+    """The suite's targets, for the sections that ran; each with pass/fail and margin."""
+    out = []
+    ratio = lambda a, b: a / b if a and b else None
+    large = tuple(s.large)
+    if "train" in results:
+        train = results["train"]
+        for blocks in (s.small, s.large):
+            for sharing in SHARINGS:
+                model = model_label(blocks, sharing)
+                mine = _step(train.get(f"{model} / rvm"))
+                theirs = _step(train.get(f"{model} / torch eager channels_last"))
+                name = f"{model}: rvm >= 0.5x torch eager channels_last throughput"
+                out.append(_target(name, ratio(theirs, mine), 0.5, at_most=False, unit="x"))
+    if "compile" in results:
+        scan, unrolled = results["compile"].get("nn.scan"), results["compile"].get("unrolled")
+        compile_s = lambda r: r["first_call_s"] - r["step_s"] if r and r["ok"] else None
+        name = f"{large} compile time: scan <= 1/3 of unrolled"
+        out.append(_target(name, ratio(compile_s(scan), compile_s(unrolled)), 1 / 3, True, "x"))
+        name = f"{large} step: scan no slower than unrolled"
+        out.append(_target(name, ratio(_step(scan), _step(unrolled)), 1.0, True, "x"))
+    if "relaxed" in results:
+        rel = results["relaxed"]
+        name = f"{large} all levels: relaxed step within 5% of raw"
+        out.append(
+            _target(name, ratio(_step(rel.get("relaxed")), _step(rel.get("raw"))), 1.05, True, "x")
+        )
+    if "stochastic_depth" in results:
+        sd = results["stochastic_depth"]
+        name = f"{large} rvm: stochastic depth step no slower than off"
+        out.append(
+            _target(name, ratio(_step(sd.get("rvm on")), _step(sd.get("rvm off"))), 1.0, True, "x")
+        )
+    return out
+
+
+def render(doc: dict, s: Settings) -> str:
+    """The markdown report of `doc` (the JSON written beside it)."""
+    m, v, res = doc["machine"], doc["versions"], doc["results"]
+    ctx = {"ceiling": doc.get("ceiling_gflops")}
+    lines = [
+        f"# rvm benchmark: {doc['name']}",
+        "",
+        f"- date: {doc['date']} (wall {doc.get('wall_s', 0) / 60:.1f} min)",
+        f"- command: `{doc['command']}`",
+        f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB, "
+        f"ISA {' '.join(m['isa']) or 'n/a'}; load average at start "
+        f"{' / '.join(f'{x:.2f}' for x in m['load_average_at_start'])} (1/5/15 min)",
+        "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
+        f"- settings: {json.dumps(dataclasses.asdict(s))}",
+        "",
+    ]
+    load = max(m["load_average_at_start"][0], m.get("load_average_at_end", (0,))[0])
+    if load > 0.5 * (m["logical_cores"] or 1):
+        lines += [
+            f"**Warning: the machine was busy (1-minute load average up to {load:.1f} on "
+            f"{m['logical_cores']} cores); multi-threaded timings are unreliable.**",
+            "",
+        ]
+    if doc["targets"]:
+        lines += ["## Targets", ""] + [f"- {t['target']}: {t['text']}" for t in doc["targets"]]
+        lines.append("")
+    sections: dict[str, Callable[..., list[str]]] = {
+        "ceiling": lambda r, c, s: report_ceiling(r, c),
+        "train": report_train,
+        "compile": report_compile,
+        "relaxed": lambda r, c, s: report_steps(
+            r, c, s, f"{tuple(s.large)}, all levels in scope, stochastic depth off."
+        ),
+        "stochastic_depth": lambda r, c, s: report_steps(
+            r, c, s, f"{tuple(s.large)} nonshared, the paper's death rates (0 to 0.5) or none."
+        ),
+        "eval": report_eval,
+        "memory": report_memory,
+        "data_parallel": report_data_parallel,
+    }
+    for name, body in sections.items():
+        if name in res:
+            lines += [f"## {name}", ""] + body(res[name], ctx, s) + [""] + _failures(res[name])
+    return "\n".join(lines) + "\n"
+
+
+# --- Main --------------------------------------------------------------------------------
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    s = Settings()
+    if args.quick:
+        s = dataclasses.replace(s, steps=1, windows=2, warmup=1, eval_batch=250, matmul_n=2048)
+    if args.tiny:
+        s = dataclasses.replace(
+            s,
+            small=(1, 2, 2),
+            large=(2, 2, 2),
+            batch=16,
+            eval_batch=32,
+            steps=1,
+            windows=2,
+            warmup=1,
+            matmul_n=256,
+        )
+    given = {k: getattr(args, k) for k in ("steps", "windows", "warmup", "timeout", "batch")}
+    return dataclasses.replace(s, **{k: x for k, x in given.items() if x is not None})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 step x 2 windows: a smoke check")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny models and batch: tests the harness only"
+    )
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(MEASUREMENTS)}")
+    parser.add_argument("--steps", type=int, help="steps per timed window")
+    parser.add_argument("--windows", type=int, help="timed windows (the median is reported)")
+    parser.add_argument("--warmup", type=int, help="untimed calls, the compiling one included")
+    parser.add_argument("--batch", type=int, help="training batch size (default 128)")
+    parser.add_argument("--timeout", type=float, help="seconds per measurement process")
+    parser.add_argument("--out", help="result path without extension (default bench/results/NAME)")
+    args = parser.parse_args(argv)
+
+    selected = MEASUREMENTS if not args.only else tuple(args.only.split(","))
+    unknown = set(selected) - set(MEASUREMENTS)
+    if unknown:
+        parser.error(f"unknown measurement(s) {sorted(unknown)}; known: {', '.join(MEASUREMENTS)}")
+    if "train" in selected or "eval" in selected:
+        selected = tuple(dict.fromkeys(("ceiling", *selected)))  # the FLOP fractions need it
+    s = settings_from(args)
+    name = "tiny" if args.tiny else "quick" if args.quick else "cpu"
+    out = Path(args.out) if args.out else REPO / "bench" / "results" / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    doc = {
+        "name": out.name,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "versions": versions(),
+        "settings": dataclasses.asdict(s),
+        "results": {},
+        "targets": [],
+    }
+    specs = plan(s)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rvm_bench_") as tmp:
+        runner = Runner(s.timeout, Path(tmp))
+        for section in selected:
+            print(f"[{section}]", flush=True)
+            doc["results"][section] = {}
+            for label, spec in specs[section].items():
+                doc["results"][section][label] = runner(spec, label)
+                if section == "ceiling":
+                    flops = [r["gflops"] for r in doc["results"]["ceiling"].values() if r["ok"]]
+                    doc["ceiling_gflops"] = max(flops, default=None)
+                doc["wall_s"] = time.perf_counter() - start
+                doc["targets"] = targets(doc["results"], s)
+                out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+                out.with_suffix(".md").write_text(render(doc, s))
+    doc["machine"]["load_average_at_end"] = os.getloadavg()
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(render(doc, s))
+    print(f"wrote {out.with_suffix('.md')} and .json")
+    for t in doc["targets"]:
+        print(f"  {t['target']}: {t['text']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+r"""Writes the paper's tables and figures from run directories: no training, no flags for
+the model (everything is read from each run's config.json, metrics and checkpoints).
+
+  python -m experiments.report --runs workdirs/middle18_nonshared workdirs/middle18_relaxed \
+      --out reports/middle18
+
+Extra positional arguments are taken as more run directories, so a shell glob after
+`--runs` works (`--runs workdirs/*`). `--noanalyses` skips everything that restores a
+checkpoint (ablations, readout time, trajectories); `--readout_examples=1000` evaluates
+each ablation point on the first 1000 test images only, for a quicker look.
+"""
+
+from absl import app, flags
+
+from rvm.analysis.report import Options, write_report
+
+flags.DEFINE_multi_string("runs", None, "Run directories (repeat the flag or list them).")
+flags.DEFINE_string("out", None, "Folder for the tables, figures and report.md.")
+flags.DEFINE_bool("analyses", True, "Restore checkpoints for Figures 3-5 and readout time.")
+flags.DEFINE_integer("level", 1, "Level of the ablations, 0-based (paper: 1, the middle).")
+flags.DEFINE_integer("readout_examples", None, "Test images per ablation point (default all).")
+flags.DEFINE_integer("max_factor", 2, "Readout times 1..max_factor*N for shared levels.")
+flags.DEFINE_integer("trajectory_examples", 100, "Training images per trajectory plot.")
+flags.DEFINE_integer("separability_examples", 1000, "Training images for linear separability.")
+flags.DEFINE_integer("separability_folds", 5, "Cross-validation folds for separability.")
+flags.DEFINE_integer("seed", 0, "Seed choosing the trajectory and separability images.")
+flags.mark_flags_as_required(["runs", "out"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    options = Options(
+        analyses=FLAGS.analyses,
+        level=FLAGS.level,
+        readout_examples=FLAGS.readout_examples,
+        max_factor=FLAGS.max_factor,
+        trajectory_examples=FLAGS.trajectory_examples,
+        separability_examples=FLAGS.separability_examples,
+        separability_folds=FLAGS.separability_folds,
+        seed=FLAGS.seed,
+    )
+    written = write_report([*FLAGS.runs, *argv[1:]], FLAGS.out, options)
+    print(f"wrote {len(written)} files; open {written[-1]}")
+
+
+if __name__ == "__main__":
+    app.run(main)
