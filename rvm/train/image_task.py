@@ -7,6 +7,7 @@ to be sharded over the `data` mesh axis.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -90,10 +91,11 @@ def evaluate(
     batch_size: int,
     mesh=None,
     masks=None,
-    iterations: tuple[int | None, ...] | None = None,
+    iterations: Sequence[int | None] | None = None,
 ) -> dict[str, float]:
     """Error (%) and mean loss over the whole split; the last batch is padded and masked."""
     batch_sharding = sharding.batch(mesh) if mesh is not None else None
+    iterations = None if iterations is None else tuple(iterations)  # a static jit argument
     wrong = total_loss = 0.0
     for x, y, weight in pipeline.eval_batches(images, labels, batch_size):
         if batch_sharding is not None:

@@ -1,0 +1,244 @@
+"""The analysis layer on two tiny trained runs: ablations, readout time, trajectories, report."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.configs import cifar10
+from rvm.analysis import angles, readout, report, runs, trajectories
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BLOCKS = (2, 3, 3)  # two scanned blocks per level (levels 2-3 lose one to padding)
+
+# Trains one tiny run exactly as the fixture's docstring says, in a child process.
+TRAIN = f"""
+import sys
+from experiments.configs import cifar10
+from rvm.train.loop import train_and_evaluate
+
+config = cifar10.get_config("smoke")
+config.model.blocks_per_level = {BLOCKS}
+config.model.sharing = sys.argv[2]
+config.model.stochastic_depth = sys.argv[3] == "on"
+config.num_epochs = 1
+config.data.synthetic_train = 128
+config.data.synthetic_test = 64
+config.batch_size = 32
+config.eval_batch_size = 64
+train_and_evaluate(config, sys.argv[1])
+"""
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory):
+    """A relaxed run (stochastic depth on) and a non-shared run (off), one epoch each.
+
+    Both train with `train_and_evaluate` in child processes started together: on a
+    shared 2-core machine compilation dominates, and two processes compile in
+    parallel. The children use one device while the analyses here use every
+    (simulated) device, so checkpoints are also restored onto another topology.
+    """
+    root = tmp_path_factory.mktemp("runs")
+    # Four steps on 128 images: compiling is the cost, so the children compile cheaply.
+    fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {fast}"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    specs = {"relaxed": "on", "nonshared": "off"}
+    procs = {}
+    for mode, sd in specs.items():
+        # Logs go to files: an unread pipe that fills up would stall a child.
+        with (root / f"{mode}.log").open("w") as log:
+            procs[mode] = subprocess.Popen(
+                [sys.executable, "-c", TRAIN, str(root / mode), mode, sd],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+    for mode, proc in procs.items():
+        proc.wait(timeout=600)
+        log = (root / f"{mode}.log").read_text()
+        assert proc.returncode == 0, f"training the {mode} run failed:\n{log[-3000:]}"
+    return {mode: root / mode for mode in specs}
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dirs):
+    return {mode: runs.load_run(path) for mode, path in run_dirs.items()}
+
+
+def test_non_run_directories_are_named_in_the_error(tmp_path):
+    with pytest.raises(runs.NotARunError, match=re.escape(str(tmp_path))):
+        runs.read_run_info(tmp_path)
+    saved = cifar10.get_config("smoke").to_dict()
+    saved["model"].pop("unroll", None)  # a field added after older runs were written
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    info = runs.read_run_info(tmp_path)
+    expected = json.loads(json.dumps(cifar10.get_config("smoke").model.to_dict()))
+    assert info.config.model.to_dict() == expected
+    with pytest.raises(runs.NotARunError, match=re.escape(f"{tmp_path} has no checkpoint")):
+        runs.load_run(tmp_path)
+    assert not (tmp_path / "checkpoints").exists()  # looking must not create it
+
+
+def test_load_run_restores_the_trained_state(loaded):
+    run = loaded["nonshared"]
+    last = run.info.metrics[-1]
+    assert run.step == last["step"] == 4
+    assert run.consolidated_model is None and loaded["relaxed"].consolidated_model is not None
+    ours = run.evaluate()
+    assert ours["error"] == pytest.approx(last["test_error"], abs=1e-6)
+    assert ours["loss"] == pytest.approx(last["test_loss"], rel=1e-4)
+    relaxed = loaded["relaxed"]
+    trained = relaxed.variables["params"]["level2"]["blocks"]["block"]["residual"]["conv1"]
+    merged = relaxed.consolidated_variables["params"]["level2"]["conv1_kernel"]
+    assert trained["kernel"].shape == (2, *merged.shape)  # two kernels became one: their mean
+    np.testing.assert_allclose(np.mean(trained["kernel"], axis=0), merged, rtol=1e-6, atol=1e-7)
+    assert relaxed.evaluate()["error"] == pytest.approx(
+        relaxed.info.results["consolidated_test_error"], abs=1e-6
+    )
+
+
+@pytest.mark.parametrize("mode", ["nonshared", "relaxed"])
+def test_ablation_points_and_all_on_equals_plain_evaluation(loaded, mode, tmp_path):
+    run = loaded[mode]
+    n = run.info.scanned_blocks(1)
+    assert n == 2
+    records = readout.ablations(run)
+    by_kind = {k: [r for r in records if r["kind"] == k] for k in readout.KINDS}
+    assert [r["k"] for r in by_kind["top_to_bottom"]] == list(range(n + 1))
+    assert [r["k"] for r in by_kind["bottom_to_top"]] == list(range(n + 1))
+    assert [r["k"] for r in by_kind["single"]] == list(range(n))
+    assert [r["blocks_off"] for r in by_kind["top_to_bottom"]] == [[], [1], [0, 1]]
+    assert [r["blocks_off"] for r in by_kind["bottom_to_top"]] == [[], [0], [0, 1]]
+    assert [r["blocks_off"] for r in by_kind["single"]] == [[0], [1]]
+
+    plain = run.evaluate()
+    all_off = by_kind["top_to_bottom"][-1]
+    assert all_off["loss"] != pytest.approx(plain["loss"], rel=1e-4)  # ablating does something
+    for kind in ("top_to_bottom", "bottom_to_top"):
+        assert by_kind[kind][0]["error"] == plain["error"]
+        assert by_kind[kind][0]["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+
+    json_path, csv_path = readout.write_records(records, tmp_path / "abl")
+    assert json.loads(json_path.read_text()) == records
+    assert len(csv_path.read_text().splitlines()) == len(records) + 1
+
+
+def test_readout_time_at_trained_depth_equals_plain_evaluation(loaded):
+    run = loaded["relaxed"]
+    assert run.level_is_shared(1) and not run.level_is_shared(1, consolidated=False)
+    curve = readout.readout_time_curve(run)
+    n = run.info.scanned_blocks(1)
+    assert [r["iterations"] for r in curve] == list(range(1, 2 * n + 1))
+    plain = run.evaluate()
+    at_n = curve[n - 1]
+    assert curve[-1]["loss"] != pytest.approx(plain["loss"], rel=1e-4)  # longer runs differ
+    assert at_n["error"] == plain["error"]
+    assert at_n["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    # Reading out early is the top-to-bottom ablation: the same network.
+    top = {r["k"]: r for r in readout.ablations(run) if r["kind"] == "top_to_bottom"}
+    for r in curve[:n]:
+        assert r["loss"] == pytest.approx(top[n - r["iterations"]]["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="not raw-shared"):
+        readout.readout_time_curve(loaded["nonshared"])
+
+
+def test_pca_2d_shapes_and_normalised_mean():
+    rng = np.random.default_rng(0)
+    drift = np.arange(5)[None, :, None] * rng.normal(size=(1, 1, 40)) * 10
+    points = rng.normal(size=(30, 5, 40)) + drift
+    raw, ex_raw = trajectories.pca_2d(points, normalized=False)
+    norm, ex_norm = trajectories.pca_2d(points, normalized=True)
+    assert raw.shape == norm.shape == (30, 5, 2) and ex_raw.shape == (2,)
+    assert np.abs(raw.mean(axis=0)).max() > 1.0  # the drift is there before normalising
+    np.testing.assert_allclose(norm.mean(axis=0), 0.0, atol=1e-6)
+    assert ex_raw[0] > 0.9 > ex_norm[0]  # the drift is the dominant direction
+
+
+def test_trajectories_of_a_run(loaded):
+    run = loaded["nonshared"]
+    levels = trajectories.trajectories(run, num_examples=100)
+    again = trajectories.sample_indices(len(run.data.train_labels), 100, 0)
+    np.testing.assert_array_equal(levels[0].labels, run.data.train_labels[again])
+    assert len(levels) == 3
+    for lt in levels:
+        n = run.info.scanned_blocks(lt.level)
+        assert lt.raw.shape == lt.normalized.shape == (100, n + 1, 2)
+        scale = np.abs(lt.normalized).max()
+        assert scale > 0
+        np.testing.assert_allclose(lt.normalized.mean(axis=0), 0.0, atol=1e-4 * scale)
+    assert max(np.abs(lt.raw.mean(axis=0)).max() for lt in levels) > 1e-3
+
+
+def test_cv_accuracy_separates_separable_classes_only():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 30)
+    centres = rng.normal(size=(4, 500)) * 3
+    separable = centres[labels] + rng.normal(size=(120, 500))
+    assert trajectories.cv_accuracy(separable, labels, folds=3)["accuracy"] == 1.0
+    noise = trajectories.cv_accuracy(rng.normal(size=(120, 500)), labels, folds=3)
+    assert noise["accuracy"] < 0.5 and noise["chance"] == 0.25
+
+
+def test_tables_group_seeds_and_mark_missing_rows(tmp_path):
+    infos = []
+    for i, (variant, seed, err) in enumerate(
+        [("middle18_relaxed", 0, 7.0), ("middle18_relaxed", 1, 8.0), ("all18_nonshared", 0, 6.5)]
+    ):
+        config = cifar10.get_config(variant)
+        config.seed = seed
+        results = {"finished": True, "params": 1, "params_consolidated": 2, "test_error": 99.0}
+        results["consolidated_test_error"] = err
+        infos.append(runs.RunInfo(tmp_path / f"r{i}", config, [], results))
+    groups = report.group_runs(infos, report.Paper.cifar10())
+    # The non-shared run serves Table 1 (and would serve Table 2) whatever its scope.
+    assert [g.paper_table for g in groups] == [1]
+    text = report.table_markdown(groups[0], report.Paper.cifar10())
+    assert "| Relaxed | 2 | 7.50 ± 0.71 | 1437098 | 6.67 | 2 (0,1) |" in text
+    assert "| Non-shared | 1 | 99.00 |" in text
+    assert "| Raw | - | no run | 1437098 | 7.78 | 0 |" in text
+    assert "| Minimal | - | no run | 1434026 | 7.23 | 0 |" in text
+
+
+def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
+    del loaded  # restored first, so the report reuses the compiled evaluations
+    options = report.Options(trajectory_examples=32, separability_examples=64, separability_folds=3)
+    written = report.write_report([run_dirs["relaxed"], run_dirs["nonshared"]], tmp_path, options)
+    names = {p.name for p in written}
+    md = (tmp_path / "report.md").read_text()
+    for path in written:
+        assert path.parent == tmp_path and path.stat().st_size > 0, path
+        if path.suffix == ".png":
+            assert path.read_bytes().startswith(PNG_SIGNATURE), path
+        if path.name != "report.md":
+            assert f"]({path.name})" in md, f"report.md does not link {path.name}"
+    slug = "all_2-3-3"
+    expected = {
+        f"{slug}.md",
+        f"curves_{slug}.png",
+        f"figure3_ablation_{slug}.png",
+        f"readout_time_{slug}.png",
+        "angles.png",
+        "report.md",
+        "readout_time_relaxed.json",
+        "readout_time_relaxed.csv",
+    }
+    for mode in run_dirs:
+        expected |= {f"trajectories_{mode}.png", f"separability_{mode}.json"}
+        expected |= {f"ablation_{mode}.json", f"ablation_{mode}.csv"}
+    assert names == expected
+    assert "Paper tables without a run (left out): 1, 2, 3." in md
+    table = (tmp_path / f"{slug}.md").read_text()
+    assert "| Relaxed |" in table and "| Non-shared |" in table
+    results = json.loads((run_dirs["relaxed"] / "results.json").read_text())
+    before, after = results["test_error"], results["consolidated_test_error"]
+    assert f"| {before:.2f} | {after:.2f} | {after - before:+.2f} |" in md  # consolidation table
+    assert len(angles.angle_history(runs.read_run_info(run_dirs["relaxed"]).metrics)[1]) == 6
