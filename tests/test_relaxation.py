@@ -76,4 +76,13 @@ def test_angles_are_zero_for_equal_kernels_and_positive_otherwise():
     assert set(angles) == {"a/kernel", "b"}
     assert all(a > 1.0 for a in angles.values())
     tied = jax.tree.map(lambda w, m: jnp.broadcast_to(w[0], w.shape) if m else w, params, mask)
-    assert all(a < 1e-2 for a in rx.max_angles(tied, mask).values())
+    assert all(a < 1e-3 for a in rx.max_angles(tied, mask).values())
+
+
+def test_angle_matches_a_known_rotation():
+    base = jnp.array([1.0, 0.0, 0.0])
+    theta = np.radians(0.5)
+    members = jnp.stack([base, jnp.array([np.cos(2 * theta), np.sin(2 * theta), 0.0])])
+    # The mean bisects the two members: each is 0.5 degrees from it.
+    angles = rx.max_angles({"w": members}, {"w": True})
+    np.testing.assert_allclose(angles["w"], 0.5, rtol=1e-4)

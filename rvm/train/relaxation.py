@@ -59,10 +59,14 @@ def max_angles(params: Any, mask: Any) -> dict[str, jax.Array]:
         jax.tree.map(lambda w, m: w if m else None, params, mask)
     ):
         flat = w.reshape(w.shape[0], -1)
-        mean = jnp.mean(flat, axis=0)
-        cos = flat @ mean / (jnp.linalg.norm(flat, axis=1) * jnp.linalg.norm(mean) + 1e-12)
+        unit = jnp.mean(flat, axis=0)
+        unit = unit / (jnp.linalg.norm(unit) + 1e-30)
+        along = flat @ unit
+        across = jnp.linalg.norm(flat - along[:, None] * unit, axis=1)
+        # atan2 of the two components stays accurate for tiny angles, where arccos of a
+        # cosine near 1 loses most of its digits in float32.
         name = "/".join(str(getattr(k, "key", k)) for k in path)
-        angles[name] = jnp.max(jnp.degrees(jnp.arccos(jnp.clip(cos, -1.0, 1.0))))
+        angles[name] = jnp.max(jnp.degrees(jnp.arctan2(across, along)))
     return angles
 
 
