@@ -89,9 +89,10 @@ def test_eight_devices_match_one_device():
     (p1, s1, m1), (p8, s8, m8) = outs
     initial = leaves(loop.build_run(config, data, shd.data_mesh(jax.devices()[:1])).state.params)
     assert max(np.abs(x - y).max() for x, y in zip(p1, initial)) > 1e-2  # training moved them
-    # Same global batch, same BatchNorm statistics: equal up to float reduction order.
+    # Same global batch, same BatchNorm statistics: equal up to float reduction order,
+    # which three steps at learning rate 0.1 amplify to ~1e-4 (20x below training's effect).
     for x, y in zip(p1 + s1, p8 + s8):
-        np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(x, y, rtol=1e-3, atol=5e-4)
     for a, b in zip(m1, m8):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
 
@@ -99,8 +100,9 @@ def test_eight_devices_match_one_device():
 def test_smoke_run_writes_metrics_results_and_consolidates(tmp_path):
     config = tiny_config("relaxed", num_epochs=2)
     config.model.blocks_per_level = (2, 2, 2)  # sets of two blocks, so consolidation merges
+    config.data.holdout = 64  # Huang et al.'s protocol: test error at the best validation epoch
     results = loop.train_and_evaluate(config, tmp_path)
-    assert results["finished"] and results["step"] == 16
+    assert results["finished"] and results["step"] == 12  # (256 - 64) // 32 steps an epoch
     assert results["params_consolidated"] < results["params"]
     assert 0.0 <= results["consolidated_test_error"] <= 100.0
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -110,6 +112,10 @@ def test_smoke_run_writes_metrics_results_and_consolidates(tmp_path):
     assert set(lines[0]["max_angle"]) == {
         f"level{i}/blocks/block/residual/conv{j}/kernel" for i in (1, 2, 3) for j in (1, 2)
     }
+    assert all(0.0 <= r["val_error"] <= 100.0 for r in lines)
+    best = min(lines, key=lambda r: r["val_error"])
+    assert results["best_val_epoch"] == best["epoch"]
+    assert results["test_error_at_best_val"] == best["test_error"]
     assert json.loads((tmp_path / "config.json").read_text())["model"]["sharing"] == "relaxed"
     assert json.loads((tmp_path / "results.json").read_text()) == pytest.approx(results)
 
