@@ -10,10 +10,11 @@ Variants are `{scope}{depth}_{sharing}`: scope `middle` or `all`, depth 18
 `nonshared`, `raw`, `relaxed` or `minimal`; plus `smoke`, a tiny model on
 synthetic data that trains in under a minute on a laptop CPU.
 
-Hardware and time: the paper's runs are 500 epochs at batch 128. On a 2-core
-CPU VM, (3,4,4) trains at the speed recorded in results/cifar10_cpu/ (about
-5 minutes an epoch); (18,18,18) needs a GPU. GPU wall time has not yet been
-measured with this code; bench/ records throughput where it has been.
+Hardware and time: the paper's runs are 500 epochs at batch 128. On a 2-core CPU
+VM, (3,4,4) non-shared trained at about 60 images/s (14 minutes an epoch) while
+the cores were shared with other work (results/cifar10_cpu/run.sh logs the speed);
+(18,18,18) needs a GPU. GPU wall time has not been measured with this code yet;
+`python bench/run.py` measures throughput on the machine at hand.
 
 Expected test error (%) from the paper (single runs, horizontal flips only):
   Table 1, middle level, (18,18,18): nonshared 6.67, relaxed 6.67, raw 7.78, minimal 7.23
