@@ -116,8 +116,7 @@ def consolidate(params: Any, scope: str) -> Any:
     the mean kernels move to the level (`levelN/conv1_kernel`); biases and
     BatchNorm variables stay per block.
     """
-    params = jax.tree.map(lambda x: x, params)  # a fresh tree of dicts we may edit
-    params = _as_dict(params)
+    params = _as_dict(params)  # fresh dicts, so the caller's tree is left as it was
     for i, s in enumerate(levels_in_scope(scope)):
         if not s:
             continue
