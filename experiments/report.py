@@ -12,6 +12,7 @@ each ablation point on the first 1000 test images only, for a quicker look.
 
 from absl import app, flags
 
+from experiments.configs import cifar10
 from rvm.analysis.report import Options, write_report
 
 flags.DEFINE_multi_string("runs", None, "Run directories (repeat the flag or list them).")
@@ -39,7 +40,7 @@ def main(argv):
         separability_folds=FLAGS.separability_folds,
         seed=FLAGS.seed,
     )
-    written = write_report([*FLAGS.runs, *argv[1:]], FLAGS.out, options)
+    written = write_report([*FLAGS.runs, *argv[1:]], FLAGS.out, cifar10.paper(), options)
     print(f"wrote {len(written)} files; open {written[-1]}")
 
 

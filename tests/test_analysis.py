@@ -198,10 +198,10 @@ def test_tables_group_seeds_and_mark_missing_rows(tmp_path):
         results = {"finished": True, "params": 1, "params_consolidated": 2, "test_error": 99.0}
         results["consolidated_test_error"] = err
         infos.append(runs.RunInfo(tmp_path / f"r{i}", config, [], results))
-    groups = report.group_runs(infos, report.Paper.cifar10())
+    groups = report.group_runs(infos, cifar10.paper())
     # The non-shared run serves Table 1 (and would serve Table 2) whatever its scope.
     assert [g.paper_table for g in groups] == [1]
-    text = report.table_markdown(groups[0], report.Paper.cifar10())
+    text = report.table_markdown(groups[0], cifar10.paper())
     assert "| Relaxed | 2 | 7.50 ± 0.71 | 1437098 | 6.67 | 2 (0,1) |" in text
     assert "| Non-shared | 1 | 99.00 |" in text
     assert "| Raw | - | no run | 1437098 | 7.78 | 0 |" in text
@@ -211,7 +211,9 @@ def test_tables_group_seeds_and_mark_missing_rows(tmp_path):
 def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
     del loaded  # restored first, so the report reuses the compiled evaluations
     options = report.Options(trajectory_examples=32, separability_examples=64, separability_folds=3)
-    written = report.write_report([run_dirs["relaxed"], run_dirs["nonshared"]], tmp_path, options)
+    written = report.write_report(
+        [run_dirs["relaxed"], run_dirs["nonshared"]], tmp_path, cifar10.paper(), options
+    )
     names = {p.name for p in written}
     md = (tmp_path / "report.md").read_text()
     for path in written:

@@ -26,30 +26,18 @@ from rvm.train.config_check import RESUME_SAFE
 METHODS = ("nonshared", "relaxed", "raw", "minimal")  # the paper's row order
 METHOD_NAMES = {"nonshared": "Non-shared", "relaxed": "Relaxed", "raw": "Raw", "minimal": "Minimal"}
 # Parameter counts printed in the paper's Tables 1-3, to check our models against.
-PAPER_PARAMS = {
-    1: {"nonshared": 1732010, "relaxed": 1437098, "raw": 1437098, "minimal": 1434026},
-    2: {"nonshared": 1732010, "relaxed": 179114, "raw": 179114, "minimal": 168266},
-    3: {"nonshared": 363146, "relaxed": 169610, "raw": 169610, "minimal": 168266},
-}
 _NOT_A_DIFFERENCE = RESUME_SAFE | {"seed"}  # fields that do not make another experiment
 
 
 @dataclasses.dataclass(frozen=True)
 class Paper:
-    """The paper's published numbers and which configs each table covers."""
+    """The paper's published numbers and which configs each table covers; the
+    launcher fills it from the config family (`experiments/configs/cifar10.py`)."""
 
     test_error: dict  # (scope, depth) -> method -> error (%)
     tables: dict  # table number -> (scope, depth)
     depths: dict  # depth name -> blocks_per_level
-    params: dict = dataclasses.field(default_factory=lambda: PAPER_PARAMS)
-
-    @classmethod
-    def cifar10(cls) -> Paper:
-        """The numbers kept beside the CIFAR-10 configs (imported here, not at module
-        level, so the library does not depend on the experiments package)."""
-        from experiments.configs import cifar10
-
-        return cls(cifar10.PAPER_TEST_ERROR, cifar10.PAPER_TABLES, cifar10.DEPTHS)
+    params: dict  # table number -> method -> parameter count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,15 +225,11 @@ def _unique_names(infos: Sequence[RunInfo]) -> dict[Path, str]:
 def write_report(
     run_dirs: Sequence[str | Path],
     out_dir: str | Path,
+    paper: Paper,
     options: Options | None = None,
-    paper: Paper | None = None,
 ) -> list[Path]:
-    """Writes tables, figures and `report.md` into `out_dir`; returns every file written.
-
-    `paper` defaults to `Paper.cifar10()`, the numbers of Tables 1-3.
-    """
+    """Writes tables, figures and `report.md` into `out_dir`; returns every file written."""
     options = options or Options()
-    paper = paper or Paper.cifar10()
     # A directory given twice must not count as two seeds.
     infos = [read_run_info(d) for d in dict.fromkeys(Path(d).resolve() for d in run_dirs)]
     if not infos:
