@@ -126,6 +126,7 @@ def test_resume_refuses_a_changed_model(tmp_path):
     config.model.sharing = "nonshared"
     with pytest.raises(ValueError, match="model.sharing: saved 'raw', now 'nonshared'"):
         loop.train_and_evaluate(config, tmp_path, max_steps=2)
+    assert Checkpoints(tmp_path).all_steps() == [1]  # the refused resume touched nothing
 
 
 @pytest.mark.parametrize("variant", cifar10.variants())
