@@ -16,3 +16,6 @@ for variant in all3_nonshared all3_relaxed; do
   mkdir -p "results/cifar10_cpu/$variant"
   cp workdirs/cpu_$variant/{config.json,metrics.jsonl,results.json} "results/cifar10_cpu/$variant/"
 done
+# Tables, curves, ablations, trajectories and angles of both runs.
+python -m experiments.report --runs workdirs/cpu_all3_nonshared workdirs/cpu_all3_relaxed \
+  --out results/cifar10_cpu/report
