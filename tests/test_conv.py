@@ -1,4 +1,5 @@
-"""`conv3x3` / `Conv3x3`: same values and gradients as the plain conv, in every transform."""
+"""`conv3x3` / `Conv3x3` and `conv2d` / `SameConv`: same values and gradients as the plain
+conv, in every transform."""
 
 import re
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from rvm.models.conv import Conv3x3, conv3x3
+from rvm.models.conv import Conv3x3, SameConv, conv2d, conv3x3
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 # (batch, height, width, C_in): even and odd sizes, non-square; C_out = 5 != C_in.
@@ -266,3 +267,32 @@ def test_backward_convolutions_in_a_scan_are_canonical():
     assert set(_conv_labels(plain)) - {canonical}  # autodiff of the plain conv is not
     labels = _conv_labels(conv3x3)
     assert len(labels) >= 3 and set(labels) == {canonical}
+
+
+@pytest.mark.parametrize("kernel_size", [(1, 1), (3, 3), (5, 3)])
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_same_conv_matches_nn_conv_in_values_gradients_and_initial_values(
+    shape, strides, kernel_size
+):
+    x, _ = inputs(shape)
+    ours, theirs = SameConv(COUT, kernel_size, strides), nn.Conv(COUT, kernel_size, strides)
+    params = theirs.init(jax.random.key(1), x)["params"]
+    jax.tree.map(assert_close, ours.init(jax.random.key(1), x)["params"], params)
+    params = {**params, "bias": jnp.arange(COUT, dtype=jnp.float32) / COUT}
+    y = ours.apply({"params": params}, x)
+    assert y.shape == (shape[0], -(-shape[1] // strides), -(-shape[2] // strides), COUT)
+    assert_close(y, theirs.apply({"params": params}, x))
+
+    weights = jax.random.normal(jax.random.key(7), y.shape)
+    apply = lambda m: lambda p, x: m.apply({"params": p}, x)
+    got = jax.grad(weighted(apply(ours), weights), argnums=(0, 1))(params, x)
+    want = jax.grad(weighted(apply(theirs), weights), argnums=(0, 1))(params, x)
+    assert_nontrivial(want)
+    jax.tree.map(assert_close, got, want)
+
+
+def test_same_conv_backward_in_a_scan_is_canonical():
+    """SameConv serves the recurrent cells, which run inside a scan over time."""
+    labels = _conv_labels(lambda h, k: conv2d(h, k, 1))
+    assert len(labels) >= 3 and set(labels) == {"b01f_01io->b01f"}

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rvm.models.conv import SameConv
 from rvm.models.recurrent import (
     Carry,
     ConvCellBase,
@@ -85,7 +86,7 @@ class CBMCell(ConvCellBase):
         elif self.merge == "add":
             y = r + tp
         else:
-            y = nn.Conv(f, (1, 1), dtype=self.dtype, name="merge")(jnp.concatenate([r, tp], -1))
+            y = SameConv(f, (1, 1), dtype=self.dtype, name="merge")(jnp.concatenate([r, tp], -1))
         return CBMCarry(t + 1, tu), y
 
     @nn.nowrap
@@ -126,7 +127,7 @@ class _ConvStack(nn.RNNCellBase):
     ) -> tuple[tuple, Array]:
         if self.stem_features is not None:
             s = self.stem_strides
-            stem = nn.Conv(self.stem_features, (3, 3), (s, s), padding="SAME", name="stem")
+            stem = SameConv(self.stem_features, (3, 3), s, name="stem")
             x = nn.relu(stem(x))
         new_carry, block_in = [], x
         for i, layer_carry in enumerate(carry):
@@ -137,7 +138,7 @@ class _ConvStack(nn.RNNCellBase):
             if self.residual and i % 2 == 1:
                 if block_in.shape != x.shape:
                     s = block_in.shape[1] // x.shape[1]
-                    proj = nn.Conv(x.shape[-1], (1, 1), (s, s), name=f"shortcut_{i}")
+                    proj = SameConv(x.shape[-1], (1, 1), s, name=f"shortcut_{i}")
                     block_in = proj(block_in)
                 x = x + block_in
                 block_in = x
@@ -333,18 +334,27 @@ class VideoClassifier(nn.Module):
 
 
 class FrameDecoder(nn.Module):
-    """Top feature map -> frame logits: stride-2 transposed convs up to (H, W), then a 3x3 conv."""
+    """Top feature map -> frame logits: doublings up to (H, W), then a 3x3 conv.
+
+    Each doubling is a resize-convolution (nearest-neighbour x2, 3x3 conv, ReLU;
+    Odena et al. 2016, "Deconvolution and checkerboard artifacts") rather than a
+    transposed convolution, whose gradient inside the predictor's scan over time
+    falls on a very slow path of XLA:CPU (`rvm.models.conv`).
+    """
 
     features: int = 32
     out_channels: int = 1
 
     @nn.compact
     def __call__(self, y: Array, height: int, width: int) -> Array:
+        i = 0
         while y.shape[1] < height:
-            y = nn.relu(nn.ConvTranspose(self.features, (4, 4), (2, 2), padding="SAME")(y))
+            y = jnp.repeat(jnp.repeat(y, 2, axis=1), 2, axis=2)
+            y = nn.relu(SameConv(self.features, (3, 3), name=f"up_{i}")(y))
+            i += 1
         if y.shape[1:3] != (height, width):
             raise ValueError(f"cannot decode {y.shape[1:3]} to {(height, width)} by doubling")
-        return nn.Conv(self.out_channels, (3, 3), padding="SAME")(y)
+        return SameConv(self.out_channels, (3, 3), name="out")(y)
 
 
 class PredictionOutput(NamedTuple):

@@ -1,4 +1,4 @@
-"""A 3x3 convolution (zero padding 1) whose backward pass stays fast inside `nn.scan` on XLA:CPU.
+"""Convolutions whose backward pass stays fast inside `nn.scan` on XLA:CPU.
 
 Under a while loop XLA:CPU leaves the transposed convolutions that autodiff emits
 for a conv's backward pass in non-canonical layouts, and they fall onto the
@@ -15,6 +15,10 @@ product. CPU seconds per step: this convolution 1.2-1.5, im2col 1.6, im2col laid
 out C_in-major (so the product maps to the fast GEMM) 1.4-1.5, im2col through
 `lax.conv_general_dilated_patches` 2.9; plain autodiff ~47 (bench/conv_scan.py
 times this one against nn.Conv).
+
+`Conv3x3` (zero padding 1, as Torch's `padding=1`) serves the ResNets; `SameConv`,
+any kernel size with 'SAME' padding, serves the recurrent cells, which run inside
+a scan over time (a 4-layer CBM step on 20 frames: ~27 s with `nn.Conv`).
 """
 
 from __future__ import annotations
@@ -30,51 +34,57 @@ from jax import lax
 
 Array = jax.Array
 _DIMS = ("NHWC", "HWIO", "NHWC")
+Pads = tuple[tuple[int, int], tuple[int, int]]
+TORCH_PADS: Pads = ((1, 1), (1, 1))  # one zero row/column on each side, as Huang et al.
 
 
-def _pads(size: int, strides: int) -> tuple[int, int]:
-    """One zero row/column on each side, as Torch's `padding=1` in Huang et al.'s network.
+def same_pads(size: tuple[int, int], kernel: tuple[int, int], strides: int) -> Pads:
+    """XLA's 'SAME' padding: ceil(size / strides) outputs, any odd extra row at the end.
 
-    For stride 1 this is 'SAME'; for stride 2 on an even size lax's 'SAME' would pad
-    only at the end and sample a grid shifted by one pixel from Huang et al.'s.
+    For a 3x3 kernel at stride 2 on an even size it pads only at the end, sampling a
+    grid shifted by one pixel from TORCH_PADS'.
     """
-    del size, strides
-    return 1, 1
+
+    def one(n: int, k: int) -> tuple[int, int]:
+        total = max((-(-n // strides) - 1) * strides + k - n, 0)
+        return total // 2, total - total // 2
+
+    return one(size[0], kernel[0]), one(size[1], kernel[1])
 
 
-def _conv(x: Array, kernel: Array, strides: int) -> Array:
-    pads = [_pads(x.shape[1], strides), _pads(x.shape[2], strides)]
+def _conv(x: Array, kernel: Array, strides: int, pads: Pads) -> Array:
     return lax.conv_general_dilated(x, kernel, (strides, strides), pads, dimension_numbers=_DIMS)
 
 
 # Stride 2 takes the same VJP rather than plain autodiff: outside a scan both compile
 # to the same ops (44 vs 47 CPU ms for forward + backward, 128x32x32x16 -> 32 channels),
 # and inside one only this VJP avoids the slow path.
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv3x3(x: Array, kernel: Array, strides: int) -> Array:
-    return _conv(x, kernel, strides)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d(x: Array, kernel: Array, strides: int, pads: Pads) -> Array:
+    return _conv(x, kernel, strides, pads)
 
 
-def _fwd(x: Array, kernel: Array, strides: int) -> tuple[Array, tuple[Array, Array]]:
-    return _conv(x, kernel, strides), (x, kernel)
+def _fwd(x: Array, kernel: Array, strides: int, pads: Pads) -> tuple[Array, tuple[Array, Array]]:
+    return _conv(x, kernel, strides, pads), (x, kernel)
 
 
-def _bwd(strides: int, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
+def _bwd(strides: int, pads: Pads, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
     x, kernel = res
+    kh, kw = kernel.shape[:2]
     h, w = x.shape[1:3]
     ho, wo = g.shape[1:3]
-    (hlo, _), (wlo, _) = _pads(h, strides), _pads(w, strides)
+    (hlo, _), (wlo, _) = pads
 
     # Input gradient: correlate the (stride-dilated) output gradient with the flipped
     # kernel, its in/out axes swapped. The padding (possibly negative) crops the
     # result back from the padded input's extent to the input's.
     flipped = jnp.swapaxes(kernel[::-1, ::-1], 2, 3)
-    pads = [
-        (2 - hlo, h + hlo - strides * (ho - 1) - 1),
-        (2 - wlo, w + wlo - strides * (wo - 1) - 1),
+    dx_pads = [
+        (kh - 1 - hlo, h + hlo - strides * (ho - 1) - 1),
+        (kw - 1 - wlo, w + wlo - strides * (wo - 1) - 1),
     ]
     dx = lax.conv_general_dilated(
-        g, flipped, (1, 1), pads, lhs_dilation=(strides, strides), dimension_numbers=_DIMS
+        g, flipped, (1, 1), dx_pads, lhs_dilation=(strides, strides), dimension_numbers=_DIMS
     )
 
     # Kernel gradient: also a convolution, with N as the contracted feature axis, C_in
@@ -85,8 +95,8 @@ def _bwd(strides: int, res: tuple[Array, Array], g: Array) -> tuple[Array, Array
         x.transpose(3, 1, 2, 0),
         g.transpose(1, 2, 0, 3),
         (1, 1),
-        # High pads trimmed to the rows/columns the strided windows reach (a 3x3 result).
-        [(hlo, strides * (ho - 1) + 3 - h - hlo), (wlo, strides * (wo - 1) + 3 - w - wlo)],
+        # High pads trimmed to the rows/columns the strided windows reach (a kh x kw result).
+        [(hlo, strides * (ho - 1) + kh - h - hlo), (wlo, strides * (wo - 1) + kw - w - wlo)],
         rhs_dilation=(strides, strides),
         dimension_numbers=_DIMS,
         preferred_element_type=jnp.float32,
@@ -94,7 +104,20 @@ def _bwd(strides: int, res: tuple[Array, Array], g: Array) -> tuple[Array, Array
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-_conv3x3.defvjp(_fwd, _bwd)
+_conv2d.defvjp(_fwd, _bwd)
+
+
+def conv2d(x: Array, kernel: Array, strides: int = 1, pads: Pads | None = None) -> Array:
+    """Convolution of NHWC `x` with an HWIO `kernel` (any size), with a fast VJP.
+
+    `pads` ((top, bottom), (left, right)) defaults to 'SAME' (`same_pads`).
+    """
+    if kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"kernel {kernel.shape} does not take {x.shape[-1]} input channels")
+    if pads is None:
+        pads = same_pads(x.shape[1:3], kernel.shape[:2], int(strides))
+    pads = tuple(tuple(int(p) for p in pair) for pair in pads)
+    return _conv2d(x, kernel, int(strides), pads)
 
 
 def conv3x3(x: Array, kernel: Array, strides: int = 1) -> Array:
@@ -107,7 +130,7 @@ def conv3x3(x: Array, kernel: Array, strides: int = 1) -> Array:
     """
     if kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"kernel {kernel.shape} is not (3, 3, {x.shape[-1]}, Cout)")
-    return _conv3x3(x, kernel, int(strides))
+    return _conv2d(x, kernel, int(strides), TORCH_PADS)
 
 
 class Conv3x3(nn.Module):
@@ -133,4 +156,29 @@ class Conv3x3(nn.Module):
         bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         y = conv3x3(x, kernel, self.strides)
+        return y if bias is None else y + bias
+
+
+class SameConv(nn.Module):
+    """Drop-in for `nn.Conv(features, kernel_size, strides, padding="SAME")` built on `conv2d`.
+
+    Same parameter names, shapes and default initialisers as `nn.Conv`, so a model
+    switching to it initialises to the same values.
+    """
+
+    features: int
+    kernel_size: tuple[int, int]
+    strides: int = 1
+    use_bias: bool = True
+    kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+    bias_init: Callable[..., Array] = nn.initializers.zeros
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", self.kernel_init, shape)
+        bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = conv2d(x, kernel, self.strides)
         return y if bias is None else y + bias

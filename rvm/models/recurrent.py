@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rvm.models.conv import SameConv
+
 Array = jax.Array
 Carry = Any
 NORMS = ("none", "batch", "time")
@@ -113,12 +115,12 @@ class ConvCellBase(nn.RNNCellBase):
     train: bool | None = None
     dtype: Any = jnp.float32
 
-    def _conv(self, features: int, strides: int, name: str, use_bias: bool = False) -> nn.Conv:
-        return nn.Conv(
+    def _conv(self, features: int, strides: int, name: str, use_bias: bool = False) -> SameConv:
+        # not nn.Conv: its gradient inside a scan over time is very slow on XLA:CPU
+        return SameConv(
             features,
             _pair(self.kernel_size),
-            strides=(strides, strides),
-            padding="SAME",
+            strides=strides,
             use_bias=use_bias,
             dtype=self.dtype,
             name=name,
