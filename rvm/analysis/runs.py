@@ -128,7 +128,13 @@ def read_run_info(workdir: str | Path) -> RunInfo:
             f"{workdir} is not a run directory: it has no config.json "
             "(run directories are written by `python -m experiments.train --workdir=DIR`)"
         )
-    config = ml_collections.ConfigDict(_with_defaults(json.loads(path.read_text())))
+    saved = json.loads(path.read_text())
+    if saved.get("task", "image") != "image":
+        raise NotARunError(
+            f"{workdir} is a {saved['task']!r} run; these analyses read image runs "
+            "(experiments/sequence_summary.py summarises moving-digits runs)"
+        )
+    config = ml_collections.ConfigDict(_with_defaults(saved))
     results_path = workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
     return RunInfo(workdir, config, metrics.read_jsonl(workdir / "metrics.jsonl"), results)

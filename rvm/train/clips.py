@@ -223,7 +223,8 @@ def _frame_labels(labels: Array, schedule: Schedule, window: int) -> Array:
     return jax.vmap(take)(schedule.starts)
 
 
-def _as_float(frames: Array) -> Array:
+def frames_to_float(frames: Array) -> Array:
+    """uint8 frames to [0, 1] float32 (the models' input range); float frames unchanged."""
     if jnp.issubdtype(frames.dtype, jnp.integer):
         return frames.astype(jnp.float32) / 255.0
     return frames
@@ -263,7 +264,7 @@ def _scheduled_loss_fn(
 ) -> LossFn:
     def loss_fn(params, batch_stats, batch, rng, train: bool):
         frames, labels = batch
-        frames = _as_float(frames)
+        frames = frames_to_float(frames)
         steps = frames.shape[1]
         sched_rng, model_rng = jax.random.split(rng)
         schedule = make_schedule(sched_rng, steps)
@@ -330,7 +331,7 @@ def make_prediction_loss_fn(model: nn.Module, *, num_input: int = 10) -> LossFn:
     """
 
     def loss_fn(params, batch_stats, batch, rng, train: bool):
-        frames = _as_float(batch)
+        frames = frames_to_float(batch)
         inputs, targets = frames[:, :num_input], frames[:, num_input:]
         variables = {"params": params, "batch_stats": batch_stats}
         kwargs = {"rngs": {"dropout": rng}, "mutable": ["batch_stats"] if train else False}

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import ml_collections
 
-from rvm.models import sharing
+from rvm.models import cbm, sharing
+from rvm.models.recurrent import NORMS
+from rvm.train import image_quality
+from rvm.train.clips import HANDOVERS
+from rvm.train.video_task import SCHEMES
+
+TASKS = ("image", "motion", "prediction")
+OPTIMIZERS = ("sgd", "adam")
 
 # Fields that may change between a run and its resumption: they alter neither the
 # model, nor the optimisation, nor the order of the data.
@@ -48,9 +55,33 @@ def _get(config, field: str):
     return config
 
 
+def task_of(config: ml_collections.ConfigDict) -> str:
+    """The config's task; a config without the field (the CIFAR-10 family) is an image run."""
+    return config.get("task", "image")
+
+
+def _choice(config, field: str, allowed: tuple) -> None:
+    value = _get(config, field)
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _bool(config, field: str) -> None:
+    if not isinstance(_get(config, field), bool):
+        raise ValueError(f"{field}={_get(config, field)!r} must be True or False")
+
+
+def _positive(config, field: str) -> None:
+    value = _get(config, field)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"{field}={value!r} must be a positive number")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks a training config; raises ValueError naming the first bad field."""
-    sharing.validate(config.model)
+    task = task_of(config)
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not one of {', '.join(TASKS)}")
     for field in (
         "batch_size",
         "eval_batch_size",
@@ -60,15 +91,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "log_every_steps",
     ):
         _positive_int(config, field)
-    for field in ("skip_nonfinite", "data.flip", "data.crop", "model.stochastic_depth"):
-        if not isinstance(_get(config, field), bool):
-            raise ValueError(f"{field}={_get(config, field)!r} must be True or False")
+    _bool(config, "skip_nonfinite")
     if not isinstance(config.seed, int) or isinstance(config.seed, bool):
         raise ValueError(f"seed={config.seed!r} must be an integer")
     opt = config.optim
-    for field in ("learning_rate", "pull_start", "pull_end"):
-        if not isinstance(opt[field], (int, float)) or opt[field] <= 0:
-            raise ValueError(f"optim.{field}={opt[field]!r} must be a positive number")
+    name = opt.get("name", "sgd")  # the CIFAR-10 family has no `name`: SGD
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}")
+    _positive(config, "optim.learning_rate")
     for field in ("weight_decay", "momentum", "lr_decay"):
         _nonnegative(config, f"optim.{field}")
     bounds = tuple(opt.lr_boundaries)
@@ -76,14 +106,121 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"optim.lr_boundaries={bounds!r} must be increasing fractions of training in (0, 1)"
         )
-    data = config.data
-    if data.normalization not in ("feature", "channel"):
-        raise ValueError(
-            f"data.normalization={data.normalization!r} is not one of feature, channel"
-        )
+    if task == "image":
+        _validate_image(config)
+    else:
+        _validate_video(config)
+
+
+def _validate_image(config: ml_collections.ConfigDict) -> None:
+    sharing.validate(config.model)
+    for field in ("data.flip", "data.crop", "model.stochastic_depth"):
+        _bool(config, field)
+    for field in ("pull_start", "pull_end"):
+        _positive(config, f"optim.{field}")
+    _choice(config, "data.normalization", ("feature", "channel"))
     holdout = config.data.holdout
     if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
         raise ValueError(f"data.holdout={holdout!r} must be a non-negative integer")
+
+
+def _pair(config, field: str) -> None:
+    value = tuple(_get(config, field))
+    if len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
+        raise ValueError(f"{field}={value!r} must be a (low, high) pair of numbers")
+    if not 0 < value[0] <= value[1]:
+        raise ValueError(f"{field}={value!r} needs 0 < low <= high")
+
+
+def _validate_video(config: ml_collections.ConfigDict) -> None:
+    """The motion and prediction configs of `experiments/configs/moving_digits.py`."""
+    m, d = config.model, config.data
+    _choice(config, "model.kind", ("cbm", *cbm.RNN_CELLS))
+    for field in ("depth", "base_width", "kernel_size", "num_stages"):
+        _positive_int(config, f"model.{field}")
+    _choice(config, "model.norm", NORMS)
+    _choice(config, "model.merge", cbm.MERGES)
+    rate = m.td_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ValueError(f"model.td_rate={rate!r} must be a number in [0, 1)")
+    if rate and m.kind != "cbm":
+        raise ValueError(
+            f"model.td_rate={rate!r} needs model.kind='cbm' (Temporal Dropout acts on a CBM's "
+            f"temporal unit), not {m.kind!r}"
+        )
+    _bool(config, "model.match_params")
+    if m.match_params and m.kind == "cbm":
+        raise ValueError(
+            "model.match_params=True sizes a ConvRNN stack to the CBM's parameter count; "
+            "it needs model.kind in " + ", ".join(cbm.RNN_CELLS)
+        )
+    for field in ("num_train", "num_test", "num_frames", "canvas", "digit_size"):
+        _positive_int(config, f"data.{field}")
+    _nonnegative(config, "data.seed")
+    if d.digit_size > d.canvas:
+        raise ValueError(f"data.digit_size={d.digit_size} must be at most data.canvas={d.canvas}")
+    _pair(config, "data.speed")
+    _choice(config, "train.scheme", SCHEMES)
+    if config.task == "motion":
+        _pair(config, "data.radius")
+        if d.num_frames < 3:
+            raise ValueError(f"data.num_frames={d.num_frames} must be >= 3 to tell motions apart")
+        _validate_scheme(config)
+    else:
+        _validate_prediction(config)
+
+
+def _validate_scheme(config: ml_collections.ConfigDict) -> None:
+    t, frames = config.train, config.data.num_frames
+    if t.scheme == "tbptt":
+        _positive_int(config, "train.clip_len")
+    elif t.scheme == "overlap":
+        for field in ("min_clip", "max_clip", "max_overlap"):
+            _positive_int(config, f"train.{field}")
+        if not 2 <= t.min_clip <= t.max_clip <= frames:
+            raise ValueError(
+                f"train.min_clip={t.min_clip}, train.max_clip={t.max_clip} need "
+                f"2 <= min_clip <= max_clip <= data.num_frames={frames}"
+            )
+        if t.max_overlap >= t.min_clip:
+            raise ValueError(
+                f"train.max_overlap={t.max_overlap} must be below train.min_clip={t.min_clip} "
+                "so that every clip advances"
+            )
+        _nonnegative(config, "train.coherence_weight")
+        _choice(config, "train.handover", HANDOVERS)
+
+
+def _validate_prediction(config: ml_collections.ConfigDict) -> None:
+    m, d = config.model, config.data
+    if config.train.scheme != "full":
+        raise ValueError(
+            f"train.scheme={config.train.scheme!r}: frame prediction trains end to end, "
+            "so only 'full' is allowed"
+        )
+    _positive_int(config, "data.num_digits")
+    _positive_int(config, "data.num_input")
+    if d.canvas < image_quality.SSIM_WINDOW:
+        raise ValueError(
+            f"data.canvas={d.canvas} is below the {image_quality.SSIM_WINDOW}-pixel SSIM window"
+        )
+    if d.num_input >= d.num_frames:
+        raise ValueError(
+            f"data.num_input={d.num_input} must be below data.num_frames={d.num_frames} "
+            "(the rest are predicted)"
+        )
+    # The decoder doubles the top feature map (stem stride 2, then the stages' strides).
+    top = -(-d.canvas // 2)
+    for s in cbm.width_schedule(m.depth, 1, m.num_stages)[1]:
+        top = -(-top // s)
+    size = top
+    while size < d.canvas:
+        size *= 2
+    if size != d.canvas:
+        raise ValueError(
+            f"data.canvas={d.canvas} cannot be decoded by doubling the {top}x{top} top feature "
+            f"map (use a canvas of {top} times a power of two)"
+        )
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -2,7 +2,9 @@
 
 The whole training split sits on every device as uint8; a step gathers its batch
 by index, augments and normalises it inside the jitted step, then constrains it
-to be sharded over the `data` mesh axis.
+to be sharded over the `data` mesh axis. `make_task` assembles these for the
+training loop (`task.Task`), with the relaxed-sharing extras: kernel angles after
+each epoch and the consolidated network's error at the end.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import numpy as np
 import optax
 from flax import struct
 
-from rvm.data import pipeline
+from rvm.data import ImageData, load_images, pipeline
+from rvm.models import sharing as weight_sharing
 from rvm.train import sharding
+from rvm.train.relaxation import max_angles
+from rvm.train.state import TrainState
+from rvm.train.task import Task
 
 
 @struct.dataclass
@@ -105,3 +111,56 @@ def evaluate(
         total_loss += float(lsum)
     n = len(labels)
     return {"error": 100.0 * wrong / n, "loss": total_loss / n}
+
+
+def load_data(config: ml_collections.ConfigDict) -> ImageData:
+    """CIFAR-10 or synthetic images, as `config.data` says."""
+    return load_images(config.data)
+
+
+def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
+    """The image-classification task of a CIFAR-10-style config on `data`."""
+    stats = pipeline.normalization_stats(data.train_images, config.data.normalization)
+    model = weight_sharing.build_model(config.model, data.num_classes)
+    relaxed = config.model.sharing == "relaxed"
+    mask_fn = partial(weight_sharing.set_mask, scope=config.model.scope) if relaxed else None
+    score = partial(evaluate, stats=stats, batch_size=config.eval_batch_size, mesh=mesh)
+
+    def epoch_metrics(state: TrainState) -> dict:
+        test = score(model, state.variables, data.test_images, data.test_labels)
+        record = {"test_error": test["error"], "test_loss": test["loss"]}
+        if data.val_images is not None and len(data.val_labels):
+            val = score(model, state.variables, data.val_images, data.val_labels)
+            record["val_error"] = val["error"]
+        if mask_fn is not None:
+            record["max_angle"] = max_angles(state.params, mask_fn(state.params))
+        return record
+
+    def final_results(state: TrainState) -> dict:
+        test = score(model, state.variables, data.test_images, data.test_labels)
+        results = {"test_error": test["error"]}
+        if relaxed:
+            merged = {
+                **state.variables,
+                "params": weight_sharing.consolidate(state.params, config.model.scope),
+            }
+            raw = weight_sharing.build_model(config.model, data.num_classes, consolidated=True)
+            results["params_consolidated"] = weight_sharing.count_params(merged["params"])
+            results["consolidated_test_error"] = score(
+                raw, merged, data.test_images, data.test_labels
+            )["error"]
+        return results
+
+    return Task(
+        model=model,
+        train_data=put_train_split(data.train_images, data.train_labels, stats, mesh),
+        num_train=len(data.train_labels),
+        init_input=jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32),
+        get_batch=make_get_batch(config, mesh),
+        loss_fn=make_loss_fn(model),
+        epoch_metrics=epoch_metrics,
+        final_results=final_results,
+        unit="images",
+        summary=f"{config.model.sharing} sharing, scope {config.model.scope}",
+        relax_mask=mask_fn,
+    )

@@ -1,8 +1,10 @@
 """`train_and_evaluate(config, workdir)`: the one function launchers, notebooks and tests call.
 
-Reads top to bottom: data, model, optimiser, state (fresh or resumed), the
-loop with per-epoch evaluation and checkpoints, then the final numbers
-(consolidated ones too for relaxed sharing).
+One loop trains every task; `config.task` picks it ("image", the default for
+configs without the field; "motion"; "prediction"), and the task supplies the
+model, data, batches, loss and evaluations behind the small interface of
+`rvm.train.task`. Reads top to bottom: data, task and state (fresh or resumed),
+the loop with per-epoch evaluation and checkpoints, then the final numbers.
 """
 
 from __future__ import annotations
@@ -13,25 +15,32 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from jax.sharding import Mesh
 
-from rvm.data import ImageData, load_images, pipeline
 from rvm.models import sharing
-from rvm.train import checkpoint, image_task, metrics, optim
+from rvm.train import checkpoint, image_task, metrics, optim, video_task
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
-from rvm.train.config_check import check_resume, validate
-from rvm.train.relaxation import max_angles
+from rvm.train.config_check import check_resume, task_of, validate
 from rvm.train.state import TrainState
 from rvm.train.step import train_step
+from rvm.train.task import Task
+
+# Each module exposes load_data(config) and make_task(config, data, mesh).
+TASK_MODULES: dict[str, ModuleType] = {
+    "image": image_task,
+    "motion": video_task,
+    "prediction": video_task,
+}
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: schedulers read it as "requeue me"
 
@@ -66,39 +75,43 @@ class _SigtermFlag:
 class Run:
     """Everything a run builds before its first step; tests build it on fake data."""
 
-    model: nn.Module
+    task: Task
     tx: optax.GradientTransformation
     state: TrainState
     step_fn: Callable  # jitted (state, train_data) -> (state, metrics)
-    train_data: image_task.DeviceImages
-    stats: tuple
     steps_per_epoch: int
     total_steps: int
-    mask_fn: Callable | None  # the relaxed kernel sets, or None
     mesh: Mesh
 
+    @property
+    def model(self) -> nn.Module:
+        return self.task.model
 
-def build_run(config: ml_collections.ConfigDict, data: ImageData, mesh: Mesh) -> Run:
-    """Model, optimiser, fresh replicated state and the jitted, donated train step."""
+    @property
+    def train_data(self) -> Any:
+        return self.task.train_data
+
+
+def load_data(config: ml_collections.ConfigDict) -> Any:
+    """The host-side data of the config's task (`ImageData`, `video_task.VideoData`)."""
+    return TASK_MODULES[task_of(config)].load_data(config)
+
+
+def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
+    """Task, optimiser, fresh replicated state and the jitted, donated train step."""
     shd.check_divisible(config.batch_size, mesh, "batch_size")
     shd.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
-    stats = pipeline.normalization_stats(data.train_images, config.data.normalization)
-    steps_per_epoch = len(data.train_labels) // config.batch_size
+    task = TASK_MODULES[task_of(config)].make_task(config, data, mesh)
+    steps_per_epoch = task.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
-            f"batch_size={config.batch_size} exceeds the {len(data.train_labels)} training images"
+            f"batch_size={config.batch_size} exceeds the {task.num_train} training {task.unit}"
         )
     total_steps = config.num_epochs * steps_per_epoch
-    train_data = image_task.put_train_split(data.train_images, data.train_labels, stats, mesh)
-
-    model = sharing.build_model(config.model, data.num_classes)
-    relaxed = config.model.sharing == "relaxed"
-    mask_fn = partial(sharing.set_mask, scope=config.model.scope) if relaxed else None
-    tx = optim.make_optimizer(config.optim, total_steps, mask_fn)
+    tx = optim.make_optimizer(config.optim, total_steps, task.relax_mask)
 
     def init_state(key):
-        dummy = jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32)
-        variables = model.init({"params": key, "dropout": key}, dummy)
+        variables = task.model.init({"params": key, "dropout": key}, task.init_input)
         return TrainState.create(variables, tx, key)
 
     replicated = shd.replicated(mesh)
@@ -106,8 +119,8 @@ def build_run(config: ml_collections.ConfigDict, data: ImageData, mesh: Mesh) ->
     step_fn = jax.jit(
         partial(
             train_step,
-            get_batch=image_task.make_get_batch(config, mesh),
-            loss_fn=image_task.make_loss_fn(model),
+            get_batch=task.get_batch,
+            loss_fn=task.loss_fn,
             tx=tx,
             lr_schedule=optim.learning_rate(config.optim, total_steps),
             skip_nonfinite=config.skip_nonfinite,
@@ -116,9 +129,7 @@ def build_run(config: ml_collections.ConfigDict, data: ImageData, mesh: Mesh) ->
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    return Run(
-        model, tx, state, step_fn, train_data, stats, steps_per_epoch, total_steps, mask_fn, mesh
-    )
+    return Run(task, tx, state, step_fn, steps_per_epoch, total_steps, mesh)
 
 
 def train_and_evaluate(
@@ -137,15 +148,9 @@ def train_and_evaluate(
 
 
 def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | None) -> dict:
-    data = load_images(config.data)
-    run = build_run(config, data, shd.data_mesh())
-    model, state, steps_per_epoch, total_steps = (
-        run.model,
-        run.state,
-        run.steps_per_epoch,
-        run.total_steps,
-    )
-    mask_fn = run.mask_fn
+    run = build_run(config, load_data(config), shd.data_mesh())
+    task, state = run.task, run.state
+    steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     num_params = sharing.count_params(state.params)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     guard.check_writable(workdir, needed_bytes=2 * state_bytes)
@@ -162,15 +167,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
     writer = metrics.MetricWriter(workdir, total_steps)
     first_step = int(state.step)
     if first_step == 0:
-        logging.info(
-            "Parameters: %d (%s sharing, scope %s)",
-            num_params,
-            config.model.sharing,
-            config.model.scope,
-        )
-    evaluate = partial(
-        image_task.evaluate, stats=run.stats, batch_size=config.eval_batch_size, mesh=run.mesh
-    )
+        logging.info("Parameters: %d (%s)", num_params, task.summary)
 
     # --- Loop --------------------------------------------------------------------------
     stop = total_steps if max_steps is None else min(total_steps, max_steps)
@@ -178,7 +175,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
     step_metrics, epoch_start = [], time.time()
     with _SigtermFlag() as sigterm:
         for step in range(first_step, stop):
-            state, m = run.step_fn(state, run.train_data)
+            state, m = run.step_fn(state, task.train_data)
             if step_metrics:  # one step behind, so the host never waits on the device
                 _check_finite(step_metrics[-1], step, config.skip_nonfinite)
             step_metrics.append(m)
@@ -188,14 +185,14 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
             if done % steps_per_epoch == 0 or done == stop:
                 _check_finite(m, done, config.skip_nonfinite)
             if done % steps_per_epoch == 0:
-                record = _epoch_record(model, state, data, evaluate, step_metrics)
-                record["images_per_sec"] = (
+                record = _train_means(step_metrics)
+                record.update(task.epoch_metrics(state))
+                # the epoch's wall time, its evaluation included
+                record[f"{task.unit}_per_sec"] = (
                     len(step_metrics) * config.batch_size / (time.time() - epoch_start)
                 )
                 record["epoch"] = done // steps_per_epoch
                 record["step"] = done
-                if mask_fn is not None:
-                    record["max_angle"] = max_angles(state.params, mask_fn(state.params))
                 writer.write(done, first_step, record)
                 history.append(metrics.plain(record))
                 step_metrics, epoch_start = [], time.time()
@@ -216,22 +213,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
         return {"step": final_step, "finished": False}
 
     # --- Final numbers -----------------------------------------------------------------
-    results = {
-        "step": final_step,
-        "finished": True,
-        "params": num_params,
-        "test_error": evaluate(model, state.variables, data.test_images, data.test_labels)["error"],
-    }
-    if mask_fn is not None:
-        merged = {
-            **state.variables,
-            "params": sharing.consolidate(state.params, config.model.scope),
-        }
-        raw = sharing.build_model(config.model, data.num_classes, consolidated=True)
-        results["params_consolidated"] = sharing.count_params(merged["params"])
-        results["consolidated_test_error"] = evaluate(
-            raw, merged, data.test_images, data.test_labels
-        )["error"]
+    results = {"step": final_step, "finished": True, "params": num_params}
+    results.update(task.final_results(state))
     val = [r for r in history if "val_error" in r]
     if val:
         best = min(val, key=lambda r: r["val_error"])
@@ -257,23 +240,22 @@ def _check_finite(step_metrics: dict, step: int, skipping: bool) -> None:
         )
 
 
-def _epoch_record(model, state, data, evaluate, step_metrics) -> dict:
-    """Means of the epoch's step metrics plus test (and validation) error."""
+# Step metrics of the optimiser, recorded as their last value rather than a mean.
+_LAST_VALUE = ("learning_rate", "pull", "penalty")
+
+
+def _train_means(step_metrics: list[dict]) -> dict:
+    """The epoch's step metrics: means named `train_*` (error in %), the optimiser's
+    last values, and the count of skipped steps."""
     fetched = jax.device_get(step_metrics)
-    record = {
-        f"train_{k}" if k in ("loss", "error") else k: float(np.mean([m[k] for m in fetched]))
-        for k in fetched[0]
-    }
-    record["train_error"] *= 100.0
-    for k in ("learning_rate", "pull", "penalty"):
-        if k in record:
+    record = {}
+    for k in fetched[0]:
+        if k in _LAST_VALUE:
             record[k] = float(fetched[-1][k])
-    if "skipped" in record:
-        record["skipped"] = int(sum(m["skipped"] for m in fetched))
-    test = evaluate(model, state.variables, data.test_images, data.test_labels)
-    record.update(test_error=test["error"], test_loss=test["loss"])
-    if data.val_images is not None and len(data.val_labels):
-        record["val_error"] = evaluate(model, state.variables, data.val_images, data.val_labels)[
-            "error"
-        ]
+        elif k == "skipped":
+            record[k] = int(sum(m[k] for m in fetched))
+        else:
+            record[f"train_{k}"] = float(np.mean([m[k] for m in fetched]))
+    if "train_error" in record:
+        record["train_error"] *= 100.0
     return record
