@@ -1,28 +1,13 @@
 """Context Bridge Module: equations, Temporal Dropout, deep stacks, heads, parameter matching."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_variables
 
 from rvm.models import cbm
 from rvm.train import clips
-
-
-def random_variables(module, *args, seed=0, **kwargs):
-    """Variables of `module` filled with random numbers (shapes from an abstract init:
-    on CPU, compiling the real initialisers costs seconds per test)."""
-    shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        if path[-1].key == "var":
-            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), jnp.float32)
-        return jnp.asarray(rng.normal(0.0, 0.3, s.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def np_conv(x, k, b=0.0, stride=1):
@@ -76,7 +61,7 @@ def cell_inputs(features=4, cin=3, size=6, seed=1):
 def test_cbm_cell_matches_numpy(merge, stride, kernel, norm):
     cell = cbm.CBMCell(features=4, kernel_size=kernel, strides=stride, merge=merge, norm=norm)
     x, carry = cell_inputs()
-    v = random_variables(cell, carry, x, train=False)
+    v = random_variables(cell, carry, x, train=False, scale=0.3)
     (new, y), _ = cell.apply(v, carry, x, train=True, mutable=["batch_stats"])
     P = jax.tree.map(lambda a: np.asarray(a, np.float64), v["params"])
     xn, cn = np.asarray(x, np.float64), np.asarray(carry.c, np.float64)
@@ -103,7 +88,7 @@ def test_cbm_cell_matches_numpy(merge, stride, kernel, norm):
 def test_representation_unit_ignores_the_temporal_state():
     cell = cbm.CBMCell(features=4, merge="add", norm="none")
     x, carry = cell_inputs()
-    v = random_variables(cell, carry, x, train=False)
+    v = random_variables(cell, carry, x, train=False, scale=0.3)
     other = carry._replace(c=carry.c + 1.0)
     (n1, y1), (n2, y2) = (cell.apply(v, c, x, train=False) for c in (carry, other))
     assert not np.allclose(n1.c, n2.c)  # T sees the state ...
@@ -112,7 +97,7 @@ def test_representation_unit_ignores_the_temporal_state():
 
 def test_temporal_dropout_cuts_only_the_representation_input_of_t():
     x, carry = cell_inputs()
-    v = random_variables(cbm.CBMCell(features=4), carry, x, train=False)
+    v = random_variables(cbm.CBMCell(features=4), carry, x, train=False, scale=0.3)
 
     def run(rate, x, params=None, key=0, train=True):
         cell = cbm.CBMCell(features=4, td_rate=rate)
@@ -166,7 +151,7 @@ def step_stack(stack, frames, train, **kwargs):
     """Run a stack cell frame by frame (no scan: eager steps of a deep cell are cheap on CPU,
     compiling a deep scan is not)."""
     carry = stack.initialize_carry(None, frames[:, 0].shape)
-    v = random_variables(stack, carry, frames[:, 0])
+    v = random_variables(stack, carry, frames[:, 0], scale=0.3)
     stats = v.get("batch_stats", {})
     for t in range(frames.shape[1]):
         variables = {"params": v["params"], "batch_stats": stats}
@@ -204,7 +189,7 @@ def test_conv_rnn_stack_runs_at_odd_depth(cell):
 def test_video_classifier_gives_per_frame_logits():
     model = cbm.VideoClassifier(cbm.make_stack("elman", 2, 3, num_stages=2), num_classes=5)
     frames = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4, 8, 8, 1)), jnp.float32)
-    v = random_variables(model, frames)
+    v = random_variables(model, frames, scale=0.3)
     out = jax.jit(model.apply)(v, frames)
     assert out.logits.shape == (2, 4, 5) and len(out.carry) == 2
     # frame t's logits depend on frames up to t only
@@ -241,7 +226,7 @@ def test_convlstm_width_matches_cbm_parameter_count():
 def test_frame_predictor_ten_in_ten_out():
     model = cbm.frame_predictor("cbm", 2, 4, num_future=10)
     frames = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 20, 64, 64, 1)), jnp.float32)
-    v = random_variables(model, frames[:, :10])
+    v = random_variables(model, frames[:, :10], scale=0.3)
     loss_fn = clips.make_prediction_loss_fn(model, num_input=10)
 
     @jax.jit

@@ -5,24 +5,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from helpers import random_variables
 
 from rvm.models import cbm
 from rvm.train import clips
-
-
-def random_variables(module, *args, seed=0, **kwargs):
-    """Variables filled with random numbers (shapes from an abstract init: compiling the
-    real initialisers on CPU costs seconds per test)."""
-    shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        if path[-1].key == "var":
-            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), jnp.float32)
-        return jnp.asarray(rng.normal(0.0, 1.0, s.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
-
 
 WINDOW = 5
 clip_losses = jax.jit(clips.clip_losses, static_argnums=3)
@@ -37,7 +23,7 @@ def setup():
     rng = np.random.default_rng(0)
     frames = jnp.asarray(rng.uniform(size=(2, 10, 4, 4, 1)), jnp.float32)
     labels = jnp.asarray([1, 3])
-    return model, random_variables(model, frames[:, :2]), frames, labels
+    return model, random_variables(model, frames[:, :2], scale=1.0), frames, labels
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from helpers import set_field
 
 from experiments.configs import cifar10
 from rvm.data import load_images
@@ -257,12 +258,7 @@ def test_resume_allows_safe_changes(tmp_path):
 )
 def test_bad_config_values_are_named_before_compiling(field, value, message):
     config = tiny_config()
-    node, name = config, field
-    if "." in field:
-        section, name = field.split(".")
-        node = config[section]
-    with node.ignore_type():
-        node[name] = value
+    set_field(config, field, value)
     with pytest.raises(ValueError) as err:
         validate(config)
     assert message in str(err.value)

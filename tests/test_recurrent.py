@@ -1,28 +1,13 @@
 """Convolutional recurrent cells against NumPy transcriptions of their equations."""
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_variables
 
 from rvm.models import recurrent as rec
-
-
-def random_variables(module, *args, seed=0, **kwargs):
-    """Variables of `module` filled with random numbers (shapes from an abstract init:
-    on CPU, compiling the real initialisers costs seconds per test)."""
-    shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, s):
-        if path[-1].key == "var":
-            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), jnp.float32)
-        return jnp.asarray(rng.normal(0.0, 0.5, s.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def np_conv(x, k, stride=1):

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import set_field
 
 from experiments.configs import moving_digits
 from experiments.describe import describe
@@ -201,12 +202,7 @@ def test_psnr_against_a_hand_computation():
 )
 def test_bad_sequence_config_values_are_named(variant, field, value, message):
     config = moving_digits.get_config(variant)
-    node, name = config, field
-    if "." in field:
-        section, name = field.split(".")
-        node = config[section]
-    with node.ignore_type():
-        node[name] = value
+    set_field(config, field, value)
     with pytest.raises(ValueError) as err:
         validate(config)
     assert message in str(err.value)

@@ -1,0 +1,33 @@
+"""Helpers shared by several test modules (pytest puts this folder on `sys.path`)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def random_variables(module, *args, seed=0, scale=0.5, **kwargs):
+    """Variables of `module` filled with random numbers: normal with std `scale`, and
+    BatchNorm variances in [0.5, 1.5]. Shapes come from an abstract init: on CPU,
+    compiling the real initialisers costs seconds per test."""
+    shapes = jax.eval_shape(functools.partial(module.init, **kwargs), jax.random.key(0), *args)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, s):
+        if path[-1].key == "var":
+            return jnp.asarray(rng.uniform(0.5, 1.5, s.shape), jnp.float32)
+        return jnp.asarray(rng.normal(0.0, scale, s.shape), jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def set_field(config, field: str, value) -> None:
+    """`config.<field> = value` for a dotted field, whatever the value's type (bad values
+    are what the validation tests feed in)."""
+    *sections, name = field.split(".")
+    node = config
+    for section in sections:
+        node = node[section]
+    with node.ignore_type():
+        node[name] = value
