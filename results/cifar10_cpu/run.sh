@@ -15,7 +15,13 @@ for variant in all3_nonshared all3_relaxed; do
     --workdir="workdirs/cpu_$variant" --alsologtostderr
   mkdir -p "results/cifar10_cpu/$variant"
   cp workdirs/cpu_$variant/{config.json,metrics.jsonl,results.json} "results/cifar10_cpu/$variant/"
+  # The final checkpoint (~3 MB) too, so the report can be rebuilt from the repository alone.
+  last=$(ls workdirs/cpu_$variant/checkpoints | sort -n | tail -1)
+  rm -rf "results/cifar10_cpu/$variant/checkpoints"
+  mkdir -p "results/cifar10_cpu/$variant/checkpoints"
+  cp -r "workdirs/cpu_$variant/checkpoints/$last" "results/cifar10_cpu/$variant/checkpoints/"
 done
-# Tables, curves, ablations, trajectories and angles of both runs.
+# Tables, curves, ablations, trajectories and angles of both runs. The same report from the
+# committed files: --runs results/cifar10_cpu/all3_nonshared results/cifar10_cpu/all3_relaxed
 python -m experiments.report --runs workdirs/cpu_all3_nonshared workdirs/cpu_all3_relaxed \
   --out results/cifar10_cpu/report
