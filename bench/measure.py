@@ -58,6 +58,16 @@ def _time_windows(step: Callable[[], Any], sync: Callable[[Any], Any], spec: dic
 # --- rvm ---------------------------------------------------------------------------------
 
 
+def _xla_options(spec: dict) -> None:
+    """`"xla": "default"` compiles with XLA:CPU's defaults instead of `rvm.train.xla`'s options."""
+    if spec.get("xla", "rvm") == "default":
+        from rvm.train import xla
+
+        xla.compiler_options = lambda platform=None: None
+    elif spec.get("xla", "rvm") != "rvm":
+        raise ValueError(f"xla={spec['xla']!r}: 'rvm' or 'default'")
+
+
 def _rvm_config(spec: dict):
     from experiments.configs.cifar10 import get_config
 
@@ -84,6 +94,7 @@ def rvm_train(spec: dict) -> dict:
     from rvm.train import loop
     from rvm.train import sharding as shd
 
+    _xla_options(spec)
     config = _rvm_config(spec)
     data = load_images(config.data)
     devices = jax.devices()
@@ -135,6 +146,63 @@ def rvm_eval(spec: dict) -> dict:
         return image_task.evaluate(model, variables, images, labels, stats, len(labels))
 
     return {**_time_windows(step, lambda out: out, spec), "baseline_rss_mb": baseline}
+
+
+def _conv_flops(spec: dict) -> float:
+    """FLOPs of one call: a 3x3 same-size conv, x3 with both gradients (`pass` = train)."""
+    hw, c = spec["size"], spec["channels"]
+    return 2 * spec["batch"] * hw * hw * c * c * 9 * (3 if spec["pass"] == "train" else 1)
+
+
+def jax_conv(spec: dict) -> dict:
+    """rvm's `conv3x3` alone: forward, or forward + input and kernel gradients."""
+    import jax
+
+    from rvm.models.conv import conv3x3
+    from rvm.train import xla
+
+    _xla_options(spec)
+    n, hw, c = spec["batch"], spec["size"], spec["channels"]
+    kx, kk, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(kx, (n, hw, hw, c))
+    kernel = jax.random.normal(kk, (3, 3, c, c))
+    g = jax.random.normal(kg, (n, hw, hw, c))
+    if spec["pass"] == "train":
+        f = xla.jit(lambda x, k, g: jax.vjp(conv3x3, x, k)[1](g))
+        step = lambda: f(x, kernel, g)
+    else:
+        f = xla.jit(conv3x3)
+        step = lambda: f(x, kernel)
+    result = _time_windows(step, jax.block_until_ready, spec)
+    return {**result, "gflops": _conv_flops(spec) / result["step_s"] / 1e9}
+
+
+def torch_conv(spec: dict) -> dict:
+    """`nn.Conv2d(c, c, 3, padding=1)` channels_last: forward (no_grad), or forward + backward."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    n, hw, c = spec["batch"], spec["size"], spec["channels"]
+    conv = torch.nn.Conv2d(c, c, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(n, c, hw, hw).to(memory_format=torch.channels_last)
+    g = torch.randn(n, c, hw, hw).to(memory_format=torch.channels_last)
+    if spec["pass"] == "train":
+        x.requires_grad_()
+
+        def step():
+            x.grad = None
+            conv.zero_grad(set_to_none=True)
+            conv(x).backward(g)
+            return x.grad
+    else:
+
+        def step():
+            with torch.no_grad():
+                return conv(x)
+
+    result = _time_windows(step, lambda out: out, spec)
+    return {**result, "gflops": _conv_flops(spec) / result["step_s"] / 1e9}
 
 
 # --- PyTorch -----------------------------------------------------------------------------
@@ -244,6 +312,8 @@ KINDS = {
     "torch_train": torch_train,
     "torch_eval": torch_eval,
     "matmul": matmul,
+    "jax_conv": jax_conv,
+    "torch_conv": torch_conv,
 }
 
 

@@ -43,7 +43,15 @@ MEASUREMENTS = (
     "eval",  # evaluation throughput
     "memory",  # peak RSS of a training process
     "data_parallel",  # rvm over the host's cores as separate XLA devices
+    "xla_cpu",  # rvm's step under XLA:CPU's default options against rvm's
+    "convs",  # one 3x3 conv per level: rvm under both option sets, and PyTorch
 )
+LEVELS = ((32, 16), (16, 32), (8, 64))  # (size, channels) of the three levels' convs
+CONV_IMPLS = {
+    "rvm (Eigen convs)": {"kind": "jax_conv", "xla": "rvm"},
+    "XLA default (YNNPACK convs)": {"kind": "jax_conv", "xla": "default"},
+    "torch channels_last": {"kind": "torch_conv"},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +194,29 @@ def plan(s: Settings) -> dict[str, dict[str, dict]]:
             f"{tuple(b)} nonshared / {d} device{'s' * (d > 1)}": rvm(s, b, **(two if d > 1 else {}))
             for b in (s.small, s.large)
             for d in (1, 2)
+        },
+        "xla_cpu": {
+            f"{tuple(b)} nonshared / {label}": rvm(s, b, **extra)
+            for b in (s.small, s.large)
+            for label, extra in (
+                ("rvm", {}),
+                ("XLA default options (YNNPACK convs)", {"xla": "default"}),
+                ("rvm, 2 devices", two),
+            )
+        },
+        "convs": {
+            f"{size}x{size}x{c} {kind} / {impl}": {
+                **spec,
+                "size": size,
+                "channels": c,
+                "pass": kind,
+                "batch": s.batch,
+                **_timing(s),
+                "steps": 5 * s.steps,  # one conv is ~100x shorter than a step
+            }
+            for size, c in LEVELS
+            for kind in ("forward", "train")
+            for impl, spec in CONV_IMPLS.items()
         },
     }
     assert set(sections) == set(MEASUREMENTS)
@@ -458,6 +489,43 @@ def report_data_parallel(res: dict, ctx: dict, s: Settings) -> list[str]:
     return lines
 
 
+def report_xla_cpu(res: dict, ctx: dict, s: Settings) -> list[str]:
+    lines = [
+        "rvm's training step (stochastic depth off) as shipped, compiled with XLA:CPU's "
+        "default options (convolutions through YNNPACK, not `rvm.train.xla.CPU_OPTIONS`), "
+        "and as shipped over two XLA host devices.",
+        "",
+        "| run | s/step | images/s | vs rvm |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, r in res.items():
+        if r["ok"]:
+            base = _step(res.get(label.rsplit("/", 1)[0] + "/ rvm"))
+            ratio = f"{base / r['step_s']:.2f}x" if base else "n/a"
+            lines.append(f"| {label} | {_spread(r)} | {s.batch / r['step_s']:.1f} | {ratio} |")
+    return lines
+
+
+def report_convs(res: dict, ctx: dict, s: Settings) -> list[str]:
+    lines = [
+        f"One 3x3 conv, C -> C channels, same size, batch {s.batch}, float32: `forward`, or "
+        "`train` = forward + input gradient + kernel gradient (3x the FLOPs). GFLOP/s "
+        "(median window); rvm's `conv3x3` (custom VJP) under its options and under XLA's "
+        "defaults, and `nn.Conv2d` channels_last.",
+        "",
+        "| conv | pass | " + " | ".join(CONV_IMPLS) + " |",
+        "| --- | --- |" + " --- |" * len(CONV_IMPLS),
+    ]
+    for size, c in LEVELS:
+        for kind in ("forward", "train"):
+            cells = []
+            for impl in CONV_IMPLS:
+                r = res.get(f"{size}x{size}x{c} {kind} / {impl}")
+                cells.append(f"{r['gflops']:.0f}" if r and r["ok"] else "n/a")
+            lines.append(f"| {size}x{size}x{c} | {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def targets(results: dict, s: Settings) -> list[dict]:
     """The suite's targets, for the sections that ran; each with pass/fail and margin."""
     out = []
@@ -533,6 +601,8 @@ def render(doc: dict, s: Settings) -> str:
         "eval": report_eval,
         "memory": report_memory,
         "data_parallel": report_data_parallel,
+        "xla_cpu": report_xla_cpu,
+        "convs": report_convs,
     }
     for name, body in sections.items():
         if name in res:

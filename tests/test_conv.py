@@ -11,6 +11,7 @@ import pytest
 from jax import lax
 
 from rvm.models.conv import Conv3x3, SameConv, conv2d, conv3x3
+from rvm.train import xla
 
 DIMS = ("NHWC", "HWIO", "NHWC")
 # (batch, height, width, C_in): even and odd sizes, non-square; C_out = 5 != C_in.
@@ -296,3 +297,16 @@ def test_same_conv_backward_in_a_scan_is_canonical():
     """SameConv serves the recurrent cells, which run inside a scan over time."""
     labels = _conv_labels(lambda h, k: conv2d(h, k, 1))
     assert len(labels) >= 3 and set(labels) == {"b01f_01io->b01f"}
+
+
+def test_rvm_jit_keeps_convolutions_out_of_ynnpack():
+    """`xla.jit` compiles convolutions on XLA:CPU's own path; plain `jax.jit` gives them to
+    YNNPACK (which the options exist to avoid). Values agree either way."""
+    x, kernel = jnp.ones((8, 16, 16, 32)), jnp.full((3, 3, 32, 32), 0.01)
+    ynn_conv = re.compile(r"ynn_fusion[.\d]* = f32\[8,16,16,32\]")
+    default = jax.jit(conv3x3).lower(x, kernel).compile().as_text()
+    assert ynn_conv.search(default)
+    assert not ynn_conv.search(xla.jit(conv3x3).lower(x, kernel).compile().as_text())
+    np.testing.assert_allclose(xla.jit(conv3x3)(x, kernel), jax.jit(conv3x3)(x, kernel), 1e-5)
+    assert xla.compiler_options("gpu") is None
+    assert xla.compiler_options("cpu") == xla.CPU_OPTIONS

@@ -268,3 +268,22 @@ def test_unrolled_blocks_compute_the_same_network():
     np.testing.assert_allclose(
         unrolled.apply(variables, X), model.apply(variables, X), rtol=1e-5, atol=1e-5
     )
+
+
+def test_blocks_branch_only_under_stochastic_depth_or_a_mask():
+    """Without stochastic depth or a mask every block runs: no `cond`, whose untaken
+    branch's zero-filled residuals cost a CPU step time; with either, blocks can be skipped."""
+    cfg = model_config((2, 2, 2), "nonshared", "all", sd=False)
+    model = sharing.build_model(cfg, 10)
+    variables = init(model, X)
+
+    def has_cond(model, **kw):
+        apply = lambda v: model.apply(
+            v, X, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"], **kw
+        )
+        return "cond[" in str(jax.make_jaxpr(apply)(variables))
+
+    assert not has_cond(model)
+    assert has_cond(model, masks=[jnp.ones(2), jnp.ones(1), jnp.ones(1)])
+    cfg.stochastic_depth = True
+    assert has_cond(sharing.build_model(cfg, 10))

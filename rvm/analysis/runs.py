@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from jax.sharding import Mesh
 
 from rvm.data import ImageData, eval_batches, load_images, normalization_stats, normalize
 from rvm.models import sharing
-from rvm.train import image_task, loop, metrics
+from rvm.train import image_task, loop, metrics, xla
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
 
@@ -154,7 +153,7 @@ def _with_defaults(saved: dict) -> dict:
     return merge(cifar10.get_config().to_dict(), saved)
 
 
-@partial(jax.jit, static_argnames="model")
+@xla.jit(static_argnames="model")
 def _forward_activations(model: nn.Module, variables: dict, images, mean, std):
     x = normalize(images.astype(jnp.float32), mean, std)
     _, acts = model.apply(variables, x, train=False)

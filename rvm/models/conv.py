@@ -16,6 +16,9 @@ out C_in-major (so the product maps to the fast GEMM) 1.4-1.5, im2col through
 `lax.conv_general_dilated_patches` 2.9; plain autodiff ~47 (bench/conv_scan.py
 times this one against nn.Conv).
 
+Which library runs the convolutions is XLA:CPU's choice; `rvm.train.xla` compiles
+rvm's jits so that it picks its own (Eigen) path over YNNPACK, faster for these shapes.
+
 `Conv3x3` (zero padding 1, as Torch's `padding=1`) serves the ResNets; `SameConv`,
 any kernel size with 'SAME' padding, serves the recurrent cells, which run inside
 a scan over time (a 4-layer CBM step on 20 frames: ~27 s with `nn.Conv`).
@@ -99,7 +102,7 @@ def _bwd(strides: int, pads: Pads, res: tuple[Array, Array], g: Array) -> tuple[
         [(hlo, strides * (ho - 1) + kh - h - hlo), (wlo, strides * (wo - 1) + kw - w - wlo)],
         rhs_dilation=(strides, strides),
         dimension_numbers=_DIMS,
-        preferred_element_type=jnp.float32,
+        preferred_element_type=jnp.promote_types(x.dtype, jnp.float32),
     ).transpose(1, 2, 0, 3)
     return dx.astype(x.dtype), dk.astype(kernel.dtype)
 

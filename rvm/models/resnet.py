@@ -10,6 +10,8 @@ every iteration, which makes the level a recurrent network with readout time `n`
 
 Stochastic depth drops a whole block with `nn.cond`, so a dropped block costs no
 convolutions; at evaluation the residual is scaled by its survival probability.
+Without stochastic depth or a mask the blocks run unconditionally: under a cond,
+XLA also zero-fills and stacks the residuals of the branch not taken.
 """
 
 from __future__ import annotations
@@ -110,7 +112,9 @@ class ScanStep(nn.Module):
 
     @nn.compact
     def __call__(self, x, step, kernels):
-        run, scale = step
+        run, scale = step  # None: every block runs, residual unscaled (static, no cond)
+        run = True if run is None else run
+        scale = 1.0 if scale is None else scale
         x = Block(self.features, 1, self.dtype, name="block")(x, self.train, kernels, run, scale)
         return x, (x if self.keep_activations else None)
 
@@ -157,13 +161,15 @@ class Level(nn.Module):
         if train and length != self.num_blocks:
             raise ValueError("iterations can differ from the trained count only at evaluation")
 
-        run = jnp.ones((length,), bool) if mask is None else jnp.asarray(mask).astype(bool)
-        if run.shape != (length,):
-            raise ValueError(f"mask has shape {run.shape}, expected ({length},)")
+        run = None
+        if mask is not None:
+            run = jnp.asarray(mask).astype(bool)
+            if run.shape != (length,):
+                raise ValueError(f"mask has shape {run.shape}, expected ({length},)")
         if stochastic:
             alive = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rates[index])
-            run = run & alive
-        scale = jnp.ones(length) if train else jnp.asarray(1.0 - rates[index])
+            run = alive if run is None else run & alive
+        scale = None if train or not np.any(rates > 0) else jnp.asarray(1.0 - rates[index])
 
         kernels = None
         if self.shared:

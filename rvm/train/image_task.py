@@ -23,7 +23,7 @@ from flax import struct
 
 from rvm.data import ImageData, load_images, pipeline
 from rvm.models import sharing as weight_sharing
-from rvm.train import sharding
+from rvm.train import sharding, xla
 from rvm.train.relaxation import max_angles
 from rvm.train.state import TrainState
 from rvm.train.task import Task
@@ -77,7 +77,7 @@ def make_loss_fn(model: nn.Module):
     return loss_fn
 
 
-@partial(jax.jit, static_argnames=("model", "iterations"))
+@xla.jit(static_argnames=("model", "iterations"))
 def _eval_batch(model, variables, images, labels, weight, mean, std, masks, iterations):
     x = pipeline.normalize(images.astype(jnp.float32), mean, std)
     logits = model.apply(variables, x, train=False, masks=masks, iterations=iterations)

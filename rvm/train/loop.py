@@ -27,7 +27,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from rvm.models import sharing
-from rvm.train import checkpoint, image_task, metrics, optim, video_task
+from rvm.train import checkpoint, image_task, metrics, optim, video_task, xla
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.config_check import check_resume, task_of, validate
@@ -128,6 +128,7 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
         in_shardings=(replicated, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
+        compiler_options=xla.compiler_options(mesh.devices.flat[0].platform),
     )
     return Run(task, tx, state, step_fn, steps_per_epoch, total_steps, mesh)
 

@@ -45,7 +45,7 @@ from rvm.data.moving_digits import (
     make_moving_digits,
 )
 from rvm.models import cbm
-from rvm.train import clips, image_quality, sharding
+from rvm.train import clips, image_quality, sharding, xla
 from rvm.train.state import TrainState
 from rvm.train.task import Task
 
@@ -179,7 +179,7 @@ def anticipation_frames(num_frames: int) -> int:
     return max(1, int(ANTICIPATION_FRACTION * num_frames))
 
 
-@partial(jax.jit, static_argnames=("model", "early"))
+@xla.jit(static_argnames=("model", "early"))
 def _motion_batch(model, variables, frames, labels, weight, early):
     logits = model.apply(variables, clips.frames_to_float(frames), train=False).logits
     last, first = logits[:, -1], logits[:, early - 1]
@@ -214,7 +214,7 @@ def evaluate_motion(
     }
 
 
-@partial(jax.jit, static_argnames=("model", "num_input"))
+@xla.jit(static_argnames=("model", "num_input"))
 def _prediction_batch(model, variables, frames, weight, num_input):
     x = clips.frames_to_float(frames)
     pred = model.apply(variables, x[:, :num_input], train=False).frames
