@@ -1,6 +1,6 @@
 """rvm's CPU benchmark suite: every measurement in its own process, one report per invocation.
 
-    python bench/run.py                       # everything (about an hour on an idle 2-core VM)
+    python bench/run.py                       # everything (about 25 min on an idle 2-core VM)
     python bench/run.py --quick               # tiny step counts: a smoke check of the real models
     python bench/run.py --only train,compile  # a subset; see MEASUREMENTS
 
@@ -578,7 +578,9 @@ def render(doc: dict, s: Settings) -> str:
         f"- settings: {json.dumps(dataclasses.asdict(s))}",
         "",
     ]
-    load = max(m["load_average_at_start"][0], m.get("load_average_at_end", (0,))[0])
+    # The suite's own children load the machine, so only the load at the start says
+    # whether something else was running.
+    load = m["load_average_at_start"][0]
     if load > 0.5 * (m["logical_cores"] or 1):
         lines += [
             f"**Warning: the machine was busy (1-minute load average up to {load:.1f} on "

@@ -2,10 +2,10 @@
 
 XLA:CPU hands convolutions to YNNPACK by default. For these networks' 3x3
 convolutions (16-64 channels, 8x8 to 32x32 maps, batch 128) its own Eigen
-convolutions are faster on the 2-core VM: 1.2-1.6x per convolution, and a (3,4,4)
-training step went from 0.74 to 0.58 s (`bench/README.md` has the measurements).
-The options keep YNNPACK for the reductions and matrix products it handles by
-default and take convolutions away from it. They are compile options of each jit,
+convolutions are faster on the project's 2-core VM, per convolution and per
+training step (`bench/results/cpu.md`, sections `convs` and `xla_cpu`). The
+options keep YNNPACK for the reductions and matrix products it handles by default
+and take convolutions away from it. They are compile options of each jit,
 not process-wide XLA_FLAGS, so importing rvm changes nothing else in the process;
 other backends compile without them.
 """
