@@ -473,37 +473,32 @@ def report_memory(res: dict, ctx: dict, s: Settings) -> list[str]:
     return lines
 
 
-def report_data_parallel(res: dict, ctx: dict, s: Settings) -> list[str]:
-    lines = [
-        "rvm's step over a `(\"data\",)` mesh of the host's cores as separate XLA devices "
-        "(`--xla_force_host_platform_device_count`), against one device.",
-        "",
-        "| run | s/step | images/s | speed-up |",
-        "| --- | --- | --- | --- |",
-    ]
+def _report_against(res: dict, s: Settings, note: str, base: str, column: str) -> list[str]:
+    """Step times, each also as a ratio to the run labelled `<same model> / <base>`."""
+    lines = [note, "", f"| run | s/step | images/s | {column} |", "| --- | --- | --- | --- |"]
     for label, r in res.items():
         if r["ok"]:
-            one = _step(res.get(label.rsplit("/", 1)[0] + "/ 1 device"))
-            speedup = f"{one / r['step_s']:.2f}x" if one else "n/a"
-            lines.append(f"| {label} | {_spread(r)} | {s.batch / r['step_s']:.1f} | {speedup} |")
+            ref = _step(res.get(label.rsplit("/", 1)[0] + "/ " + base))
+            ratio = f"{ref / r['step_s']:.2f}x" if ref else "n/a"
+            lines.append(f"| {label} | {_spread(r)} | {s.batch / r['step_s']:.1f} | {ratio} |")
     return lines
+
+
+def report_data_parallel(res: dict, ctx: dict, s: Settings) -> list[str]:
+    note = (
+        "rvm's step over a `(\"data\",)` mesh of the host's cores as separate XLA devices "
+        "(`--xla_force_host_platform_device_count`), against one device."
+    )
+    return _report_against(res, s, note, "1 device", "speed-up")
 
 
 def report_xla_cpu(res: dict, ctx: dict, s: Settings) -> list[str]:
-    lines = [
+    note = (
         "rvm's training step (stochastic depth off) as shipped, compiled with XLA:CPU's "
         "default options (convolutions through YNNPACK, not `rvm.train.xla.CPU_OPTIONS`), "
-        "and as shipped over two XLA host devices.",
-        "",
-        "| run | s/step | images/s | vs rvm |",
-        "| --- | --- | --- | --- |",
-    ]
-    for label, r in res.items():
-        if r["ok"]:
-            base = _step(res.get(label.rsplit("/", 1)[0] + "/ rvm"))
-            ratio = f"{base / r['step_s']:.2f}x" if base else "n/a"
-            lines.append(f"| {label} | {_spread(r)} | {s.batch / r['step_s']:.1f} | {ratio} |")
-    return lines
+        "and as shipped over two XLA host devices."
+    )
+    return _report_against(res, s, note, "rvm", "vs rvm")
 
 
 def report_convs(res: dict, ctx: dict, s: Settings) -> list[str]:
