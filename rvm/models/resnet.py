@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rvm.models.conv import Conv3x3
+from rvm.models.norm import BatchNorm
 
 Array = jax.Array
 
@@ -38,7 +39,7 @@ def death_rates(blocks_per_level: Sequence[int], final_rate: float) -> list[np.n
 
 
 class Residual(nn.Module):
-    """The residual branch conv-BN-ReLU-conv-BN."""
+    """The residual branch conv-BN-ReLU-conv-BN; the first BatchNorm carries the ReLU."""
 
     features: int
     strides: int = 1
@@ -47,11 +48,11 @@ class Residual(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool, kernels: tuple[Array, Array] | None) -> Array:
         k1, k2 = kernels if kernels is not None else (None, None)
-        norm = lambda name: nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name=name
+        norm = lambda name, relu=False: BatchNorm(
+            not train, momentum=0.9, epsilon=1e-5, relu=relu, dtype=self.dtype, name=name
         )
         y = Conv3x3(self.features, self.strides, dtype=self.dtype, name="conv1")(x, k1)
-        y = nn.relu(norm("bn1")(y))
+        y = norm("bn1", relu=True)(y)
         y = Conv3x3(self.features, dtype=self.dtype, name="conv2")(y, k2)
         return norm("bn2")(y)
 
@@ -226,11 +227,7 @@ class ResNet(nn.Module):
         rates = death_rates(self.blocks_per_level, self.final_death_rate)
 
         x = Conv3x3(self.widths[0], dtype=self.dtype, name="stem_conv")(x)
-        x = nn.relu(
-            nn.BatchNorm(
-                use_running_average=not train, momentum=0.9, dtype=self.dtype, name="stem_bn"
-            )(x)
-        )
+        x = BatchNorm(not train, momentum=0.9, relu=True, dtype=self.dtype, name="stem_bn")(x)
         activations = []
         for i, features in enumerate(self.widths):
             downsample = i > 0
