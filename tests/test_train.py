@@ -12,6 +12,7 @@ from rvm.models import sharing
 from rvm.train import loop
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
+from rvm.train.task import sum_over_split
 
 
 def tiny_config(mode="relaxed", **overrides):
@@ -118,6 +119,24 @@ def test_smoke_run_writes_metrics_results_and_consolidates(tmp_path):
     assert results["test_error_at_best_val"] == best["test_error"]
     assert json.loads((tmp_path / "config.json").read_text())["model"]["sharing"] == "relaxed"
     assert json.loads((tmp_path / "results.json").read_text()) == pytest.approx(results)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_sum_over_split_counts_every_example_once(devices):
+    """Padded last batch weighted out, batches placed over the mesh, float64 totals."""
+    x = np.arange(1, 11, dtype=np.float32)  # 10 examples, batches of 8: the last padded
+    y = np.arange(10, dtype=np.int32) % 3
+    mesh = shd.data_mesh(jax.devices()[:devices])
+    seen = []
+
+    def batch_sums(xb, yb, weight):
+        seen.append(xb.sharding.num_devices)
+        return {"n": weight.sum(), "x": (xb * weight).sum(), "y": (yb * weight).sum()}
+
+    totals = sum_over_split(batch_sums, x, y, 8, mesh)
+    assert seen == [devices, devices]
+    assert {k: float(v) for k, v in totals.items()} == {"n": 10.0, "x": 55.0, "y": 9.0}
+    assert totals["x"].dtype == np.float64
 
 
 def test_resume_refuses_a_changed_model(tmp_path):

@@ -26,7 +26,7 @@ from rvm.models import sharing as weight_sharing
 from rvm.train import sharding, xla
 from rvm.train.relaxation import max_angles
 from rvm.train.state import TrainState
-from rvm.train.task import Task
+from rvm.train.task import Task, sum_over_split
 
 
 @struct.dataclass
@@ -100,17 +100,11 @@ def evaluate(
     iterations: Sequence[int | None] | None = None,
 ) -> dict[str, float]:
     """Error (%) and mean loss over the whole split; the last batch is padded and masked."""
-    batch_sharding = sharding.batch(mesh) if mesh is not None else None
     iterations = None if iterations is None else tuple(iterations)  # a static jit argument
-    wrong = total_loss = 0.0
-    for x, y, weight in pipeline.eval_batches(images, labels, batch_size):
-        if batch_sharding is not None:
-            x, y, weight = jax.device_put((x, y, weight), batch_sharding)
-        w, lsum = _eval_batch(model, variables, x, y, weight, *stats, masks, iterations)
-        wrong += float(w)
-        total_loss += float(lsum)
+    batch_sums = lambda x, y, w: _eval_batch(model, variables, x, y, w, *stats, masks, iterations)
+    wrong, total_loss = sum_over_split(batch_sums, images, labels, batch_size, mesh)
     n = len(labels)
-    return {"error": 100.0 * wrong / n, "loss": total_loss / n}
+    return {"error": 100.0 * float(wrong) / n, "loss": float(total_loss) / n}
 
 
 def load_data(config: ml_collections.ConfigDict) -> ImageData:

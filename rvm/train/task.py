@@ -16,7 +16,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
+from rvm.data import pipeline
+from rvm.train import sharding
 from rvm.train.state import TrainState
 from rvm.train.step import LossFn
 
@@ -38,3 +41,26 @@ class Task:
     unit: str  # what one example is ("images", "sequences"): throughput is `{unit}_per_sec`
     summary: str  # the model in a few words, for the log
     relax_mask: Callable | None = None  # kernel sets the optimiser relaxes (relaxed sharing)
+
+
+def sum_over_split(
+    batch_sums: Callable[[jax.Array, jax.Array, jax.Array], Any],
+    inputs: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    mesh=None,
+) -> Any:
+    """Sums `batch_sums(x, y, weight)` (a pytree of weighted sums) over a whole split.
+
+    The batches come from `pipeline.eval_batches` (the last one padded, padding
+    weighted 0), are placed over `mesh`'s batch axis when given, and are added up
+    on the host in float64, so a long split loses no precision.
+    """
+    placement = sharding.batch(mesh) if mesh is not None else None
+    total = None
+    for batch in pipeline.eval_batches(inputs, labels, batch_size):
+        if placement is not None:
+            batch = jax.device_put(batch, placement)
+        sums = jax.tree.map(lambda v: np.asarray(v, np.float64), jax.device_get(batch_sums(*batch)))
+        total = sums if total is None else jax.tree.map(np.add, total, sums)
+    return total

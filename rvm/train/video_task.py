@@ -47,7 +47,7 @@ from rvm.data.moving_digits import (
 from rvm.models import cbm
 from rvm.train import clips, image_quality, sharding, xla
 from rvm.train.state import TrainState
-from rvm.train.task import Task
+from rvm.train.task import Task, sum_over_split
 
 TASKS = ("motion", "prediction")
 SCHEMES = ("full", "tbptt", "overlap")
@@ -198,19 +198,13 @@ def evaluate_motion(
 ) -> dict[str, float]:
     """Error (%) at the last frame, anticipation error (%) and mean loss at the last frame."""
     early = anticipation_frames(frames.shape[1])
-    batch_sharding = sharding.batch(mesh) if mesh is not None else None
-    totals = np.zeros(3)
-    for x, y, weight in pipeline.eval_batches(frames, labels, batch_size):
-        if batch_sharding is not None:
-            x, y, weight = jax.device_put((x, y, weight), batch_sharding)
-        totals += np.asarray(
-            jax.device_get(_motion_batch(model, variables, x, y, weight, early)), np.float64
-        )
+    batch_sums = lambda x, y, w: _motion_batch(model, variables, x, y, w, early)
+    wrong, wrong_early, loss = sum_over_split(batch_sums, frames, labels, batch_size, mesh)
     n = len(labels)
     return {
-        "error": 100.0 * totals[0] / n,
-        "anticipation_error": 100.0 * totals[1] / n,
-        "loss": totals[2] / n,
+        "error": 100.0 * float(wrong) / n,
+        "anticipation_error": 100.0 * float(wrong_early) / n,
+        "loss": float(loss) / n,
     }
 
 
@@ -237,15 +231,9 @@ def evaluate_prediction(
 ) -> dict[str, float | list[float]]:
     """MSE, PSNR (dB) and SSIM of the predicted frames: means, and `*_per_frame` lists
     (one entry per frame ahead)."""
-    batch_sharding = sharding.batch(mesh) if mesh is not None else None
     no_labels = np.zeros(len(frames), np.int32)
-    totals: dict[str, np.ndarray] = {}
-    for x, _, weight in pipeline.eval_batches(frames, no_labels, batch_size):
-        if batch_sharding is not None:
-            x, weight = jax.device_put((x, weight), batch_sharding)
-        sums = jax.device_get(_prediction_batch(model, variables, x, weight, num_input))
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
+    batch_sums = lambda x, _, w: _prediction_batch(model, variables, x, w, num_input)
+    totals = sum_over_split(batch_sums, frames, no_labels, batch_size, mesh)
     out: dict[str, float | list[float]] = {}
     for k, v in totals.items():
         per_frame = v / len(frames)
