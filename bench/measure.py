@@ -68,7 +68,8 @@ def _xla_options(spec: dict) -> None:
         raise ValueError(f"xla={spec['xla']!r}: 'rvm' or 'default'")
 
 
-def _rvm_config(spec: dict):
+def rvm_config(spec: dict):
+    """The CIFAR-10 config on synthetic images, with the spec's model, batch and `unroll`."""
     from experiments.configs.cifar10 import get_config
 
     config = get_config()
@@ -81,6 +82,7 @@ def _rvm_config(spec: dict):
     config.model.sharing = spec["sharing"]
     config.model.scope = spec.get("scope", "all")
     config.model.stochastic_depth = spec["stochastic_depth"]
+    config.model.unroll = bool(spec.get("unroll"))
     return config
 
 
@@ -98,14 +100,13 @@ def rvm_train(spec: dict) -> dict:
     from rvm.train import sharding as shd
 
     _xla_options(spec)
-    config = _rvm_config(spec)
+    config = rvm_config(spec)
     data = load_images(config.data)
     devices = jax.devices()
     if len(devices) != spec["devices"]:
         raise RuntimeError(f"{len(devices)} devices, spec asks for {spec['devices']}")
     baseline = _rss_mb()
 
-    config.model.unroll = bool(spec.get("unroll"))
     start = time.perf_counter()
     run = loop.build_run(config, data, shd.data_mesh(devices))
     jax.block_until_ready(run.state)
@@ -115,13 +116,14 @@ def rvm_train(spec: dict) -> dict:
     step_fn, stages = run.step_fn, {}
     if spec.get("stages"):
         # Ahead of time, each stage on its own clock; the first call is then execution only.
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         traced = run.step_fn.trace(run.state, run.train_data)
-        stages["trace_s"] = time.perf_counter() - start
+        t1 = time.perf_counter()
         lowered = traced.lower()
-        stages["lower_s"] = time.perf_counter() - start - stages["trace_s"]
+        t2 = time.perf_counter()
         step_fn = lowered.compile()
-        stages["compile_s"] = time.perf_counter() - start - stages["trace_s"] - stages["lower_s"]
+        t3 = time.perf_counter()
+        stages = {"trace_s": t1 - t0, "lower_s": t2 - t1, "compile_s": t3 - t2}
 
     def step():
         box["state"], metrics = step_fn(box["state"], run.train_data)
@@ -147,7 +149,7 @@ def rvm_eval(spec: dict) -> dict:
     from rvm.models import sharing
     from rvm.train import image_task
 
-    config = _rvm_config(spec)
+    config = rvm_config(spec)
     data = load_images(config.data)
     baseline = _rss_mb()
     model = sharing.build_model(config.model, data.num_classes)

@@ -47,9 +47,15 @@ def _build(args):
     from rvm.train import loop
     from rvm.train import sharding as shd
 
-    spec = {"blocks": args.blocks, "sharing": args.sharing, "stochastic_depth": args.sd}
-    config = measure._rvm_config({**spec, "batch": args.batch})
-    config.model.unroll = args.unroll
+    config = measure.rvm_config(
+        {
+            "blocks": args.blocks,
+            "sharing": args.sharing,
+            "stochastic_depth": args.sd,
+            "batch": args.batch,
+            "unroll": args.unroll,
+        }
+    )
     data = load_images(config.data)
     return loop.build_run(config, data, shd.data_mesh(jax.devices()))
 
