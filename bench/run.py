@@ -31,6 +31,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from rvm.train import hugepages  # the standard library only: no JAX in this process
+
 REPO = Path(__file__).resolve().parents[1]
 WIDTHS = (16, 32, 64)
 NUM_CLASSES = 10
@@ -45,6 +47,7 @@ MEASUREMENTS = (
     "data_parallel",  # rvm over the host's cores as separate XLA devices
     "xla_cpu",  # rvm's step under XLA:CPU's default options against rvm's
     "convs",  # one 3x3 conv per level: rvm under both option sets, and PyTorch
+    "malloc",  # rvm and PyTorch steps under glibc's default malloc against huge pages
 )
 LEVELS = ((32, 16), (16, 32), (8, 64))  # (size, channels) of the three levels' convs
 CONV_IMPLS = {
@@ -218,6 +221,12 @@ def plan(s: Settings) -> dict[str, dict[str, dict]]:
             for kind in ("forward", "train")
             for impl, spec in CONV_IMPLS.items()
         },
+        "malloc": {
+            f"{tuple(b)} nonshared {impl} / {malloc}": make(s, b, **extra)
+            for b in (s.small, s.large)
+            for impl, make in (("rvm", rvm), ("torch eager channels_last", twin))
+            for malloc, extra in (("huge pages", {}), ("glibc default", {"malloc": "default"}))
+        },
     }
     assert set(sections) == set(MEASUREMENTS)
     return sections
@@ -227,8 +236,17 @@ def plan(s: Settings) -> dict[str, dict[str, dict]]:
 
 
 def child_env(spec: dict) -> dict[str, str]:
-    """The parent's environment on the CPU, uncached, with the spec's XLA host device count."""
+    """The parent's environment on the CPU, uncached, with the spec's XLA host device count.
+
+    Every child, rvm's or PyTorch's, runs with glibc's malloc on huge pages, as
+    `experiments.train` does (`rvm.train.hugepages`), unless the spec says
+    `"malloc": "default"`.
+    """
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    if spec.get("malloc", "hugepages") == "hugepages":
+        env = hugepages.environ(env)
+    elif spec["malloc"] != "default":
+        raise ValueError(f"malloc={spec['malloc']!r}: 'hugepages' or 'default'")
     # No persistent compilation caches: a first call always compiles from scratch.
     env.update(JAX_ENABLE_COMPILATION_CACHE="false", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
     flags = [
@@ -509,6 +527,15 @@ def report_xla_cpu(res: dict, ctx: dict, s: Settings) -> list[str]:
     return _report_against(res, s, note, "rvm", "vs rvm")
 
 
+def report_malloc(res: dict, ctx: dict, s: Settings) -> list[str]:
+    note = (
+        "Training steps (stochastic depth off) with glibc's malloc on transparent huge pages "
+        "(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, how every other section runs and how "
+        "`experiments.train` restarts itself) against glibc's default malloc."
+    )
+    return _report_against(res, s, note, "huge pages", "vs huge pages")
+
+
 def report_convs(res: dict, ctx: dict, s: Settings) -> list[str]:
     lines = [
         f"One 3x3 conv, C -> C channels, same size, batch {s.batch}, float32: `forward`, or "
@@ -608,6 +635,7 @@ def render(doc: dict, s: Settings) -> str:
         "data_parallel": report_data_parallel,
         "xla_cpu": report_xla_cpu,
         "convs": report_convs,
+        "malloc": report_malloc,
     }
     for name, body in sections.items():
         if name in res:
