@@ -4,6 +4,9 @@
     python -m bench.profile --blocks 3,4,4 --sd   # another model, stochastic depth on
     python -m bench.profile --unroll --compile    # count kernel compilations instead
 
+Like `experiments.train`, it first restarts itself with glibc's malloc on huge pages
+(`rvm.train.hugepages`); `--default-malloc` keeps glibc's default.
+
 Step mode traces `--steps` steps of `build_run`'s step with `jax.profiler` (XLA:CPU
 per-op trace events on) and prints the thread-milliseconds per step of each kind
 of XLA op (fusion names without their numeric suffix), summed over threads, plus
@@ -29,6 +32,7 @@ from pathlib import Path
 import jax
 
 from bench import measure
+from rvm.train import hugepages
 
 
 def _events(trace_dir: str):
@@ -121,7 +125,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="profile compilation instead")
+    parser.add_argument(
+        "--default-malloc", action="store_true", help="glibc's default malloc, not huge pages"
+    )
     args = parser.parse_args(argv)
+    if not args.default_malloc:
+        hugepages.reexec()  # as experiments.train and every bench/run.py child run
     # Per-op trace events of XLA:CPU; must be set before the backend starts.
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
