@@ -24,6 +24,7 @@ import os
 import platform
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,7 @@ class Settings:
     steps: int = 4  # per timed window
     windows: int = 5  # the median window is reported
     warmup: int = 2  # untimed calls, the first (compiling) one included
+    rounds: int = 1  # passes over the whole plan; each measurement's windows are pooled
     matmul_n: int = 4096
     timeout: float = 1800.0  # seconds per child process
 
@@ -261,24 +263,29 @@ def child_env(spec: dict) -> dict[str, str]:
 
 
 class Runner:
-    """Runs each distinct spec once in a subprocess with a timeout; failures become records."""
+    """Runs each distinct spec once per round in a subprocess with a timeout.
+
+    A failed run becomes a record with the log's tail. `round` is set by the caller;
+    the record returned for a spec pools every round run so far (`pooled`).
+    """
 
     def __init__(self, timeout: float, workdir: Path):
         self.timeout, self.workdir = timeout, workdir
-        self.done: dict[str, dict] = {}
+        self.round = 0
+        self.runs: dict[str, list[dict]] = {}
 
     def __call__(self, spec: dict, label: str) -> dict:
-        key = json.dumps(spec, sort_keys=True)
-        if key in self.done:
+        runs = self.runs.setdefault(json.dumps(spec, sort_keys=True), [])
+        if len(runs) > self.round:
             print(f"  {label}: measured above", flush=True)
         else:
             print(f"  {label} ...", end=" ", flush=True)
-            self.done[key] = self._run(spec)
-            print(_summary(self.done[key]), flush=True)
-        return self.done[key]
+            runs.append(self._run(spec))
+            print(_summary(runs[-1]), flush=True)
+        return pooled(runs)
 
     def _run(self, spec: dict) -> dict:
-        n, timeout = len(self.done), spec.get("timeout", self.timeout)
+        n, timeout = sum(map(len, self.runs.values())), spec.get("timeout", self.timeout)
         out, log = self.workdir / f"{n}.json", self.workdir / f"{n}.log"
         cmd = [sys.executable, "-m", "bench.measure", json.dumps(spec), str(out)]
         start = time.perf_counter()
@@ -308,6 +315,32 @@ class Runner:
         tail = log.read_text(errors="replace")[-1500:].strip()
         why = f"timed out after {timeout:.0f} s" if rc is None else f"exit status {rc}"
         return {**record, "ok": False, "error": why, "log_tail": tail}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One record for the rounds of a measurement: windows pooled, their median the step.
+
+    Rounds run far apart in the invocation, so a slow spell of a shared machine
+    weighs on every measurement alike. A failed round makes the record a failure;
+    peak memory is the largest, other figures (first call, compile stages) the median.
+    """
+    failed = [r for r in runs if not r["ok"]]
+    if failed or len(runs) == 1:
+        return failed[0] if failed else runs[0]
+    out = {**runs[0], "rounds": len(runs), "wall_s": sum(r["wall_s"] for r in runs)}
+    out["windows_s"] = [w for r in runs for w in r["windows_s"]]
+    out["step_s"] = statistics.median(out["windows_s"])
+    for key, value in runs[0].items():
+        if key in ("windows_s", "step_s", "wall_s") or not isinstance(value, float):
+            continue
+        values = [r[key] for r in runs]
+        if key == "max_rss_mb":
+            out[key] = max(values)
+        elif key == "gflops":  # the work per step is fixed: GFLOP/s follows the pooled step
+            out[key] = value * runs[0]["step_s"] / out["step_s"]
+        else:
+            out[key] = statistics.median(values)
+    return out
 
 
 def _summary(r: dict) -> str:
@@ -404,7 +437,7 @@ def report_train(res: dict, ctx: dict, s: Settings) -> list[str]:
         f"Batch {s.batch}, float32, synthetic 32x32 images, stochastic depth off. Training "
         "FLOPs per image = 3 x 2 x forward MACs (3x3 convs + head): "
         + ", ".join(f"{tuple(b)} {train_flops(b) / 1e9:.3f} GFLOP" for b in (s.small, s.large))
-        + ". Step = median of the windows [fastest-slowest].",
+        + ". Step = median of the windows (of every round) [fastest-slowest].",
         "",
         "| model | implementation | s/step | images/s | vs rvm | GFLOP/s | of ceiling "
         "| first call s |",
@@ -662,7 +695,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
             warmup=1,
             matmul_n=256,
         )
-    given = {k: getattr(args, k) for k in ("steps", "windows", "warmup", "timeout", "batch")}
+    names = ("steps", "windows", "warmup", "rounds", "timeout", "batch")
+    given = {k: getattr(args, k) for k in names}
     return dataclasses.replace(s, **{k: x for k, x in given.items() if x is not None})
 
 
@@ -676,6 +710,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="steps per timed window")
     parser.add_argument("--windows", type=int, help="timed windows (the median is reported)")
     parser.add_argument("--warmup", type=int, help="untimed calls, the compiling one included")
+    parser.add_argument(
+        "--rounds", type=int, help="passes over all measurements, windows pooled (default 1)"
+    )
     parser.add_argument("--batch", type=int, help="training batch size (default 128)")
     parser.add_argument("--timeout", type=float, help="seconds per measurement process")
     parser.add_argument("--out", help="result path without extension (default bench/results/NAME)")
@@ -706,18 +743,21 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rvm_bench_") as tmp:
         runner = Runner(s.timeout, Path(tmp))
-        for section in selected:
-            print(f"[{section}]", flush=True)
-            doc["results"][section] = {}
-            for label, spec in specs[section].items():
-                doc["results"][section][label] = runner(spec, label)
-                if section == "ceiling":
-                    flops = [r["gflops"] for r in doc["results"]["ceiling"].values() if r["ok"]]
-                    doc["ceiling_gflops"] = max(flops, default=None)
-                doc["wall_s"] = time.perf_counter() - start
-                doc["targets"] = targets(doc["results"], s)
-                out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-                out.with_suffix(".md").write_text(render(doc, s))
+        for r in range(s.rounds):
+            runner.round = r
+            for section in selected:
+                rounds = f" round {r + 1}/{s.rounds}" if s.rounds > 1 else ""
+                print(f"[{section}]{rounds}", flush=True)
+                doc["results"][section] = {}
+                for label, spec in specs[section].items():
+                    doc["results"][section][label] = runner(spec, label)
+                    if section == "ceiling":
+                        flops = [r["gflops"] for r in doc["results"]["ceiling"].values() if r["ok"]]
+                        doc["ceiling_gflops"] = max(flops, default=None)
+                    doc["wall_s"] = time.perf_counter() - start
+                    doc["targets"] = targets(doc["results"], s)
+                    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+                    out.with_suffix(".md").write_text(render(doc, s))
     doc["machine"]["load_average_at_end"] = os.getloadavg()
     out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     out.with_suffix(".md").write_text(render(doc, s))
