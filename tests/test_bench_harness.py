@@ -1,0 +1,54 @@
+"""The benchmark harness's bookkeeping (no timing): child environments, pooled rounds, the plan."""
+
+import pytest
+
+from bench import run
+
+
+def test_children_run_on_the_cpu_with_huge_page_malloc_unless_told_otherwise(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_dump_to=x")
+    env = run.child_env({"kind": "rvm_train"})
+    assert env["JAX_PLATFORMS"] == "cpu"
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert env["XLA_FLAGS"] == "--xla_dump_to=x"
+    env = run.child_env({"kind": "torch_train", "malloc": "default", "devices": 2})
+    assert "GLIBC_TUNABLES" not in env
+    assert env["XLA_FLAGS"] == "--xla_dump_to=x --xla_force_host_platform_device_count=2"
+    with pytest.raises(ValueError, match="malloc"):
+        run.child_env({"malloc": "tcmalloc"})
+
+
+def _record(windows, **extra):
+    return {"ok": True, "windows_s": windows, "step_s": sorted(windows)[1], "wall_s": 10.0, **extra}
+
+
+def test_rounds_pool_their_windows_and_keep_the_largest_peak_memory():
+    a = _record([1.0, 2.0, 3.0], max_rss_mb=100.0, first_call_s=5.0, final_loss=2.0)
+    b = _record([4.0, 5.0, 6.0], max_rss_mb=80.0, first_call_s=7.0, final_loss=2.5)
+    out = run.pooled([a, b])
+    assert out["windows_s"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert out["step_s"] == 3.5
+    assert out["max_rss_mb"] == 100.0
+    assert out["first_call_s"] == 6.0
+    assert out["wall_s"] == 20.0 and out["rounds"] == 2
+    assert run.pooled([a]) is a
+
+
+def test_gflops_follow_the_pooled_step_and_a_failed_round_fails_the_record():
+    a = _record([1.0, 1.0, 1.0], gflops=100.0)
+    b = _record([3.0, 3.0, 3.0], gflops=100 / 3)
+    assert run.pooled([a, b])["gflops"] == pytest.approx(50.0)
+    failed = {"ok": False, "error": "timed out", "log_tail": "", "wall_s": 1.0}
+    assert run.pooled([a, failed]) is failed
+
+
+def test_malloc_section_reuses_the_train_sections_huge_page_measurements():
+    plan = run.plan(run.Settings())
+    assert set(plan) == set(run.MEASUREMENTS)
+    train = list(plan["train"].values())
+    huge = [spec for label, spec in plan["malloc"].items() if label.endswith("huge pages")]
+    default = [spec for label, spec in plan["malloc"].items() if label.endswith("default")]
+    assert len(huge) == len(default) == 4
+    assert all(spec in train for spec in huge)
+    assert all(spec["malloc"] == "default" and spec not in train for spec in default)
