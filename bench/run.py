@@ -543,30 +543,30 @@ def _report_against(res: dict, s: Settings, note: str, base: str, column: str) -
     return lines
 
 
-def report_data_parallel(res: dict, ctx: dict, s: Settings) -> list[str]:
-    note = (
+# Sections reported as step times against one run of the same model: note, that run's
+# label (after the model), and the ratio column's heading.
+AGAINST = {
+    "data_parallel": (
         "rvm's step over a `(\"data\",)` mesh of the host's cores as separate XLA devices "
-        "(`--xla_force_host_platform_device_count`), against one device."
-    )
-    return _report_against(res, s, note, "1 device", "speed-up")
-
-
-def report_xla_cpu(res: dict, ctx: dict, s: Settings) -> list[str]:
-    note = (
+        "(`--xla_force_host_platform_device_count`), against one device.",
+        "1 device",
+        "speed-up",
+    ),
+    "xla_cpu": (
         "rvm's training step (stochastic depth off) as shipped, compiled with XLA:CPU's "
         "default options (convolutions through YNNPACK, not `rvm.train.xla.CPU_OPTIONS`), "
-        "and as shipped over two XLA host devices."
-    )
-    return _report_against(res, s, note, "rvm", "vs rvm")
-
-
-def report_malloc(res: dict, ctx: dict, s: Settings) -> list[str]:
-    note = (
+        "and as shipped over two XLA host devices.",
+        "rvm",
+        "vs rvm",
+    ),
+    "malloc": (
         "Training steps (stochastic depth off) with glibc's malloc on transparent huge pages "
         "(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, how every other section runs and how "
-        "`experiments.train` restarts itself) against glibc's default malloc."
-    )
-    return _report_against(res, s, note, "huge pages", "vs huge pages")
+        "`experiments.train` restarts itself) against glibc's default malloc.",
+        "huge pages",
+        "vs huge pages",
+    ),
+}
 
 
 def report_convs(res: dict, ctx: dict, s: Settings) -> list[str]:
@@ -653,6 +653,7 @@ def render(doc: dict, s: Settings) -> str:
     if doc["targets"]:
         lines += ["## Targets", ""] + [f"- {t['target']}: {t['text']}" for t in doc["targets"]]
         lines.append("")
+    against = lambda name: lambda r, c, s: _report_against(r, s, *AGAINST[name])
     sections: dict[str, Callable[..., list[str]]] = {
         "ceiling": lambda r, c, s: report_ceiling(r, c),
         "train": report_train,
@@ -665,10 +666,10 @@ def render(doc: dict, s: Settings) -> str:
         ),
         "eval": report_eval,
         "memory": report_memory,
-        "data_parallel": report_data_parallel,
-        "xla_cpu": report_xla_cpu,
+        "data_parallel": against("data_parallel"),
+        "xla_cpu": against("xla_cpu"),
         "convs": report_convs,
-        "malloc": report_malloc,
+        "malloc": against("malloc"),
     }
     for name, body in sections.items():
         if name in res:
