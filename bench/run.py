@@ -266,7 +266,7 @@ class Runner:
     """Runs each distinct spec once per round in a subprocess with a timeout.
 
     A failed run becomes a record with the log's tail. `round` is set by the caller;
-    the record returned for a spec combines every round run so far (`pooled`).
+    the record returned for a spec combines every round run so far (`fastest_round`).
     """
 
     def __init__(self, timeout: float, workdir: Path):
@@ -282,7 +282,7 @@ class Runner:
             print(f"  {label} ...", end=" ", flush=True)
             runs.append(self._run(spec))
             print(_summary(runs[-1]), flush=True)
-        return pooled(runs)
+        return fastest_round(runs)
 
     def _run(self, spec: dict) -> dict:
         n, timeout = sum(map(len, self.runs.values())), spec.get("timeout", self.timeout)
@@ -317,7 +317,7 @@ class Runner:
         return {**record, "ok": False, "error": why, "log_tail": tail}
 
 
-def pooled(runs: list[dict]) -> dict:
+def fastest_round(runs: list[dict]) -> dict:
     """One record for the rounds of a measurement: the step of its fastest round.
 
     Other tenants of a shared VM only ever slow a measurement down, sometimes for a
@@ -744,10 +744,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rvm_bench_") as tmp:
         runner = Runner(s.timeout, Path(tmp))
-        for r in range(s.rounds):
-            runner.round = r
+        for round_ in range(s.rounds):
+            runner.round = round_
             for section in selected:
-                rounds = f" round {r + 1}/{s.rounds}" if s.rounds > 1 else ""
+                rounds = f" round {round_ + 1}/{s.rounds}" if s.rounds > 1 else ""
                 print(f"[{section}]{rounds}", flush=True)
                 doc["results"][section] = {}
                 for label, spec in specs[section].items():

@@ -1,4 +1,4 @@
-"""The benchmark harness's bookkeeping (no timing): child environments, pooled rounds, the plan."""
+"""The benchmark harness's bookkeeping (no timing): child environments, rounds, the plan."""
 
 import pytest
 
@@ -26,16 +26,16 @@ def _record(windows, **extra):
 def test_rounds_keep_the_fastest_round_every_window_and_the_largest_peak_memory():
     a = _record([1.0, 2.0, 3.0], max_rss_mb=100.0, first_call_s=5.0, gflops=10.0)
     b = _record([0.5, 1.5, 9.0], max_rss_mb=80.0, first_call_s=7.0, gflops=20.0)
-    out = run.pooled([a, b])
+    out = run.fastest_round([a, b])
     assert out["step_s"] == 1.5 and out["gflops"] == 20.0
     assert out["round_steps_s"] == [2.0, 1.5]
     assert out["windows_s"] == [1.0, 2.0, 3.0, 0.5, 1.5, 9.0]
     assert out["max_rss_mb"] == 100.0
     assert out["first_call_s"] == 6.0
     assert out["wall_s"] == 20.0 and out["rounds"] == 2
-    assert run.pooled([a]) is a
+    assert run.fastest_round([a]) is a
     failed = {"ok": False, "error": "timed out", "log_tail": "", "wall_s": 1.0}
-    assert run.pooled([a, failed]) is failed
+    assert run.fastest_round([a, failed]) is failed
 
 
 def test_malloc_section_reuses_the_train_sections_huge_page_measurements():
