@@ -63,7 +63,7 @@ def _xla_options(spec: dict) -> None:
     if spec.get("xla", "rvm") == "default":
         from rvm.train import xla
 
-        xla.compiler_options = lambda platform=None: None
+        xla.compiler_options = lambda platform=None, once=False: None
     elif spec.get("xla", "rvm") != "rvm":
         raise ValueError(f"xla={spec['xla']!r}: 'rvm' or 'default'")
 

@@ -310,3 +310,5 @@ def test_rvm_jit_keeps_convolutions_out_of_ynnpack():
     np.testing.assert_allclose(xla.jit(conv3x3)(x, kernel), jax.jit(conv3x3)(x, kernel), 1e-5)
     assert xla.compiler_options("gpu") is None
     assert xla.compiler_options("cpu") == xla.CPU_OPTIONS
+    assert xla.compiler_options("cpu", once=True) == {**xla.CPU_OPTIONS, **xla.ONCE_OPTIONS}
+    assert xla.compiler_options("gpu", once=True) is None

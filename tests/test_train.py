@@ -9,7 +9,7 @@ import pytest
 from experiments.configs import cifar10
 from rvm.data import load_images
 from rvm.models import sharing
-from rvm.train import loop
+from rvm.train import loop, xla
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
 from rvm.train.task import sum_over_split
@@ -52,6 +52,31 @@ def test_one_step_matches_golden_values():
     abs_sum = sum(np.abs(x).sum() for x in leaves(state.params))
     np.testing.assert_allclose(abs_sum, 9661.955, rtol=1e-4)
     assert int(state.step) == 1
+
+
+def test_state_init_compiled_once_agrees_with_an_optimised_compile(monkeypatch):
+    """The one-off init skips LLVM's optimisations (`xla.ONCE_OPTIONS`); same values."""
+    config = tiny_config("raw")
+    data, mesh = load_images(config.data), shd.data_mesh(jax.devices()[:1])
+    options = xla.compiler_options
+    asked = []
+
+    def record(platform=None, *, once=False):
+        asked.append(once)
+        return options(platform, once=once)
+
+    monkeypatch.setattr(xla, "compiler_options", record)
+    fast_compile = leaves(loop.build_run(config, data, mesh).state)
+    assert asked == [True, False]  # the init, then the step
+
+    def optimise_all(platform=None, *, once=False):
+        return options(platform)
+
+    monkeypatch.setattr(xla, "compiler_options", optimise_all)
+    optimised = leaves(loop.build_run(config, data, mesh).state)
+    for x, y in zip(fast_compile, optimised, strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+    assert sum(np.abs(x).sum() for x in optimised) > 100  # kernels drawn, not all zero
 
 
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):

@@ -115,7 +115,13 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
         return TrainState.create(variables, tx, key)
 
     replicated = shd.replicated(mesh)
-    state = jax.jit(init_state, out_shardings=replicated)(jax.random.PRNGKey(config.seed))
+    platform = mesh.devices.flat[0].platform
+    init_fn = jax.jit(
+        init_state,
+        out_shardings=replicated,
+        compiler_options=xla.compiler_options(platform, once=True),
+    )
+    state = init_fn(jax.random.PRNGKey(config.seed))
     step_fn = jax.jit(
         partial(
             train_step,
@@ -128,7 +134,7 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
         in_shardings=(replicated, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
-        compiler_options=xla.compiler_options(mesh.devices.flat[0].platform),
+        compiler_options=xla.compiler_options(platform),
     )
     return Run(task, tx, state, step_fn, steps_per_epoch, total_steps, mesh)
 

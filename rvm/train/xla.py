@@ -1,4 +1,4 @@
-"""`jax.jit` with the XLA:CPU options rvm's convolutions run fastest under.
+"""XLA:CPU compile options: convolutions on their fastest path, one-off functions compiled fast.
 
 XLA:CPU hands convolutions to YNNPACK by default. For these networks' 3x3
 convolutions (16-64 channels, 8x8 to 32x32 maps, batch 128) its own Eigen
@@ -8,6 +8,11 @@ options keep YNNPACK for the reductions and matrix products it handles by defaul
 and take convolutions away from it. They are compile options of each jit,
 not process-wide XLA_FLAGS, so importing rvm changes nothing else in the process;
 other backends compile without them.
+
+A function that runs once, such as the initialisation of a run's state, is better
+compiled fast than compiled to run fast: `ONCE_OPTIONS` skip LLVM's optimisation of
+its kernels (`bench/results/cpu.md`, section `compile`, column `init`, times
+`build_run`, which compiles the initialisation this way).
 """
 
 from __future__ import annotations
@@ -27,10 +32,22 @@ CPU_OPTIONS = {
 }
 
 
-def compiler_options(platform: str | None = None) -> dict[str, str] | None:
-    """`CPU_OPTIONS` for the CPU (default: the default backend), else None."""
+# LLVM at -O0 and without its expensive passes; XLA's HLO optimisations still run.
+ONCE_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
+
+
+def compiler_options(platform: str | None = None, *, once: bool = False) -> dict[str, Any] | None:
+    """`CPU_OPTIONS` (with `once`: `ONCE_OPTIONS` too) for the CPU, else None.
+
+    `platform` defaults to the default backend.
+    """
     platform = platform or jax.default_backend()
-    return dict(CPU_OPTIONS) if platform == "cpu" else None
+    if platform != "cpu":
+        return None
+    return {**CPU_OPTIONS, **ONCE_OPTIONS} if once else dict(CPU_OPTIONS)
 
 
 def jit(fun: Callable | None = None, /, **kwargs: Any) -> Callable:
