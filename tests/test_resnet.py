@@ -228,6 +228,24 @@ def test_stochastic_depth_training_drops_blocks_per_rng():
     np.testing.assert_array_equal(a[0], b[0])
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_bfloat16_model_with_stochastic_depth_computes_in_bfloat16(train):
+    """Blocks under `cond` with float32 survival probabilities keep the scan's carry bfloat16."""
+    cfg = model_config((2, 3, 3), "nonshared", "all", sd=True)
+    cfg.dtype = "bfloat16"
+    model = sharing.build_model(cfg, 10, keep_activations=True)
+    variables = init(model, X)
+    rngs = {"dropout": jax.random.key(0)}
+    (logits, acts), _ = model.apply(variables, X, train=train, rngs=rngs, mutable=["batch_stats"])
+    assert logits.dtype == jnp.float32
+    assert all(a.dtype == jnp.bfloat16 for a in jax.tree.leaves(acts))
+    cfg.dtype = "float32"
+    want, _ = sharing.build_model(cfg, 10).apply(
+        variables, X, train=train, rngs=rngs, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(logits, want, rtol=0.1, atol=0.1)
+
+
 def test_fewer_iterations_equal_masking_the_top_blocks():
     cfg = model_config((2, 5, 2), "raw", "middle", sd=True)
     model = sharing.build_model(cfg, 10)

@@ -82,7 +82,9 @@ class Block(nn.Module):
 
     def _run(self, x, train, kernels, scale):
         s = shortcut(x, self.features, self.strides)
-        return nn.relu(s + scale * self.residual(x, train, kernels))
+        r = self.residual(x, train, kernels)
+        # A traced scale (survival probabilities are float32) must not promote bfloat16.
+        return nn.relu(s + jnp.asarray(scale, r.dtype) * r).astype(self.dtype)
 
     def _skip(self, x, train, kernels, scale):
         return shortcut(x, self.features, self.strides).astype(self.dtype)
