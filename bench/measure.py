@@ -4,8 +4,13 @@
 share a process's threads or memory, XLA flags can differ per measurement, and
 the peak RSS (`ru_maxrss`) belongs to that measurement alone. A measurement
 imports only the framework it measures. Timing: `time.perf_counter` around
-windows of `steps` steps after warm-up, JAX results blocked on; the result
-holds every window's seconds per step and their median.
+windows of `steps` steps after warm-up, JAX results blocked on and CUDA
+synchronised; the result holds every window's seconds per step and their median.
+
+A spec's `platform` ("cpu" or "gpu", default "cpu") says where the model runs (the
+parent sets JAX_PLATFORMS to match), its `dtype` ("float32" or "bfloat16") how it
+computes: rvm's `model.dtype` (parameters and BatchNorm statistics stay float32),
+PyTorch's `torch.autocast`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ def _rss_mb() -> float:
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _dtype(spec: dict) -> str:
+    dtype = spec.get("dtype", "float32")
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype={dtype!r}: 'float32' or 'bfloat16'")
+    return dtype
+
+
+def _synchronous(out: Any) -> Any:
+    """Nothing to wait for: the call returned when its work was done (eager CPU, host values)."""
+    return out
 
 
 def _time_windows(step: Callable[[], Any], sync: Callable[[Any], Any], spec: dict) -> dict:
@@ -83,6 +100,7 @@ def rvm_config(spec: dict):
     config.model.scope = spec.get("scope", "all")
     config.model.stochastic_depth = spec["stochastic_depth"]
     config.model.unroll = bool(spec.get("unroll"))
+    config.model.dtype = _dtype(spec)
     return config
 
 
@@ -161,7 +179,7 @@ def rvm_eval(spec: dict) -> dict:
     def step():
         return image_task.evaluate(model, variables, images, labels, stats, len(labels))
 
-    return {**_time_windows(step, lambda out: out, spec), "baseline_rss_mb": baseline}
+    return {**_time_windows(step, _synchronous, spec), "baseline_rss_mb": baseline}
 
 
 def _conv_flops(spec: dict) -> float:
@@ -217,34 +235,58 @@ def torch_conv(spec: dict) -> dict:
             with torch.no_grad():
                 return conv(x)
 
-    result = _time_windows(step, lambda out: out, spec)
+    result = _time_windows(step, _synchronous, spec)
     return {**result, "gflops": _conv_flops(spec) / result["step_s"] / 1e9}
 
 
 # --- PyTorch -----------------------------------------------------------------------------
 
 
+def _torch_device(torch, spec: dict):
+    """CPU threads, or the GPU with cuDNN autotuning (fixed shapes, as XLA autotunes)."""
+    if spec.get("platform", "cpu") == "cpu":
+        torch.set_num_threads(os.cpu_count() or 1)
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("platform 'gpu' but PyTorch sees no CUDA device")
+    torch.backends.cudnn.benchmark = True
+    return torch.device("cuda")
+
+
+def _torch_sync(torch, device) -> Callable[[Any], Any]:
+    """What ends a timed window: eager CPU work is done when the call returns."""
+    if device.type == "cuda":
+        return lambda out: torch.cuda.synchronize()
+    return _synchronous
+
+
+def _autocast(torch, device, spec: dict):
+    """`torch.autocast` to bfloat16 for dtype bfloat16, else a no-op context."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=_dtype(spec) == "bfloat16")
+
+
 def _torch_setup(spec: dict):
-    """Threads, the twin model (channels_last if asked) and a uint8 NHWC synthetic split."""
+    """Device, the twin model (channels_last if asked) and a uint8 NHWC synthetic split on it."""
     import torch
 
     from bench.torch_resnet import TorchResNet
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    device = _torch_device(torch, spec)
     torch.manual_seed(0)
     shared = spec["sharing"] == "raw"
     if shared and spec.get("scope", "all") != "all":
         raise ValueError("the twin benchmarks raw sharing on all levels only")
     rate = 0.5 if spec["stochastic_depth"] else 0.0
     model = TorchResNet(spec["blocks"], (shared,) * 3, NUM_CLASSES, final_death_rate=rate)
+    model = model.to(device)
     if spec["layout"] == "channels_last":
         model = model.to(memory_format=torch.channels_last)
     n = max(TRAIN_IMAGES, spec["batch"], spec.get("eval_batch", 0))
-    images = torch.randint(0, 256, (n, *IMAGE_SHAPE), dtype=torch.uint8)
-    labels = torch.randint(0, NUM_CLASSES, (n,))
+    images = torch.randint(0, 256, (n, *IMAGE_SHAPE), dtype=torch.uint8).to(device)
+    labels = torch.randint(0, NUM_CLASSES, (n,)).to(device)
     as_float = images.float()
     mean, std = as_float.mean(0), as_float.std(0) + 1e-6  # per-feature, as rvm's default
-    return torch, model, images, labels, mean, std
+    return torch, device, model, images, labels, mean, std
 
 
 def _to_input(torch, images, mean, std, layout: str):
@@ -254,8 +296,11 @@ def _to_input(torch, images, mean, std, layout: str):
 
 
 def torch_train(spec: dict) -> dict:
-    """Eager (or `torch.compile`d model) step: gather, flip, forward, backward, SGD-Nesterov."""
-    torch, model, images, labels, mean, std = _torch_setup(spec)
+    """Eager (or `torch.compile`d model) step: gather, flip, forward, backward, SGD-Nesterov.
+
+    With dtype bfloat16 the forward pass and loss run under `torch.autocast`.
+    """
+    torch, device, model, images, labels, mean, std = _torch_setup(spec)
     import torch.nn.functional as F
 
     baseline = _rss_mb()
@@ -264,27 +309,29 @@ def torch_train(spec: dict) -> dict:
     opt = torch.optim.SGD(
         model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
     )
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)
     batch = spec["batch"]
 
     def step():
-        idx = torch.randint(len(labels), (batch,), generator=gen)
+        idx = torch.randint(len(labels), (batch,), generator=gen, device=device)
         x = images[idx]
-        flip = torch.rand(batch, generator=gen) < 0.5
+        flip = torch.rand(batch, generator=gen, device=device) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(2), x)
-        loss = F.cross_entropy(forward(_to_input(torch, x, mean, std, spec["layout"])), labels[idx])
+        with _autocast(torch, device, spec):
+            logits = forward(_to_input(torch, x, mean, std, spec["layout"]))
+            loss = F.cross_entropy(logits, labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss
 
-    result = _time_windows(step, lambda out: out, spec)
+    result = _time_windows(step, _torch_sync(torch, device), spec)
     return {**result, "final_loss": float(step().detach()), "baseline_rss_mb": baseline}
 
 
 def torch_eval(spec: dict) -> dict:
     """`torch.no_grad()` evaluation of one eval batch: normalise, forward, error and loss."""
-    torch, model, images, labels, mean, std = _torch_setup(spec)
+    torch, device, model, images, labels, mean, std = _torch_setup(spec)
     import torch.nn.functional as F
 
     baseline = _rss_mb()
@@ -293,31 +340,40 @@ def torch_eval(spec: dict) -> dict:
     images, labels = images[:n], labels[:n]
 
     def step():
-        with torch.no_grad():
-            logits = model(_to_input(torch, images, mean, std, spec["layout"]))
+        with torch.no_grad(), _autocast(torch, device, spec):
+            logits = model(_to_input(torch, images, mean, std, spec["layout"])).float()
             wrong = (logits.argmax(-1) != labels).sum().item()
             return wrong, F.cross_entropy(logits, labels, reduction="sum").item()
 
-    return {**_time_windows(step, lambda out: out, spec), "baseline_rss_mb": baseline}
+    return {**_time_windows(step, _synchronous, spec), "baseline_rss_mb": baseline}
 
 
-# --- The machine's float32 ceiling -------------------------------------------------------
+# --- The machine's ceiling --------------------------------------------------------------
 
 
 def matmul(spec: dict) -> dict:
-    """An n x n float32 matrix product (2 n^3 FLOPs) with numpy's BLAS or PyTorch."""
+    """An n x n matrix product (2 n^3 FLOPs) with numpy's BLAS or PyTorch, in the spec's dtype.
+
+    On the GPU, float32 means float32: PyTorch's TF32 matrix products stay off.
+    """
     n = spec["n"]
     if spec["library"] == "torch":
         import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)
-        a, b = torch.rand(n, n), torch.rand(n, n)
+        device = _torch_device(torch, spec)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        dtype = getattr(torch, _dtype(spec))
+        a, b = (torch.rand(n, n, device=device).to(dtype) for _ in range(2))
+        sync = _torch_sync(torch, device)
     else:
         import numpy as np
 
+        if _dtype(spec) != "float32" or spec.get("platform", "cpu") != "cpu":
+            raise ValueError("numpy's matmul measures the CPU in float32 only")
         rng = np.random.default_rng(0)
         a, b = (rng.random((n, n), dtype=np.float32) for _ in range(2))
-    result = _time_windows(lambda: a @ b, lambda out: out, spec)
+        sync = _synchronous
+    result = _time_windows(lambda: a @ b, sync, spec)
     result["gflops"] = 2 * n**3 / result["step_s"] / 1e9
     return result
 

@@ -1,8 +1,9 @@
-"""rvm's CPU benchmark suite: every measurement in its own process, one report per invocation.
+"""rvm's benchmark suite: every measurement in its own process, one report per invocation.
 
     python bench/run.py                       # everything (about 25 min on an idle 2-core VM)
     python bench/run.py --quick               # tiny step counts: a smoke check of the real models
     python bench/run.py --only train,compile  # a subset; see MEASUREMENTS
+    python bench/run.py --platform gpu        # the GPU plan (GPU_MEASUREMENTS), bfloat16 included
 
 Writes `bench/results/<name>.md` and `.json` (rewritten after each measurement, so
 an interrupted run keeps what it measured). This process imports neither JAX
@@ -50,6 +51,8 @@ MEASUREMENTS = (
     "convs",  # one 3x3 conv per level: rvm under both option sets, and PyTorch
     "malloc",  # rvm and PyTorch steps under glibc's default malloc against huge pages
 )
+# On a GPU: what its targets need, in the order run (a run cut short keeps the targets).
+GPU_MEASUREMENTS = ("ceiling", "stochastic_depth", "eval", "train")
 LEVELS = ((32, 16), (16, 32), (8, 64))  # (size, channels) of the three levels' convs
 CONV_IMPLS = {
     "rvm (Eigen convs)": {"kind": "jax_conv", "xla": "rvm"},
@@ -60,6 +63,7 @@ CONV_IMPLS = {
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    platform: str = "cpu"  # or "gpu": where the models run, and which plan
     small: tuple[int, ...] = (3, 4, 4)
     large: tuple[int, ...] = (18, 18, 18)
     batch: int = 128
@@ -70,6 +74,11 @@ class Settings:
     rounds: int = 1  # passes over the whole plan; each measurement's fastest pass counts
     matmul_n: int = 4096
     timeout: float = 1800.0  # seconds per child process
+
+
+# A GPU step takes tens of milliseconds: longer windows, a larger matmul.
+GPU_SETTINGS = {"steps": 20, "warmup": 3, "matmul_n": 8192, "timeout": 300.0}
+EPOCHS, TRAIN_IMAGES, TEST_IMAGES = 500, 50_000, 10_000  # the paper's CIFAR-10 run
 
 
 # --- FLOPs -------------------------------------------------------------------------------
@@ -107,6 +116,8 @@ def _timing(s: Settings) -> dict:
 def rvm(s: Settings, blocks, sharing="nonshared", sd=False, **extra) -> dict:
     return {
         "kind": "rvm_train",
+        "platform": s.platform,
+        "dtype": "float32",
         "blocks": list(blocks),
         "sharing": sharing,
         "scope": "all",
@@ -122,6 +133,8 @@ def rvm(s: Settings, blocks, sharing="nonshared", sd=False, **extra) -> dict:
 def twin(s: Settings, blocks, sharing="nonshared", layout="channels_last", **extra) -> dict:
     return {
         "kind": "torch_train",
+        "platform": s.platform,
+        "dtype": "float32",
         "blocks": list(blocks),
         "sharing": sharing,
         "scope": "all",
@@ -134,12 +147,25 @@ def twin(s: Settings, blocks, sharing="nonshared", layout="channels_last", **ext
     }
 
 
+BF16 = {"dtype": "bfloat16"}
 IMPLS = {
     "rvm": lambda s, b, sh: rvm(s, b, sh),
     "torch eager NCHW": lambda s, b, sh: twin(s, b, sh, layout="nchw"),
     "torch eager channels_last": lambda s, b, sh: twin(s, b, sh),
     "torch.compile channels_last": lambda s, b, sh: twin(s, b, sh, compile=True),
 }
+# The GPU's targets are in bfloat16 (PyTorch under autocast); float32 and torch.compile
+# for the large model only, to fit a GPU session's few minutes.
+GPU_IMPLS = {
+    "rvm bfloat16": lambda s, b, sh: rvm(s, b, sh, **BF16),
+    "torch eager channels_last bfloat16 autocast": lambda s, b, sh: twin(s, b, sh, **BF16),
+    "rvm float32": lambda s, b, sh: rvm(s, b, sh),
+    "torch eager channels_last float32": lambda s, b, sh: twin(s, b, sh),
+    "torch.compile channels_last bfloat16 autocast": lambda s, b, sh: twin(
+        s, b, sh, compile=True, **BF16
+    ),
+}
+GPU_SMALL_IMPLS = tuple(GPU_IMPLS)[:2]
 SHARINGS = {"nonshared": "nonshared", "raw": "all-levels raw"}
 
 
@@ -147,8 +173,27 @@ def model_label(blocks, sharing: str) -> str:
     return f"{tuple(blocks)} {SHARINGS.get(sharing, sharing)}"
 
 
+def impls(s: Settings, blocks) -> dict[str, Callable[..., dict]]:
+    """Implementation label -> spec maker, for one model size on the settings' platform."""
+    if s.platform == "cpu":
+        return IMPLS
+    keep = GPU_IMPLS if tuple(blocks) == tuple(s.large) else GPU_SMALL_IMPLS
+    return {label: GPU_IMPLS[label] for label in keep}
+
+
+def sharings(s: Settings) -> tuple[str, ...]:
+    """Sharing modes of section `train`: on a GPU non-shared only (raw does the same FLOPs)."""
+    return tuple(SHARINGS) if s.platform == "cpu" else ("nonshared",)
+
+
+def measurements(s: Settings) -> tuple[str, ...]:
+    return MEASUREMENTS if s.platform == "cpu" else GPU_MEASUREMENTS
+
+
 def plan(s: Settings) -> dict[str, dict[str, dict]]:
     """Section -> label -> spec. Stochastic depth is off unless the section is about it."""
+    if s.platform == "gpu":
+        return gpu_plan(s)
     eval_timing = {**_timing(s), "steps": 1}  # one window = one eval batch
     two = {"devices": 2, "timeout": min(s.timeout, 900)}  # a hung all-reduce must not hold us
     sections = {
@@ -161,12 +206,7 @@ def plan(s: Settings) -> dict[str, dict[str, dict]]:
             }
             for lib in ("numpy", "torch")
         },
-        "train": {
-            f"{model_label(b, sh)} / {impl}": make(s, b, sh)
-            for b in (s.small, s.large)
-            for sh in SHARINGS
-            for impl, make in IMPLS.items()
-        },
+        "train": train_plan(s),
         # The paper's configuration (stochastic depth on); same seed, same dropped blocks.
         "compile": {
             "nn.scan": rvm(s, s.large, sd=True, stages=True),
@@ -234,21 +274,72 @@ def plan(s: Settings) -> dict[str, dict[str, dict]]:
     return sections
 
 
+def train_plan(s: Settings) -> dict[str, dict]:
+    return {
+        f"{model_label(b, sh)} / {impl}": make(s, b, sh)
+        for b in (s.small, s.large)
+        for sh in sharings(s)
+        for impl, make in impls(s, b).items()
+    }
+
+
+def gpu_plan(s: Settings) -> dict[str, dict[str, dict]]:
+    """The GPU's sections: rvm in bfloat16 against PyTorch under bfloat16 autocast."""
+    eval_timing = {**_timing(s), "steps": 1}
+    sections = {
+        "ceiling": {
+            f"torch {dtype} {s.matmul_n}x{s.matmul_n}": {
+                "kind": "matmul",
+                "library": "torch",
+                "platform": "gpu",
+                "dtype": dtype,
+                "n": s.matmul_n,
+                **_timing(s),
+            }
+            for dtype in ("float32", "bfloat16")
+        },
+        "stochastic_depth": {
+            "rvm on": rvm(s, s.large, sd=True, **BF16),
+            "rvm off": rvm(s, s.large, **BF16),
+            "torch eager channels_last on": twin(s, s.large, stochastic_depth=True, **BF16),
+            "torch eager channels_last off": twin(s, s.large, **BF16),
+        },
+        "eval": {
+            "rvm evaluate": {
+                **rvm(s, s.large, sd=True, kind="rvm_eval", eval_batch=s.eval_batch, **BF16),
+                **eval_timing,
+            },
+            "torch eager channels_last no_grad": {
+                **twin(s, s.large, kind="torch_eval", stochastic_depth=True, **BF16),
+                "eval_batch": s.eval_batch,
+                **eval_timing,
+            },
+        },
+        "train": train_plan(s),
+    }
+    assert tuple(sections) == GPU_MEASUREMENTS
+    return sections
+
+
 # --- Running children --------------------------------------------------------------------
 
 
 def child_env(spec: dict) -> dict[str, str]:
-    """The parent's environment on the CPU, uncached, with the spec's XLA host device count.
+    """The parent's environment on the spec's platform, uncached, with its XLA host devices.
 
-    Every child, rvm's or PyTorch's, runs with glibc's malloc on huge pages, as
-    `experiments.train` does (`rvm.train.hugepages`), unless the spec says
-    `"malloc": "default"`.
+    On the CPU every child, rvm's or PyTorch's, runs with glibc's malloc on huge
+    pages, as `experiments.train` does (`rvm.train.hugepages`), unless the spec
+    says `"malloc": "default"`.
     """
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    if spec.get("malloc", "hugepages") == "hugepages":
+    platform, malloc = spec.get("platform", "cpu"), spec.get("malloc", "hugepages")
+    if platform not in ("cpu", "gpu"):
+        raise ValueError(f"platform={platform!r}: 'cpu' or 'gpu'")
+    if malloc not in ("hugepages", "default"):
+        raise ValueError(f"malloc={malloc!r}: 'hugepages' or 'default'")
+    env = dict(os.environ, JAX_PLATFORMS="cpu" if platform == "cpu" else "cuda")
+    env["PYTHONPATH"] = str(REPO)
+    if platform == "cpu" and malloc == "hugepages":
         env = hugepages.environ(env)
-    elif spec["malloc"] != "default":
-        raise ValueError(f"malloc={spec['malloc']!r}: 'hugepages' or 'default'")
     # No persistent compilation caches: a first call always compiles from scratch.
     env.update(JAX_ENABLE_COMPILATION_CACHE="false", TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
     flags = [
@@ -355,8 +446,19 @@ def _summary(r: dict) -> str:
 # --- Machine -----------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    """CPU model, cores, memory, selected ISA flags, and the load when the run began."""
+def gpus() -> list[str]:
+    """`nvidia-smi`'s name, memory and driver of each GPU (this process loads no CUDA)."""
+    query = "--query-gpu=name,memory.total,driver_version"
+    try:
+        cmd = ["nvidia-smi", query, "--format=csv,noheader"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return [f"nvidia-smi failed: {e}"]
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def machine(platform_: str = "cpu") -> dict:
+    """CPU model, cores, memory, selected ISA flags, the load when the run began; the GPUs."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     fields = [line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line]
     model = next((v.strip() for k, v in fields if k.strip() == "model name"), platform.processor())
@@ -371,6 +473,7 @@ def machine() -> dict:
         "isa": [f for f in wanted if f in flags],
         "load_average_at_start": os.getloadavg(),
         "platform": platform.platform(),
+        **({"gpus": gpus()} if platform_ == "gpu" else {}),
     }
 
 
@@ -420,41 +523,67 @@ def _failures(section: dict) -> list[str]:
     return lines
 
 
+def ceilings(res: dict) -> dict[str, float]:
+    """dtype -> the fastest matmul's GFLOP/s in it: the ceiling FLOP rates are read against."""
+    out: dict[str, float] = {}
+    for r in res.values():
+        if r["ok"]:
+            dtype = r["spec"].get("dtype", "float32")
+            out[dtype] = max(out.get(dtype, 0.0), r["gflops"])
+    return out
+
+
+def _dtype(r: dict) -> str:
+    return r["spec"].get("dtype", "float32")
+
+
 def report_ceiling(res: dict, ctx: dict) -> list[str]:
     lines = ["| matmul | s | GFLOP/s |", "| --- | --- | --- |"]
     for label, r in res.items():
         if r["ok"]:
             lines.append(f"| {label} | {_spread(r)} | {r['gflops']:.1f} |")
     lines.append("")
-    lines.append(f"Ceiling used below: **{_fmt(ctx.get('ceiling'))} GFLOP/s** (the faster).")
+    used = ", ".join(f"{_fmt(g)} GFLOP/s in {d}" for d, g in ctx["ceilings"].items())
+    lines.append(f"Ceiling used below: **{used or 'n/a'}** (the fastest matmul in each dtype).")
     return lines
 
 
+def _rvm_of(res: dict, model: str, r: dict) -> dict | None:
+    """rvm's run of `model` in the dtype of run `r`: what `r` is compared with."""
+    for label, other in res.items():
+        if label.startswith(f"{model} / rvm") and other["spec"]["kind"] == "rvm_train":
+            if _dtype(other) == _dtype(r):
+                return other
+    return None
+
+
 def report_train(res: dict, ctx: dict, s: Settings) -> list[str]:
-    ceiling = ctx.get("ceiling")
+    dtypes = "float32" if s.platform == "cpu" else "float32 or bfloat16 (PyTorch: autocast)"
     lines = [
-        f"Batch {s.batch}, float32, synthetic 32x32 images, stochastic depth off. Training "
+        f"Batch {s.batch}, {dtypes}, synthetic 32x32 images, stochastic depth off. Training "
         "FLOPs per image = 3 x 2 x forward MACs (3x3 convs + head): "
         + ", ".join(f"{tuple(b)} {train_flops(b) / 1e9:.3f} GFLOP" for b in (s.small, s.large))
         + ". Step = median of the windows [fastest-slowest], of the fastest round when there "
-        "are several.",
+        "are several. `vs rvm` and `of ceiling`: against rvm and the matmul ceiling in the "
+        "same dtype.",
         "",
         "| model | implementation | s/step | images/s | vs rvm | GFLOP/s | of ceiling "
         "| first call s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for blocks in (s.small, s.large):
-        for sharing in SHARINGS:
+        for sharing in sharings(s):
             model = model_label(blocks, sharing)
-            base = _step(res.get(f"{model} / rvm"))
-            for impl in IMPLS:
+            for impl in impls(s, blocks):
                 r = res.get(f"{model} / {impl}")
                 if not r or not r["ok"]:
                     lines.append(f"| {model} | {impl} | failed | | | | | |")
                     continue
                 ips = s.batch / r["step_s"]
                 gflops = ips * train_flops(blocks) / 1e9
+                base = _step(_rvm_of(res, model, r))
                 ratio = _fmt(base / r["step_s"]) + "x" if base else "n/a"
+                ceiling = ctx["ceilings"].get(_dtype(r))
                 frac = f"{100 * gflops / ceiling:.1f}%" if ceiling else "n/a"
                 lines.append(
                     f"| {model} | {impl} | {_spread(r)} | {ips:.1f} | {ratio} | {gflops:.1f} "
@@ -498,7 +627,6 @@ def report_steps(res: dict, ctx: dict, s: Settings, note: str) -> list[str]:
 
 
 def report_eval(res: dict, ctx: dict, s: Settings) -> list[str]:
-    ceiling = ctx.get("ceiling")
     flops = 2 * forward_macs(s.large)
     lines = [
         f"{tuple(s.large)} nonshared in eval mode, one batch of {s.eval_batch} per window "
@@ -511,6 +639,7 @@ def report_eval(res: dict, ctx: dict, s: Settings) -> list[str]:
     for label, r in res.items():
         if r["ok"]:
             ips = s.eval_batch / r["step_s"]
+            ceiling = ctx["ceilings"].get(_dtype(r))
             frac = f"{100 * ips * flops / 1e9 / ceiling:.1f}%" if ceiling else "n/a"
             lines.append(f"| {label} | {_spread(r)} | {ips:.1f} | {frac} |")
     return lines
@@ -594,15 +723,21 @@ def targets(results: dict, s: Settings) -> list[dict]:
     out = []
     ratio = lambda a, b: a / b if a and b else None
     large = tuple(s.large)
+    # CPU: rvm at half PyTorch's speed at least; GPU: as fast in bfloat16.
+    mine, theirs, bound = (
+        ("rvm", "torch eager channels_last", 0.5)
+        if s.platform == "cpu"
+        else ("rvm bfloat16", "torch eager channels_last bfloat16 autocast", 1.0)
+    )
     if "train" in results:
         train = results["train"]
         for blocks in (s.small, s.large):
-            for sharing in SHARINGS:
+            for sharing in sharings(s):
                 model = model_label(blocks, sharing)
-                mine = _step(train.get(f"{model} / rvm"))
-                theirs = _step(train.get(f"{model} / torch eager channels_last"))
-                name = f"{model}: rvm >= 0.5x torch eager channels_last throughput"
-                out.append(_target(name, ratio(theirs, mine), 0.5, at_most=False, unit="x"))
+                a = _step(train.get(f"{model} / {mine}"))
+                b = _step(train.get(f"{model} / {theirs}"))
+                name = f"{model}: {mine} >= {bound:g}x {theirs} throughput"
+                out.append(_target(name, ratio(b, a), bound, at_most=False, unit="x"))
     if "compile" in results:
         scan, unrolled = results["compile"].get("nn.scan"), results["compile"].get("unrolled")
         compile_s = lambda r: _compile_s(r) if r and r["ok"] else None
@@ -618,17 +753,62 @@ def targets(results: dict, s: Settings) -> list[dict]:
         )
     if "stochastic_depth" in results:
         sd = results["stochastic_depth"]
-        name = f"{large} rvm: stochastic depth step no slower than off"
-        out.append(
-            _target(name, ratio(_step(sd.get("rvm on")), _step(sd.get("rvm off"))), 1.0, True, "x")
-        )
+        on, off = _step(sd.get("rvm on")), _step(sd.get("rvm off"))
+        if s.platform == "cpu":
+            name = f"{large} rvm: stochastic depth step no slower than off"
+            out.append(_target(name, ratio(on, off), 1.0, True, "x"))
+        else:
+            name = f"{large} rvm: stochastic depth step at least 15% faster than off (speed-up)"
+            out.append(_target(name, ratio(off, on), 1.15, False, "x"))
     return out
+
+
+def projection(results: dict, s: Settings) -> list[dict]:
+    """Projected wall time of the paper's run of the large model: every epoch's training
+    steps with stochastic depth on (section `stochastic_depth`) and one evaluation of
+    the test set (section `eval`), for rvm and PyTorch; checkpoints and logging left out.
+    """
+    sd, ev = results.get("stochastic_depth", {}), results.get("eval", {})
+    steps = EPOCHS * (TRAIN_IMAGES // s.batch)
+    out = []
+    torch = "torch eager channels_last"
+    for impl, train_label, eval_label in (
+        ("rvm", "rvm on", "rvm evaluate"),
+        (torch, f"{torch} on", f"{torch} no_grad"),
+    ):
+        step, batch = _step(sd.get(train_label)), _step(ev.get(eval_label))
+        if not step or not batch:
+            continue
+        eval_s = EPOCHS * TEST_IMAGES / (s.eval_batch / batch)
+        row = {"implementation": impl, "dtype": _dtype(sd[train_label]), "step_s": step}
+        row.update(steps=steps, train_h=steps * step / 3600, eval_h=eval_s / 3600)
+        row["total_h"] = row["train_h"] + row["eval_h"]
+        out.append(row)
+    return out
+
+
+def report_projection(rows: list[dict], s: Settings) -> list[str]:
+    lines = [
+        f"The paper's run of {tuple(s.large)}: {EPOCHS} epochs of {TRAIN_IMAGES // s.batch} "
+        f"steps at batch {s.batch} with stochastic depth on (section `stochastic_depth`), and "
+        f"the {TEST_IMAGES} test images evaluated after each epoch (section `eval`); "
+        "checkpoints and logging left out.",
+        "",
+        "| implementation | dtype | s/step | training h | evaluation h | total h |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['implementation']} | {r['dtype']} | {_fmt(r['step_s'])} | {r['train_h']:.1f} "
+            f"| {r['eval_h']:.2f} | {r['total_h']:.1f} |"
+        )
+    return lines
 
 
 def render(doc: dict, s: Settings) -> str:
     """The markdown report of `doc` (the JSON written beside it)."""
     m, v, res = doc["machine"], doc["versions"], doc["results"]
-    ctx = {"ceiling": doc.get("ceiling_gflops")}
+    ctx = {"ceilings": doc.get("ceiling_gflops", {})}
     lines = [
         f"# rvm benchmark: {doc['name']}",
         "",
@@ -636,7 +816,8 @@ def render(doc: dict, s: Settings) -> str:
         f"- command: `{doc['command']}`",
         f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB, "
         f"ISA {' '.join(m['isa']) or 'n/a'}; load average at start "
-        f"{' / '.join(f'{x:.2f}' for x in m['load_average_at_start'])} (1/5/15 min)",
+        f"{' / '.join(f'{x:.2f}' for x in m['load_average_at_start'])} (1/5/15 min)"
+        + (f"; GPU {'; '.join(m['gpus'])}" if "gpus" in m else ""),
         "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
         f"- settings: {json.dumps(dataclasses.asdict(s))}",
         "",
@@ -674,6 +855,9 @@ def render(doc: dict, s: Settings) -> str:
     for name, body in sections.items():
         if name in res:
             lines += [f"## {name}", ""] + body(res[name], ctx, s) + [""] + _failures(res[name])
+    rows = projection(res, s)
+    if rows:
+        lines += ["## projection", ""] + report_projection(rows, s) + [""]
     return "\n".join(lines) + "\n"
 
 
@@ -681,7 +865,9 @@ def render(doc: dict, s: Settings) -> str:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    s = Settings()
+    s = Settings(platform=args.platform)
+    if s.platform == "gpu":
+        s = dataclasses.replace(s, **GPU_SETTINGS)
     if args.quick:
         s = dataclasses.replace(s, steps=1, windows=2, warmup=1, eval_batch=250, matmul_n=2048)
     if args.tiny:
@@ -707,7 +893,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tiny", action="store_true", help="tiny models and batch: tests the harness only"
     )
-    parser.add_argument("--only", help=f"comma-separated subset of {','.join(MEASUREMENTS)}")
+    parser.add_argument(
+        "--platform", choices=("cpu", "gpu"), default="cpu", help="where the models run"
+    )
+    parser.add_argument(
+        "--only",
+        help=f"comma-separated subset of {','.join(MEASUREMENTS)} "
+        f"(on a GPU: {','.join(GPU_MEASUREMENTS)})",
+    )
     parser.add_argument("--steps", type=int, help="steps per timed window")
     parser.add_argument("--windows", type=int, help="timed windows (the median is reported)")
     parser.add_argument("--warmup", type=int, help="untimed calls, the compiling one included")
@@ -719,14 +912,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="result path without extension (default bench/results/NAME)")
     args = parser.parse_args(argv)
 
-    selected = MEASUREMENTS if not args.only else tuple(args.only.split(","))
-    unknown = set(selected) - set(MEASUREMENTS)
+    s = settings_from(args)
+    known = measurements(s)
+    selected = known if not args.only else tuple(args.only.split(","))
+    unknown = set(selected) - set(known)
     if unknown:
-        parser.error(f"unknown measurement(s) {sorted(unknown)}; known: {', '.join(MEASUREMENTS)}")
+        parser.error(
+            f"unknown measurement(s) {sorted(unknown)} on {s.platform}; known: {', '.join(known)}"
+        )
     if "train" in selected or "eval" in selected:
         selected = tuple(dict.fromkeys(("ceiling", *selected)))  # the FLOP fractions need it
-    s = settings_from(args)
-    name = "tiny" if args.tiny else "quick" if args.quick else "cpu"
+    name = "tiny" if args.tiny else "quick" if args.quick else s.platform
+    name = f"{name}_gpu" if s.platform == "gpu" and name != "gpu" else name
     out = Path(args.out) if args.out else REPO / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -734,7 +931,7 @@ def main(argv: list[str] | None = None) -> None:
         "name": out.name,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "machine": machine(),
+        "machine": machine(s.platform),
         "versions": versions(),
         "settings": dataclasses.asdict(s),
         "results": {},
@@ -753,10 +950,10 @@ def main(argv: list[str] | None = None) -> None:
                 for label, spec in specs[section].items():
                     doc["results"][section][label] = runner(spec, label)
                     if section == "ceiling":
-                        flops = [r["gflops"] for r in doc["results"]["ceiling"].values() if r["ok"]]
-                        doc["ceiling_gflops"] = max(flops, default=None)
+                        doc["ceiling_gflops"] = ceilings(doc["results"]["ceiling"])
                     doc["wall_s"] = time.perf_counter() - start
                     doc["targets"] = targets(doc["results"], s)
+                    doc["projection"] = projection(doc["results"], s)
                     out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
                     out.with_suffix(".md").write_text(render(doc, s))
     doc["machine"]["load_average_at_end"] = os.getloadavg()

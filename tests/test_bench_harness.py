@@ -47,3 +47,98 @@ def test_malloc_section_reuses_the_train_sections_huge_page_measurements():
     assert len(huge) == len(default) == 4
     assert all(spec in train for spec in huge)
     assert all(spec["malloc"] == "default" and spec not in train for spec in default)
+
+
+def test_gpu_plan_compares_bfloat16_and_shares_runs_between_sections(monkeypatch):
+    s = run.Settings(platform="gpu", **run.GPU_SETTINGS)
+    plan = run.plan(s)
+    assert tuple(plan) == run.GPU_MEASUREMENTS == run.measurements(s)
+    specs = [spec for section in plan.values() for spec in section.values()]
+    assert all(spec["platform"] == "gpu" for spec in specs)
+    train = plan["train"]
+    assert len([k for k in train if k.startswith("(18, 18, 18)")]) == len(run.GPU_IMPLS)
+    assert len([k for k in train if k.startswith("(3, 4, 4)")]) == len(run.GPU_SMALL_IMPLS)
+    assert train["(18, 18, 18) nonshared / rvm bfloat16"] == plan["stochastic_depth"]["rvm off"]
+    assert plan["eval"]["rvm evaluate"]["dtype"] == "bfloat16"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")
+    env = run.child_env(train["(18, 18, 18) nonshared / torch eager channels_last float32"])
+    assert env["JAX_PLATFORMS"] == "cuda" and env["GLIBC_TUNABLES"] == "glibc.malloc.check=0"
+    with pytest.raises(ValueError, match="platform"):
+        run.child_env({"platform": "tpu"})
+
+
+def _timed(spec, step_s):
+    return {"ok": True, "spec": spec, "step_s": step_s, "windows_s": [step_s], "first_call_s": 9.0}
+
+
+def test_gpu_targets_and_projection_from_step_times():
+    s = run.Settings(platform="gpu", **run.GPU_SETTINGS)
+    plan = run.plan(s)
+    steps = {  # s/step: rvm 1.25x faster than PyTorch; stochastic depth 1.25x faster
+        "rvm bfloat16": 0.020,
+        "torch eager channels_last bfloat16 autocast": 0.025,
+        "rvm on": 0.016,
+        "rvm off": 0.020,
+        "torch eager channels_last on": 0.020,
+        "torch eager channels_last off": 0.025,
+        "rvm evaluate": 0.5,
+        "torch eager channels_last no_grad": 1.0,
+    }
+    results = {
+        section: {
+            label: _timed(spec, steps[label.split(" / ")[-1]])
+            for label, spec in plan[section].items()
+            if label.split(" / ")[-1] in steps
+        }
+        for section in ("train", "stochastic_depth", "eval")
+    }
+    verdicts = {t["target"]: (t["pass"], round(t["value"], 3)) for t in run.targets(results, s)}
+    assert verdicts == {
+        "(3, 4, 4) nonshared: rvm bfloat16 >= 1x torch eager channels_last bfloat16 autocast "
+        "throughput": (True, 1.25),
+        "(18, 18, 18) nonshared: rvm bfloat16 >= 1x torch eager channels_last bfloat16 "
+        "autocast throughput": (True, 1.25),
+        "(18, 18, 18) rvm: stochastic depth step at least 15% faster than off (speed-up)": (
+            True,
+            1.25,
+        ),
+    }
+    rvm, torch = run.projection(results, s)
+    assert rvm["steps"] == 500 * 390 and rvm["dtype"] == "bfloat16"
+    assert rvm["train_h"] == pytest.approx(500 * 390 * 0.016 / 3600)
+    assert rvm["eval_h"] == pytest.approx(500 * 10 * 0.5 / 3600)  # 10 batches of 1000 an epoch
+    assert torch["total_h"] > rvm["total_h"]
+    assert "| rvm | bfloat16 | 0.016 |" in run.render(
+        {
+            "name": "gpu",
+            "date": "today",
+            "command": "python bench/run.py --platform gpu",
+            "machine": {**run.machine(), "gpus": ["H200, 143771 MiB, 580"]},
+            "versions": {},
+            "results": results,
+            "targets": [],
+        },
+        s,
+    )
+
+
+@pytest.mark.parametrize(
+    "section, label",
+    [
+        ("stochastic_depth", "rvm on"),
+        ("eval", "rvm evaluate"),
+        ("stochastic_depth", "torch eager channels_last on"),
+        ("eval", "torch eager channels_last no_grad"),
+    ],
+)
+def test_gpu_plans_bfloat16_measurements_run(section, label, tmp_path):
+    """The GPU plan's bfloat16 children (stochastic depth on), run on the CPU, tiny."""
+    if label.startswith("torch"):
+        pytest.importorskip("torch")
+    s = run.Settings(platform="gpu", small=(1, 2, 2), large=(1, 2, 2), batch=8, eval_batch=16)
+    spec = {**run.plan(s)[section][label], "platform": "cpu", "steps": 1, "windows": 1}
+    record = run.Runner(timeout=300, workdir=tmp_path)(spec, label)
+    assert record["ok"], record.get("log_tail")
+    assert record["spec"]["dtype"] == "bfloat16" and record["step_s"] > 0
+    if section == "stochastic_depth":
+        assert 0 < record["final_loss"] < 10
