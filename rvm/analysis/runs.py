@@ -289,14 +289,11 @@ class LoadedRun:
 
 
 def _abstract_state(config: ml_collections.ConfigDict, data: ImageData, mesh: Mesh) -> Any:
-    """The train state's shapes, from `build_run` itself, with shardings on `mesh`.
+    """The train state's shapes (`loop.state_shapes`), with shardings on `mesh`.
 
-    Traced on a one-device mesh (no compilation, no memory), so the batch sizes
-    need not divide the analysis machine's device count; the shardings are then
-    replaced, which also lets a checkpoint saved on another topology restore here.
+    Replacing the shardings also lets a checkpoint saved on another topology restore here.
     """
-    one = shd.data_mesh(jax.devices()[:1])
-    shapes = jax.eval_shape(lambda: loop.build_run(config, data, one).state)
+    shapes = loop.state_shapes(config, data)
     replicated = shd.replicated(mesh)
     return jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes

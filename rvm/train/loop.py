@@ -97,8 +97,10 @@ def load_data(config: ml_collections.ConfigDict) -> Any:
     return TASK_MODULES[task_of(config)].load_data(config)
 
 
-def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
-    """Task, optimiser, fresh replicated state and the jitted, donated train step."""
+def _task_and_optimizer(
+    config: ml_collections.ConfigDict, data: Any, mesh: Mesh
+) -> tuple[Task, optax.GradientTransformation, int, int]:
+    """The config's task on `mesh`, its optimiser, steps per epoch and in all."""
     shd.check_divisible(config.batch_size, mesh, "batch_size")
     shd.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
     task = TASK_MODULES[task_of(config)].make_task(config, data, mesh)
@@ -109,15 +111,35 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
         )
     total_steps = config.num_epochs * steps_per_epoch
     tx = optim.make_optimizer(config.optim, total_steps, task.relax_mask)
+    return task, tx, steps_per_epoch, total_steps
 
-    def init_state(key):
-        variables = task.model.init({"params": key, "dropout": key}, task.init_input)
-        return TrainState.create(variables, tx, key)
 
+def _fresh_state(task: Task, tx: optax.GradientTransformation, key: jax.Array) -> TrainState:
+    variables = task.model.init({"params": key, "dropout": key}, task.init_input)
+    return TrainState.create(variables, tx, key)
+
+
+def state_shapes(config: ml_collections.ConfigDict, data: Any) -> Any:
+    """Shapes and dtypes of `build_run`'s fresh state, traced on one device.
+
+    Nothing is compiled or allocated, so restoring a checkpoint into them needs
+    neither the memory of a second state nor batch sizes that divide the devices.
+    """
+
+    def fresh():
+        task, tx, _, _ = _task_and_optimizer(config, data, shd.data_mesh(jax.devices()[:1]))
+        return _fresh_state(task, tx, jax.random.PRNGKey(config.seed))
+
+    return jax.eval_shape(fresh)
+
+
+def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
+    """Task, optimiser, fresh replicated state and the jitted, donated train step."""
+    task, tx, steps_per_epoch, total_steps = _task_and_optimizer(config, data, mesh)
     replicated = shd.replicated(mesh)
     platform = mesh.devices.flat[0].platform
     init_fn = jax.jit(
-        init_state,
+        partial(_fresh_state, task, tx),
         out_shardings=replicated,
         compiler_options=xla.compiler_options(platform, once=True),
     )
