@@ -3,6 +3,7 @@
     python -m bench.profile                       # (18,18,18) non-shared, SD off
     python -m bench.profile --blocks 3,4,4 --sd   # another model, stochastic depth on
     python -m bench.profile --unroll --compile    # count kernel compilations instead
+    python -m bench.profile --compile --once      # ... with the step compiled as a one-off
 
 Like `experiments.train`, it first restarts itself with glibc's malloc on huge pages
 (`rvm.train.hugepages`); `--default-malloc` keeps glibc's default.
@@ -14,7 +15,9 @@ the page faults and system time per step from `getrusage`. Eigen's convolutions
 run as asynchronous work that the trace does not attribute to them, so they show
 up as the step's wall time that the listed ops do not cover. Compile mode traces
 the ahead-of-time compilation of the step and counts the machine-code kernels XLA
-generated (one per distinct fusion) and the time spent doing so.
+generated (one per distinct fusion) and the time spent doing so; `--once` compiles
+the step with `rvm.train.xla.ONCE_OPTIONS` added (LLVM level 0), to see how much of
+that time is LLVM's optimisation.
 """
 
 from __future__ import annotations
@@ -93,13 +96,16 @@ def profile_step(run, steps: int) -> None:
         print(f"  {ms:8.1f}  {name}")
 
 
-def profile_compile(run) -> None:
+def profile_compile(run, once: bool) -> None:
+    from rvm.train import xla
+
     traced = run.step_fn.trace(run.state, run.train_data)
     lowered = traced.lower()
+    options = xla.compiler_options(once=once)
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         start = time.perf_counter()
-        lowered.compile()
+        lowered.compile(options)
         wall = time.perf_counter() - start
         jax.profiler.stop_trace()
         events = list(_events(trace_dir))
@@ -126,6 +132,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="profile compilation instead")
     parser.add_argument(
+        "--once", action="store_true", help="with --compile: add rvm.train.xla.ONCE_OPTIONS"
+    )
+    parser.add_argument(
         "--default-malloc", action="store_true", help="glibc's default malloc, not huge pages"
     )
     args = parser.parse_args(argv)
@@ -136,7 +145,7 @@ def main(argv: list[str]) -> None:
         os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
     ).strip()
     run = _build(args)
-    profile_compile(run) if args.compile else profile_step(run, args.steps)
+    profile_compile(run, args.once) if args.compile else profile_step(run, args.steps)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ little of it: the kernel-gradient transposes read with large strides. glibc's
 tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes malloc advise the kernel
 to back its mappings with 2 MiB transparent huge pages (`MADV_HUGEPAGE`), which
 the kernel honours unless transparent huge pages are switched off. On the
-project's 2-core VM, without it rvm's CPU training step ran at 0.87-0.91x of its
+project's 2-core VM, without it rvm's CPU training step ran at 0.80x of its
 speed with it (`bench/results/cpu.md`, section `malloc`).
 
 glibc reads tunables once, when a process starts, so a launcher that wants them
