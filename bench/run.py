@@ -523,18 +523,17 @@ def _failures(section: dict) -> list[str]:
     return lines
 
 
+def _dtype(r: dict) -> str:
+    return r["spec"].get("dtype", "float32")
+
+
 def ceilings(res: dict) -> dict[str, float]:
     """dtype -> the fastest matmul's GFLOP/s in it: the ceiling FLOP rates are read against."""
     out: dict[str, float] = {}
     for r in res.values():
         if r["ok"]:
-            dtype = r["spec"].get("dtype", "float32")
-            out[dtype] = max(out.get(dtype, 0.0), r["gflops"])
+            out[_dtype(r)] = max(out.get(_dtype(r), 0.0), r["gflops"])
     return out
-
-
-def _dtype(r: dict) -> str:
-    return r["spec"].get("dtype", "float32")
 
 
 def report_ceiling(res: dict, ctx: dict) -> list[str]:
@@ -776,10 +775,10 @@ def projection(results: dict, s: Settings) -> list[dict]:
         ("rvm", "rvm on", "rvm evaluate"),
         (torch, f"{torch} on", f"{torch} no_grad"),
     ):
-        step, batch = _step(sd.get(train_label)), _step(ev.get(eval_label))
-        if not step or not batch:
+        step, eval_batch_s = _step(sd.get(train_label)), _step(ev.get(eval_label))
+        if not step or not eval_batch_s:
             continue
-        eval_s = EPOCHS * TEST_IMAGES / (s.eval_batch / batch)
+        eval_s = EPOCHS * TEST_IMAGES / s.eval_batch * eval_batch_s
         row = {"implementation": impl, "dtype": _dtype(sd[train_label]), "step_s": step}
         row.update(steps=steps, train_h=steps * step / 3600, eval_h=eval_s / 3600)
         row["total_h"] = row["train_h"] + row["eval_h"]
