@@ -14,23 +14,19 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from rvm.train import hugepages
+from experiments import launcher
 from rvm.train.loop import PREEMPTED_EXIT_CODE, Preempted, train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Config file, with :variant.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host runs).")
-flags.DEFINE_bool(
-    "hugepages", True, "Restart with glibc.malloc.hugetlb=1 first (Linux; faster on the CPU)."
-)
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
-    if FLAGS.hugepages:
-        hugepages.reexec()
+    launcher.start()
     if FLAGS.multihost:
         jax.distributed.initialize()
     logging.info("JAX devices: %s", jax.devices())

@@ -31,9 +31,9 @@ def test_environ_leaves_an_explicit_choice_alone():
     assert not hugepages.is_set({"GLIBC_TUNABLES": "glibc.malloc.hugetlbx=1"})
 
 
-def _run(script: str, env: dict) -> list[str]:
+def _run(script: str, env: dict, *args: str) -> list[str]:
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script), "arg1"],
+        [sys.executable, "-c", textwrap.dedent(script), *(args or ("arg1",))],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -64,6 +64,26 @@ def test_reexec_respects_a_tunable_already_set():
     env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
     tunable = "glibc.malloc.hugetlb=0"
     assert _run(REEXEC, env) == ["start", tunable, "arg1", "end", tunable]
+
+
+LAUNCHER = """
+    import os, sys
+    from absl import flags
+    from experiments import launcher
+    flags.FLAGS(sys.argv)
+    print("start", os.environ.get("GLIBC_TUNABLES", "-"), flush=True)
+    launcher.start()
+    print("end", os.environ.get("GLIBC_TUNABLES", "-"))
+"""
+
+
+@needs_support
+@pytest.mark.parametrize("flag, restarts", [("--hugepages", True), ("--nohugepages", False)])
+def test_launchers_restart_on_huge_pages_unless_told_not_to(flag, restarts):
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    tunable = "glibc.malloc.hugetlb=1"
+    restarted = ["start", "-", "start", tunable, "end", tunable]
+    assert _run(LAUNCHER, env, flag) == (restarted if restarts else ["start", "-", "end", "-"])
 
 
 # Touches a 64 MiB malloc'd block and reports how much of the process sits on huge pages.
