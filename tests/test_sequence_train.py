@@ -76,13 +76,14 @@ def test_motion_run_resumes_exactly_and_reports_both_errors(tmp_path):
         "train_frame_accuracy",
         "learning_rate",
         "sequences_per_sec",
+        "eval_sec",
         "test_error",
         "test_anticipation_error",
         "test_loss",
     ):
         assert key in lines[0], key
     assert lines[0]["train_coherence"] > 0  # clips hand over at their end: overlaps disagree
-    drop = lambda r: {k: v for k, v in r.items() if k != "sequences_per_sec"}
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("sequences_per_sec", "eval_sec")}
     assert [drop(r) for r in records(tmp_path / "split")] == [drop(r) for r in lines]
     for key in ("test_error", "test_anticipation_error"):
         assert 0.0 <= straight[key] <= 100.0

@@ -139,6 +139,8 @@ def test_smoke_run_writes_metrics_results_and_consolidates(tmp_path):
         f"level{i}/blocks/block/residual/conv{j}/kernel" for i in (1, 2, 3) for j in (1, 2)
     }
     assert all(0.0 <= r["val_error"] <= 100.0 for r in lines)
+    epoch_s = lambda r: 6 * config.batch_size / r["images_per_sec"]  # evaluation included
+    assert all(0.0 < r["eval_sec"] < epoch_s(r) for r in lines)
     best = min(lines, key=lambda r: r["val_error"])
     assert results["best_val_epoch"] == best["epoch"]
     assert results["test_error_at_best_val"] == best["test_error"]

@@ -215,8 +215,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
                 _check_finite(m, done, config.skip_nonfinite)
             if done % steps_per_epoch == 0:
                 record = _train_means(step_metrics)
+                eval_start = time.time()  # training is done: _check_finite waited for it
                 record.update(task.epoch_metrics(state))
-                # the epoch's wall time, its evaluation included
+                record["eval_sec"] = time.time() - eval_start
+                # the epoch's wall time, its evaluation (eval_sec of it) included
                 record[f"{task.unit}_per_sec"] = (
                     len(step_metrics) * config.batch_size / (time.time() - epoch_start)
                 )
