@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -15,6 +16,7 @@ from rvm.analysis import angles, readout, report, runs, trajectories
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"  # jax.monitoring event
 BLOCKS = (2, 3, 3)  # two scanned blocks per level (levels 2-3 lose one to padding)
 
 # Trains one tiny run exactly as the fixture's docstring says, in a child process.
@@ -135,8 +137,15 @@ def test_ablation_points_and_all_on_equals_plain_evaluation(loaded, mode, tmp_pa
 def test_readout_time_at_trained_depth_equals_plain_evaluation(loaded):
     run = loaded["relaxed"]
     assert run.level_is_shared(1) and not run.level_is_shared(1, consolidated=False)
-    curve = readout.readout_time_curve(run)
+    compiles = []
+    listen = lambda event, secs, **kw: compiles.append(event) if event == BACKEND_COMPILE else None
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        curve = readout.readout_time_curve(run)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
     n = run.info.scanned_blocks(1)
+    assert len(compiles) == 1  # one program for every readout time
     assert [r["iterations"] for r in curve] == list(range(1, 2 * n + 1))
     plain = run.evaluate()
     at_n = curve[n - 1]
@@ -147,6 +156,11 @@ def test_readout_time_at_trained_depth_equals_plain_evaluation(loaded):
     top = {r["k"]: r for r in readout.ablations(run) if r["kind"] == "top_to_bottom"}
     for r in curve[:n]:
         assert r["loss"] == pytest.approx(top[n - r["iterations"]]["loss"], rel=1e-5)
+    # Past the trained depth: as the level scanned for exactly that many iterations.
+    for t in (n + 1, 2 * n):
+        exact = run.evaluate(iterations=(None, t, None))
+        assert curve[t - 1]["error"] == exact["error"]
+        assert curve[t - 1]["loss"] == pytest.approx(exact["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="not raw-shared"):
         readout.readout_time_curve(loaded["nonshared"])
 
