@@ -308,6 +308,11 @@ def test_rvm_jit_keeps_convolutions_out_of_ynnpack():
     assert ynn_conv.search(default)
     assert not ynn_conv.search(xla.jit(conv3x3).lower(x, kernel).compile().as_text())
     np.testing.assert_allclose(xla.jit(conv3x3)(x, kernel), jax.jit(conv3x3)(x, kernel), 1e-5)
+    # Inside another jit the outermost one's options hold (JAX rejects them on inner jits).
+    inner = xla.jit(conv3x3)
+    outer = lambda x, kernel: inner(x, kernel) + 1
+    assert not ynn_conv.search(xla.jit(outer).lower(x, kernel).compile().as_text())
+    np.testing.assert_allclose(jax.jit(outer)(x, kernel), inner(x, kernel) + 1, 1e-5)
     assert xla.compiler_options("gpu") is None
     assert xla.compiler_options("cpu") == xla.CPU_OPTIONS
     assert xla.compiler_options("cpu", once=True) == {**xla.CPU_OPTIONS, **xla.ONCE_OPTIONS}

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+from jax._src import core as jax_core  # whether a call is staged into an outer jit
 
 # Comma-separated enum names replace the default list of YNNPACK fusions (reduce,
 # individual dot, individual convolution) with the list minus convolution.
@@ -55,17 +56,20 @@ def jit(fun: Callable | None = None, /, **kwargs: Any) -> Callable:
 
     The backend is looked up at the first call (or `.lower`), not when a module
     applies the decorator, so XLA_FLAGS set after importing rvm still count.
+    Called while an enclosing jit is being traced, it is a plain `jax.jit`: JAX takes
+    compile options only on the outermost jit, whose compilation covers this one
+    (wrap the outer function in `rvm.train.xla.jit` to keep the options).
     """
     if fun is None:
         return functools.partial(jit, **kwargs)
 
     @functools.cache
-    def jitted():
-        return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+    def jitted(nested: bool = False):
+        return jax.jit(fun, compiler_options=None if nested else compiler_options(), **kwargs)
 
     @functools.wraps(fun)
     def call(*args, **kw):
-        return jitted()(*args, **kw)
+        return jitted(jax_core.unsafe_am_i_under_a_jit())(*args, **kw)
 
     call.lower = lambda *args, **kw: jitted().lower(*args, **kw)
     return call
