@@ -51,6 +51,13 @@ def compiler_options(platform: str | None = None, *, once: bool = False) -> dict
     return {**CPU_OPTIONS, **ONCE_OPTIONS} if once else dict(CPU_OPTIONS)
 
 
+def _nested() -> bool:
+    """Whether this call is being traced into an enclosing jit (False where this JAX
+    lacks the private check: nesting then fails as it does with plain JAX)."""
+    under_jit = getattr(jax_core, "unsafe_am_i_under_a_jit", None)
+    return bool(under_jit and under_jit())
+
+
 def jit(fun: Callable | None = None, /, **kwargs: Any) -> Callable:
     """`jax.jit(fun, **kwargs)` compiled with `compiler_options()`; usable as a decorator.
 
@@ -69,7 +76,7 @@ def jit(fun: Callable | None = None, /, **kwargs: Any) -> Callable:
 
     @functools.wraps(fun)
     def call(*args, **kw):
-        return jitted(jax_core.unsafe_am_i_under_a_jit())(*args, **kw)
+        return jitted(_nested())(*args, **kw)
 
     call.lower = lambda *args, **kw: jitted().lower(*args, **kw)
     return call
