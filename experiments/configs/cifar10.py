@@ -12,7 +12,7 @@ synthetic data that trains in under a minute on a laptop CPU.
 
 Hardware and time: the paper's runs are 500 epochs at batch 128. On a 2-core CPU
 VM, (3,4,4) trained at a median 418 images/s non-shared and 375 relaxed (evaluation
-included), about 22 minutes for 10 epochs (results/cifar10_cpu/run.sh; 25.3% test
+included), 20-22 minutes for 10 epochs (results/cifar10_cpu/run.sh; 25.3% test
 error after 10 epochs); (18,18,18) needs a GPU. GPU wall time has not been measured
 with this code yet; `python bench/run.py` (`--platform gpu` on a GPU) measures
 throughput on the machine at hand and projects the wall time of a 500-epoch
