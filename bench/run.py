@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 WIDTHS = (16, 32, 64)
 NUM_CLASSES = 10
 MEASUREMENTS = (
-    "ceiling",  # float32 GFLOP/s of a large matmul (numpy and torch)
+    "ceiling",  # float32 GFLOP/s of a large matmul (numpy, torch and XLA)
     "train",  # training throughput, rvm against the PyTorch twin
     "compile",  # (18,18,18) compile and init time, nn.scan against unrolled blocks
     "relaxed",  # relaxed against raw sharing, step time
@@ -204,7 +204,7 @@ def plan(s: Settings) -> dict[str, dict[str, dict]]:
                 "n": s.matmul_n,
                 **_timing(s),
             }
-            for lib in ("numpy", "torch")
+            for lib in ("numpy", "torch", "jax")
         },
         "train": train_plan(s),
         # The paper's configuration (stochastic depth on); same seed, same dropped blocks.
@@ -288,15 +288,16 @@ def gpu_plan(s: Settings) -> dict[str, dict[str, dict]]:
     eval_timing = {**_timing(s), "steps": 1}
     sections = {
         "ceiling": {
-            f"torch {dtype} {s.matmul_n}x{s.matmul_n}": {
+            f"{lib} {dtype} {s.matmul_n}x{s.matmul_n}": {
                 "kind": "matmul",
-                "library": "torch",
+                "library": lib,
                 "platform": "gpu",
                 "dtype": dtype,
                 "n": s.matmul_n,
                 **_timing(s),
             }
             for dtype in ("float32", "bfloat16")
+            for lib in ("torch", "jax")
         },
         "stochastic_depth": {
             "rvm on": rvm(s, s.large, sd=True, **BF16),

@@ -142,3 +142,25 @@ def test_gpu_plans_bfloat16_measurements_run(section, label, tmp_path):
     assert record["spec"]["dtype"] == "bfloat16" and record["step_s"] > 0
     if section == "stochastic_depth":
         assert 0 < record["final_loss"] < 10
+
+
+def test_ceiling_is_the_fastest_matmul_of_numpy_torch_and_xla(tmp_path):
+    """Every library's matmul child runs (tiny), and the ceiling is the fastest per dtype."""
+    s = run.Settings(matmul_n=64, steps=1, windows=1, warmup=1)
+    plan = run.plan(s)["ceiling"]
+    assert {spec["library"] for spec in plan.values()} == {"numpy", "torch", "jax"}
+    runner = run.Runner(timeout=300, workdir=tmp_path)
+    for label in ("numpy 64x64", "jax 64x64"):
+        record = runner(plan[label], label)
+        assert record["ok"], record.get("log_tail")
+        assert record["gflops"] == pytest.approx(2 * 64**3 / record["step_s"] / 1e9)
+    bad = runner({**plan["jax 64x64"], "library": "mkl"}, "mkl")
+    assert not bad["ok"] and "library='mkl'" in bad["log_tail"]
+    rates = {"numpy": 160.0, "torch": 170.0, "jax": 280.0}
+    results = {
+        label: {"ok": True, "spec": spec, "gflops": rates[spec["library"]]}
+        for label, spec in plan.items()
+    }
+    results["torch bfloat16"] = {"ok": True, "spec": {"dtype": "bfloat16"}, "gflops": 900.0}
+    results["failed"] = {"ok": False, "spec": plan["jax 64x64"]}
+    assert run.ceilings(results) == {"float32": 280.0, "bfloat16": 900.0}
