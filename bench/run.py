@@ -357,18 +357,18 @@ def child_env(spec: dict) -> dict[str, str]:
 class Runner:
     """Runs each distinct spec once per round in a subprocess with a timeout.
 
-    A failed run becomes a record with the log's tail. `round` is set by the caller;
-    the record returned for a spec combines every round run so far (`fastest_round`).
+    A failed run becomes a record with the log's tail. The record returned for a spec
+    combines every round run so far (`fastest_round`); a spec already run in round
+    `round_` (requested by several sections) is not run again.
     """
 
     def __init__(self, timeout: float, workdir: Path):
         self.timeout, self.workdir = timeout, workdir
-        self.round = 0
         self.runs: dict[str, list[dict]] = {}
 
-    def __call__(self, spec: dict, label: str) -> dict:
+    def __call__(self, spec: dict, label: str, round_: int = 0) -> dict:
         runs = self.runs.setdefault(json.dumps(spec, sort_keys=True), [])
-        if len(runs) > self.round:
+        if len(runs) > round_:
             print(f"  {label}: measured above", flush=True)
         else:
             print(f"  {label} ...", end=" ", flush=True)
@@ -808,7 +808,7 @@ def report_projection(rows: list[dict], s: Settings) -> list[str]:
 def render(doc: dict, s: Settings) -> str:
     """The markdown report of `doc` (the JSON written beside it)."""
     m, v, res = doc["machine"], doc["versions"], doc["results"]
-    ctx = {"ceilings": doc.get("ceiling_gflops", {})}
+    ctx = {"ceilings": doc["ceiling_gflops"]}
     lines = [
         f"# rvm benchmark: {doc['name']}",
         "",
@@ -855,10 +855,17 @@ def render(doc: dict, s: Settings) -> str:
     for name, body in sections.items():
         if name in res:
             lines += [f"## {name}", ""] + body(res[name], ctx, s) + [""] + _failures(res[name])
-    rows = projection(res, s)
-    if rows:
-        lines += ["## projection", ""] + report_projection(rows, s) + [""]
+    if doc["projection"]:
+        lines += ["## projection", ""] + report_projection(doc["projection"], s) + [""]
     return "\n".join(lines) + "\n"
+
+
+def derive(doc: dict, s: Settings) -> None:
+    """Sets what `doc`'s results imply: the ceilings, the targets' verdicts, the projection."""
+    res = doc["results"]
+    doc["ceiling_gflops"] = ceilings(res.get("ceiling", {}))
+    doc["targets"] = targets(res, s)
+    doc["projection"] = projection(res, s)
 
 
 # --- Main --------------------------------------------------------------------------------
@@ -935,25 +942,21 @@ def main(argv: list[str] | None = None) -> None:
         "versions": versions(),
         "settings": dataclasses.asdict(s),
         "results": {},
-        "targets": [],
     }
+    derive(doc, s)
     specs = plan(s)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rvm_bench_") as tmp:
         runner = Runner(s.timeout, Path(tmp))
         for round_ in range(s.rounds):
-            runner.round = round_
             for section in selected:
                 rounds = f" round {round_ + 1}/{s.rounds}" if s.rounds > 1 else ""
                 print(f"[{section}]{rounds}", flush=True)
                 doc["results"][section] = {}
                 for label, spec in specs[section].items():
-                    doc["results"][section][label] = runner(spec, label)
-                    if section == "ceiling":
-                        doc["ceiling_gflops"] = ceilings(doc["results"]["ceiling"])
+                    doc["results"][section][label] = runner(spec, label, round_)
                     doc["wall_s"] = time.perf_counter() - start
-                    doc["targets"] = targets(doc["results"], s)
-                    doc["projection"] = projection(doc["results"], s)
+                    derive(doc, s)
                     out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
                     out.with_suffix(".md").write_text(render(doc, s))
     doc["machine"]["load_average_at_end"] = os.getloadavg()

@@ -1,5 +1,7 @@
 """The benchmark harness's bookkeeping (no timing): child environments, rounds, the plan."""
 
+import json
+
 import pytest
 
 from bench import run
@@ -108,18 +110,17 @@ def test_gpu_targets_and_projection_from_step_times():
     assert rvm["train_h"] == pytest.approx(500 * 390 * 0.016 / 3600)
     assert rvm["eval_h"] == pytest.approx(500 * 10 * 0.5 / 3600)  # 10 batches of 1000 an epoch
     assert torch["total_h"] > rvm["total_h"]
-    assert "| rvm | bfloat16 | 0.016 |" in run.render(
-        {
-            "name": "gpu",
-            "date": "today",
-            "command": "python bench/run.py --platform gpu",
-            "machine": {**run.machine(), "gpus": ["H200, 143771 MiB, 580"]},
-            "versions": {},
-            "results": results,
-            "targets": [],
-        },
-        s,
-    )
+    doc = {
+        "name": "gpu",
+        "date": "today",
+        "command": "python bench/run.py --platform gpu",
+        "machine": {**run.machine(), "gpus": ["H200, 143771 MiB, 580"]},
+        "versions": {},
+        "results": results,
+    }
+    run.derive(doc, s)
+    assert doc["projection"] == [rvm, torch] and len(doc["targets"]) == 3
+    assert "| rvm | bfloat16 | 0.016 |" in run.render(doc, s)
 
 
 @pytest.mark.parametrize(
@@ -154,6 +155,11 @@ def test_ceiling_is_the_fastest_matmul_of_numpy_torch_and_xla(tmp_path):
         record = runner(plan[label], label)
         assert record["ok"], record.get("log_tail")
         assert record["gflops"] == pytest.approx(2 * 64**3 / record["step_s"] / 1e9)
+    numpy_runs = runner.runs[json.dumps(plan["numpy 64x64"], sort_keys=True)]
+    runner(plan["numpy 64x64"], "again")  # another section asking for it: measured above
+    assert len(numpy_runs) == 1
+    twice = runner(plan["numpy 64x64"], "round 2", round_=1)
+    assert len(numpy_runs) == 2 and twice["rounds"] == 2
     bad = runner({**plan["jax 64x64"], "library": "mkl"}, "mkl")
     assert not bad["ok"] and "library='mkl'" in bad["log_tail"]
     rates = {"numpy": 160.0, "torch": 170.0, "jax": 280.0}
