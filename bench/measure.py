@@ -183,6 +183,14 @@ def rvm_eval(spec: dict) -> dict:
     return {**_time_windows(step, _synchronous, spec), "baseline_rss_mb": baseline}
 
 
+def _conv_pass(spec: dict, passes: dict) -> Any:
+    """What runs for the spec's `pass`: the forward convolution, either gradient alone
+    (`input_grad`, `kernel_grad`), or all three (`train`)."""
+    if spec["pass"] not in passes:
+        raise ValueError(f"pass={spec['pass']!r}: one of {', '.join(passes)}")
+    return passes[spec["pass"]]
+
+
 def _conv_flops(spec: dict) -> float:
     """FLOPs of one call: a 3x3 same-size conv, x3 with both gradients (`pass` = train)."""
     hw, c = spec["size"], spec["channels"]
@@ -190,7 +198,8 @@ def _conv_flops(spec: dict) -> float:
 
 
 def jax_conv(spec: dict) -> dict:
-    """rvm's `conv3x3` alone: forward, or forward + input and kernel gradients."""
+    """rvm's `conv3x3` alone: forward, one gradient (what its custom VJP computes for it,
+    XLA dropping the rest) or forward + both gradients."""
     import jax
 
     from rvm.models.conv import conv3x3
@@ -202,18 +211,21 @@ def jax_conv(spec: dict) -> dict:
     x = jax.random.normal(kx, (n, hw, hw, c))
     kernel = jax.random.normal(kk, (3, 3, c, c))
     g = jax.random.normal(kg, (n, hw, hw, c))
-    if spec["pass"] == "train":
-        f = xla.jit(lambda x, k, g: jax.vjp(conv3x3, x, k)[1](g))
-        step = lambda: f(x, kernel, g)
-    else:
-        f = xla.jit(conv3x3)
-        step = lambda: f(x, kernel)
-    result = _time_windows(step, jax.block_until_ready, spec)
+    passes = {
+        "forward": lambda x, k, g: conv3x3(x, k),
+        "input_grad": lambda x, k, g: jax.vjp(lambda x: conv3x3(x, k), x)[1](g),
+        "kernel_grad": lambda x, k, g: jax.vjp(lambda k: conv3x3(x, k), k)[1](g),
+        "train": lambda x, k, g: jax.vjp(conv3x3, x, k)[1](g),
+    }
+    f = xla.jit(_conv_pass(spec, passes))
+    result = _time_windows(lambda: f(x, kernel, g), jax.block_until_ready, spec)
     return {**result, "gflops": _conv_flops(spec) / result["step_s"] / 1e9}
 
 
 def torch_conv(spec: dict) -> dict:
-    """`nn.Conv2d(c, c, 3, padding=1)` channels_last: forward (no_grad), or forward + backward."""
+    """`nn.Conv2d(c, c, 3, padding=1)` channels_last: forward (no_grad), one gradient
+    (`torch.nn.grad`, PyTorch's convolution backward for that input alone), or forward +
+    backward."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -222,19 +234,34 @@ def torch_conv(spec: dict) -> dict:
     conv = torch.nn.Conv2d(c, c, 3, padding=1).to(memory_format=torch.channels_last)
     x = torch.randn(n, c, hw, hw).to(memory_format=torch.channels_last)
     g = torch.randn(n, c, hw, hw).to(memory_format=torch.channels_last)
-    if spec["pass"] == "train":
-        x.requires_grad_()
+    xg = x.detach().clone().requires_grad_()
 
-        def step():
-            x.grad = None
-            conv.zero_grad(set_to_none=True)
-            conv(x).backward(g)
-            return x.grad
-    else:
+    def train():
+        xg.grad = None
+        conv.zero_grad(set_to_none=True)
+        conv(xg).backward(g)
+        return xg.grad
 
-        def step():
+    def no_grad(f):
+        def run():
             with torch.no_grad():
-                return conv(x)
+                return f()
+
+        return run
+
+    step = _conv_pass(
+        spec,
+        {
+            "forward": no_grad(lambda: conv(x)),
+            "input_grad": no_grad(
+                lambda: torch.nn.grad.conv2d_input(x.shape, conv.weight, g, padding=1)
+            ),
+            "kernel_grad": no_grad(
+                lambda: torch.nn.grad.conv2d_weight(x, conv.weight.shape, g, padding=1)
+            ),
+            "train": train,
+        },
+    )
 
     result = _time_windows(step, _synchronous, spec)
     return {**result, "gflops": _conv_flops(spec) / result["step_s"] / 1e9}

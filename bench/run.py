@@ -54,6 +54,8 @@ MEASUREMENTS = (
 # On a GPU: what its targets need, in the order run (a run cut short keeps the targets).
 GPU_MEASUREMENTS = ("ceiling", "stochastic_depth", "eval", "train")
 LEVELS = ((32, 16), (16, 32), (8, 64))  # (size, channels) of the three levels' convs
+# A conv's passes: the forward convolution, either gradient alone, or all three.
+CONV_PASSES = ("forward", "input_grad", "kernel_grad", "train")
 CONV_IMPLS = {
     "rvm (Eigen convs)": {"kind": "jax_conv", "xla": "rvm"},
     "XLA default (YNNPACK convs)": {"kind": "jax_conv", "xla": "default"},
@@ -260,7 +262,7 @@ def plan(s: Settings) -> dict[str, dict[str, dict]]:
                 "steps": 5 * s.steps,  # one conv is ~100x shorter than a step
             }
             for size, c in LEVELS
-            for kind in ("forward", "train")
+            for kind in CONV_PASSES
             for impl, spec in CONV_IMPLS.items()
         },
         "malloc": {
@@ -700,16 +702,18 @@ AGAINST = {
 
 def report_convs(res: dict, ctx: dict, s: Settings) -> list[str]:
     lines = [
-        f"One 3x3 conv, C -> C channels, same size, batch {s.batch}, float32: `forward`, or "
-        "`train` = forward + input gradient + kernel gradient (3x the FLOPs). GFLOP/s "
-        "(median window); rvm's `conv3x3` (custom VJP) under its options and under XLA's "
-        "defaults, and `nn.Conv2d` channels_last.",
+        f"One 3x3 conv, C -> C channels, same size, batch {s.batch}, float32: `forward`, "
+        "`input_grad` or `kernel_grad` alone (the same FLOPs), or `train` = forward + input "
+        "gradient + kernel gradient (3x the FLOPs). GFLOP/s (median window); rvm's "
+        "`conv3x3` (custom VJP, the kernel gradient's transposes included) under its "
+        "options and under XLA's defaults, and `nn.Conv2d` channels_last (a gradient "
+        "alone through `torch.nn.grad`).",
         "",
         "| conv | pass | " + " | ".join(CONV_IMPLS) + " |",
         "| --- | --- |" + " --- |" * len(CONV_IMPLS),
     ]
     for size, c in LEVELS:
-        for kind in ("forward", "train"):
+        for kind in CONV_PASSES:
             cells = []
             for impl in CONV_IMPLS:
                 r = res.get(f"{size}x{size}x{c} {kind} / {impl}")

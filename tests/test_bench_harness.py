@@ -170,3 +170,20 @@ def test_ceiling_is_the_fastest_matmul_of_numpy_torch_and_xla(tmp_path):
     results["torch bfloat16"] = {"ok": True, "spec": {"dtype": "bfloat16"}, "gflops": 900.0}
     results["failed"] = {"ok": False, "spec": plan["jax 64x64"]}
     assert run.ceilings(results) == {"float32": 280.0, "bfloat16": 900.0}
+
+
+@pytest.mark.parametrize("kind", ["jax_conv", "torch_conv"])
+def test_conv_children_time_each_gradient_alone(kind, tmp_path):
+    """The `convs` section's gradient-alone passes run (tiny), and an unknown pass fails."""
+    if kind == "torch_conv":
+        pytest.importorskip("torch")
+    plan = run.plan(run.Settings(steps=1, windows=1, warmup=1))["convs"]
+    assert {spec["pass"] for spec in plan.values()} == set(run.CONV_PASSES)
+    runner = run.Runner(timeout=300, workdir=tmp_path)
+    tiny = {"kind": kind, "size": 4, "channels": 2, "batch": 2, "steps": 1, "windows": 1}
+    for kind_pass in ("input_grad", "kernel_grad"):
+        record = runner({**tiny, "pass": kind_pass, "warmup": 1}, kind_pass)
+        assert record["ok"], record.get("log_tail")
+        assert record["gflops"] == pytest.approx(2 * 2 * 16 * 4 * 9 / record["step_s"] / 1e9)
+    bad = runner({**tiny, "pass": "backward", "warmup": 1}, "backward")
+    assert not bad["ok"] and "pass='backward'" in bad["log_tail"]

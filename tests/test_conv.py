@@ -270,6 +270,22 @@ def test_backward_convolutions_in_a_scan_are_canonical():
     assert len(labels) >= 3 and set(labels) == {canonical}
 
 
+def test_one_gradient_alone_compiles_to_one_convolution():
+    """A caller differentiating only the kernel (or only the input) pays for one
+    convolution: XLA drops the custom VJP's other gradient and the forward pass."""
+    x, kernel, g = jnp.ones((2, 8, 8, 4)), jnp.ones((3, 3, 4, 4)), jnp.ones((2, 8, 8, 4))
+    only = {
+        "kernel": lambda x, k, g: jax.vjp(lambda k: conv3x3(x, k), k)[1](g),
+        "input": lambda x, k, g: jax.vjp(lambda x: conv3x3(x, k), x)[1](g),
+        "both": lambda x, k, g: jax.vjp(conv3x3, x, k)[1](g),
+    }
+    count = {
+        name: len(re.findall(r" convolution\(", jax.jit(f).lower(x, kernel, g).compile().as_text()))
+        for name, f in only.items()
+    }
+    assert count == {"kernel": 1, "input": 1, "both": 2}
+
+
 @pytest.mark.parametrize("kernel_size", [(1, 1), (3, 3), (5, 3)])
 @pytest.mark.parametrize("strides", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES)
