@@ -197,12 +197,30 @@ def _conv_flops(spec: dict) -> float:
     return 2 * spec["batch"] * hw * hw * c * c * 9 * (3 if spec["pass"] == "train" else 1)
 
 
-def jax_conv(spec: dict) -> dict:
-    """rvm's `conv3x3` alone: forward, one gradient (what its custom VJP computes for it,
-    XLA dropping the rest) or forward + both gradients."""
+def jax_conv_passes() -> dict[str, Callable]:
+    """pass -> f(x, kernel, g) of rvm's `conv3x3`. Each returns exactly what its pass
+    computes, so XLA keeps that work and drops the rest: a gradient alone is one
+    convolution, `train` three (its output is returned so the forward pass stays)."""
     import jax
 
     from rvm.models.conv import conv3x3
+
+    def train(x, k, g):
+        y, vjp = jax.vjp(conv3x3, x, k)
+        return y, vjp(g)
+
+    return {
+        "forward": lambda x, k, g: conv3x3(x, k),
+        "input_grad": lambda x, k, g: jax.vjp(lambda x: conv3x3(x, k), x)[1](g),
+        "kernel_grad": lambda x, k, g: jax.vjp(lambda k: conv3x3(x, k), k)[1](g),
+        "train": train,
+    }
+
+
+def jax_conv(spec: dict) -> dict:
+    """rvm's `conv3x3` alone, one of `jax_conv_passes`."""
+    import jax
+
     from rvm.train import xla
 
     _xla_options(spec)
@@ -211,19 +229,13 @@ def jax_conv(spec: dict) -> dict:
     x = jax.random.normal(kx, (n, hw, hw, c))
     kernel = jax.random.normal(kk, (3, 3, c, c))
     g = jax.random.normal(kg, (n, hw, hw, c))
-    passes = {
-        "forward": lambda x, k, g: conv3x3(x, k),
-        "input_grad": lambda x, k, g: jax.vjp(lambda x: conv3x3(x, k), x)[1](g),
-        "kernel_grad": lambda x, k, g: jax.vjp(lambda k: conv3x3(x, k), k)[1](g),
-        "train": lambda x, k, g: jax.vjp(conv3x3, x, k)[1](g),
-    }
-    f = xla.jit(_conv_pass(spec, passes))
+    f = xla.jit(_conv_pass(spec, jax_conv_passes()))
     result = _time_windows(lambda: f(x, kernel, g), jax.block_until_ready, spec)
     return {**result, "gflops": _conv_flops(spec) / result["step_s"] / 1e9}
 
 
 def torch_conv(spec: dict) -> dict:
-    """`nn.Conv2d(c, c, 3, padding=1)` channels_last: forward (no_grad), one gradient
+    """`nn.Conv2d(c, c, 3, padding=1, bias=False)` channels_last: forward (no_grad), one gradient
     (`torch.nn.grad`, PyTorch's convolution backward for that input alone), or forward +
     backward."""
     import torch
@@ -231,7 +243,8 @@ def torch_conv(spec: dict) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
     n, hw, c = spec["batch"], spec["size"], spec["channels"]
-    conv = torch.nn.Conv2d(c, c, 3, padding=1).to(memory_format=torch.channels_last)
+    # No bias, as rvm's `conv3x3`.
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
     x = torch.randn(n, c, hw, hw).to(memory_format=torch.channels_last)
     g = torch.randn(n, c, hw, hw).to(memory_format=torch.channels_last)
     xg = x.detach().clone().requires_grad_()

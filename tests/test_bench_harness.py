@@ -187,3 +187,21 @@ def test_conv_children_time_each_gradient_alone(kind, tmp_path):
         assert record["gflops"] == pytest.approx(2 * 2 * 16 * 4 * 9 / record["step_s"] / 1e9)
     bad = runner({**tiny, "pass": "backward", "warmup": 1}, "backward")
     assert not bad["ok"] and "pass='backward'" in bad["log_tail"]
+
+
+def test_rvm_conv_passes_compile_to_the_convolutions_they_count():
+    """`convs` reads a pass's time against 1x (one pass) or 3x (`train`) one conv's FLOPs:
+    each must compile to that many convolutions, no fewer (XLA drops unused results)."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+
+    from bench import measure
+
+    x, kernel, g = jnp.ones((2, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), jnp.ones((2, 4, 4, 2))
+    counts = {
+        name: len(re.findall(r" convolution\(", jax.jit(f).lower(x, kernel, g).compile().as_text()))
+        for name, f in measure.jax_conv_passes().items()
+    }
+    assert counts == {"forward": 1, "input_grad": 1, "kernel_grad": 1, "train": 3}
