@@ -396,9 +396,10 @@ def matmul(spec: dict) -> dict:
     """An n x n matrix product (2 n^3 FLOPs) with numpy's BLAS, PyTorch or XLA, in the spec's dtype.
 
     Each library reaches a different fraction of the hardware (on the 2-core VM
-    XLA's matrix product, through YNNPACK, outran numpy's and PyTorch's by 1.6-1.7x),
-    so the ceiling is the fastest of them. On the GPU, float32 means float32:
-    PyTorch's TF32 matrix products stay off, XLA's product runs at HIGHEST precision.
+    XLA's, through YNNPACK, ran at 1.4x numpy's and 1.8x PyTorch's rate in
+    `bench/results/cpu.md`), so the ceiling is the fastest of them. On the GPU,
+    float32 means float32: PyTorch's TF32 matrix products stay off, XLA's product
+    runs at HIGHEST precision.
     """
     n, library = spec["n"], spec["library"]
     if library == "torch":
