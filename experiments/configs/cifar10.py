@@ -16,7 +16,7 @@ included), 20-22 minutes for 10 epochs (results/cifar10_cpu/run.sh; 25.3% test
 error after 10 epochs); (18,18,18) needs a GPU. GPU wall time has not been measured
 with this code yet; `python bench/run.py` (`--platform gpu` on a GPU) measures
 throughput on the machine at hand and projects the wall time of a 500-epoch
-(18,18,18) run from it (76 h on that CPU VM).
+(18,18,18) run from it (69 h on that CPU VM, bench/results/cpu.md).
 
 Expected test error (%) from the paper (single runs, horizontal flips only):
   Table 1, middle level, (18,18,18): nonshared 6.67, relaxed 6.67, raw 7.78, minimal 7.23

@@ -8,8 +8,8 @@ little of it: the kernel-gradient transposes read with large strides. glibc's
 tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes malloc advise the kernel
 to back its mappings with 2 MiB transparent huge pages (`MADV_HUGEPAGE`), which
 the kernel honours unless transparent huge pages are switched off. On the
-project's 2-core VM, without it rvm's CPU training step ran at 0.80x of its
-speed with it (`bench/results/cpu.md`, section `malloc`).
+project's 2-core VM, without it rvm's CPU training step ran at 0.86-0.93x of
+its speed with it (`bench/results/cpu.md`, section `malloc`).
 
 glibc reads tunables once, when a process starts, so a launcher that wants them
 re-executes itself (`reexec`) before doing any work; `environ` gives the
