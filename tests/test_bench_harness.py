@@ -1,10 +1,11 @@
 """The benchmark harness's bookkeeping (no timing): child environments, rounds, the plan."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from bench import run
+from bench import plan, report, run
 
 
 def test_children_run_on_the_cpu_with_huge_page_malloc_unless_told_otherwise(monkeypatch):
@@ -41,27 +42,26 @@ def test_rounds_keep_the_fastest_round_every_window_and_the_largest_peak_memory(
 
 
 def test_malloc_section_reuses_the_train_sections_huge_page_measurements():
-    plan = run.plan(run.Settings())
-    assert set(plan) == set(run.MEASUREMENTS)
-    train = list(plan["train"].values())
-    huge = [spec for label, spec in plan["malloc"].items() if label.endswith("huge pages")]
-    default = [spec for label, spec in plan["malloc"].items() if label.endswith("default")]
+    specs = plan.plan(plan.Settings())
+    assert set(specs) == set(plan.MEASUREMENTS)
+    train = list(specs["train"].values())
+    huge = [spec for label, spec in specs["malloc"].items() if label.endswith("huge pages")]
+    default = [spec for label, spec in specs["malloc"].items() if label.endswith("default")]
     assert len(huge) == len(default) == 4
     assert all(spec in train for spec in huge)
     assert all(spec["malloc"] == "default" and spec not in train for spec in default)
 
 
 def test_gpu_plan_compares_bfloat16_and_shares_runs_between_sections(monkeypatch):
-    s = run.Settings(platform="gpu", **run.GPU_SETTINGS)
-    plan = run.plan(s)
-    assert tuple(plan) == run.GPU_MEASUREMENTS == run.measurements(s)
-    specs = [spec for section in plan.values() for spec in section.values()]
-    assert all(spec["platform"] == "gpu" for spec in specs)
-    train = plan["train"]
-    assert len([k for k in train if k.startswith("(18, 18, 18)")]) == len(run.GPU_IMPLS)
-    assert len([k for k in train if k.startswith("(3, 4, 4)")]) == len(run.GPU_SMALL_IMPLS)
-    assert train["(18, 18, 18) nonshared / rvm bfloat16"] == plan["stochastic_depth"]["rvm off"]
-    assert plan["eval"]["rvm evaluate"]["dtype"] == "bfloat16"
+    s = plan.Settings(platform="gpu", **plan.GPU_SETTINGS)
+    specs = plan.plan(s)
+    assert tuple(specs) == plan.GPU_MEASUREMENTS == plan.measurements(s)
+    assert all(spec["platform"] == "gpu" for sec in specs.values() for spec in sec.values())
+    train = specs["train"]
+    assert len([k for k in train if k.startswith("(18, 18, 18)")]) == len(plan.GPU_IMPLS)
+    assert len([k for k in train if k.startswith("(3, 4, 4)")]) == len(plan.GPU_SMALL_IMPLS)
+    assert train["(18, 18, 18) nonshared / rvm bfloat16"] == specs["stochastic_depth"]["rvm off"]
+    assert specs["eval"]["rvm evaluate"]["dtype"] == "bfloat16"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=0")
     env = run.child_env(train["(18, 18, 18) nonshared / torch eager channels_last float32"])
     assert env["JAX_PLATFORMS"] == "cuda" and env["GLIBC_TUNABLES"] == "glibc.malloc.check=0"
@@ -74,8 +74,8 @@ def _timed(spec, step_s):
 
 
 def test_gpu_targets_and_projection_from_step_times():
-    s = run.Settings(platform="gpu", **run.GPU_SETTINGS)
-    plan = run.plan(s)
+    s = plan.Settings(platform="gpu", **plan.GPU_SETTINGS)
+    specs = plan.plan(s)
     steps = {  # s/step: rvm 1.25x faster than PyTorch; stochastic depth 1.25x faster
         "rvm bfloat16": 0.020,
         "torch eager channels_last bfloat16 autocast": 0.025,
@@ -89,12 +89,12 @@ def test_gpu_targets_and_projection_from_step_times():
     results = {
         section: {
             label: _timed(spec, steps[label.split(" / ")[-1]])
-            for label, spec in plan[section].items()
+            for label, spec in specs[section].items()
             if label.split(" / ")[-1] in steps
         }
         for section in ("train", "stochastic_depth", "eval")
     }
-    verdicts = {t["target"]: (t["pass"], round(t["value"], 3)) for t in run.targets(results, s)}
+    verdicts = {t["target"]: (t["pass"], round(t["value"], 3)) for t in report.targets(results, s)}
     assert verdicts == {
         "(3, 4, 4) nonshared: rvm bfloat16 >= 1x torch eager channels_last bfloat16 autocast "
         "throughput": (True, 1.25),
@@ -105,7 +105,7 @@ def test_gpu_targets_and_projection_from_step_times():
             1.25,
         ),
     }
-    rvm, torch = run.projection(results, s)
+    rvm, torch = report.projection(results, s)
     assert rvm["steps"] == 500 * 390 and rvm["dtype"] == "bfloat16"
     assert rvm["train_h"] == pytest.approx(500 * 390 * 0.016 / 3600)
     assert rvm["eval_h"] == pytest.approx(500 * 10 * 0.5 / 3600)  # 10 batches of 1000 an epoch
@@ -118,9 +118,9 @@ def test_gpu_targets_and_projection_from_step_times():
         "versions": {},
         "results": results,
     }
-    run.derive(doc, s)
+    report.derive(doc, s)
     assert doc["projection"] == [rvm, torch] and len(doc["targets"]) == 3
-    assert "| rvm | bfloat16 | 0.016 |" in run.render(doc, s)
+    assert "| rvm | bfloat16 | 0.016 |" in report.render(doc, s)
 
 
 @pytest.mark.parametrize(
@@ -136,8 +136,8 @@ def test_gpu_plans_bfloat16_measurements_run(section, label, tmp_path):
     """The GPU plan's bfloat16 children (stochastic depth on), run on the CPU, tiny."""
     if label.startswith("torch"):
         pytest.importorskip("torch")
-    s = run.Settings(platform="gpu", small=(1, 2, 2), large=(1, 2, 2), batch=8, eval_batch=16)
-    spec = {**run.plan(s)[section][label], "platform": "cpu", "steps": 1, "windows": 1}
+    s = plan.Settings(platform="gpu", small=(1, 2, 2), large=(1, 2, 2), batch=8, eval_batch=16)
+    spec = {**plan.plan(s)[section][label], "platform": "cpu", "steps": 1, "windows": 1}
     record = run.Runner(timeout=300, workdir=tmp_path)(spec, label)
     assert record["ok"], record.get("log_tail")
     assert record["spec"]["dtype"] == "bfloat16" and record["step_s"] > 0
@@ -147,29 +147,29 @@ def test_gpu_plans_bfloat16_measurements_run(section, label, tmp_path):
 
 def test_ceiling_is_the_fastest_matmul_of_numpy_torch_and_xla(tmp_path):
     """Every library's matmul child runs (tiny), and the ceiling is the fastest per dtype."""
-    s = run.Settings(matmul_n=64, steps=1, windows=1, warmup=1)
-    plan = run.plan(s)["ceiling"]
-    assert {spec["library"] for spec in plan.values()} == {"numpy", "torch", "jax"}
+    s = plan.Settings(matmul_n=64, steps=1, windows=1, warmup=1)
+    specs = plan.plan(s)["ceiling"]
+    assert {spec["library"] for spec in specs.values()} == {"numpy", "torch", "jax"}
     runner = run.Runner(timeout=300, workdir=tmp_path)
     for label in ("numpy 64x64", "jax 64x64"):
-        record = runner(plan[label], label)
+        record = runner(specs[label], label)
         assert record["ok"], record.get("log_tail")
         assert record["gflops"] == pytest.approx(2 * 64**3 / record["step_s"] / 1e9)
-    numpy_runs = runner.runs[json.dumps(plan["numpy 64x64"], sort_keys=True)]
-    runner(plan["numpy 64x64"], "again")  # another section asking for it: measured above
+    numpy_runs = runner.runs[json.dumps(specs["numpy 64x64"], sort_keys=True)]
+    runner(specs["numpy 64x64"], "again")  # another section asking for it: measured above
     assert len(numpy_runs) == 1
-    twice = runner(plan["numpy 64x64"], "round 2", round_=1)
+    twice = runner(specs["numpy 64x64"], "round 2", round_=1)
     assert len(numpy_runs) == 2 and twice["rounds"] == 2
-    bad = runner({**plan["jax 64x64"], "library": "mkl"}, "mkl")
+    bad = runner({**specs["jax 64x64"], "library": "mkl"}, "mkl")
     assert not bad["ok"] and "library='mkl'" in bad["log_tail"]
     rates = {"numpy": 160.0, "torch": 170.0, "jax": 280.0}
     results = {
         label: {"ok": True, "spec": spec, "gflops": rates[spec["library"]]}
-        for label, spec in plan.items()
+        for label, spec in specs.items()
     }
     results["torch bfloat16"] = {"ok": True, "spec": {"dtype": "bfloat16"}, "gflops": 900.0}
-    results["failed"] = {"ok": False, "spec": plan["jax 64x64"]}
-    assert run.ceilings(results) == {"float32": 280.0, "bfloat16": 900.0}
+    results["failed"] = {"ok": False, "spec": specs["jax 64x64"]}
+    assert report.ceilings(results) == {"float32": 280.0, "bfloat16": 900.0}
 
 
 @pytest.mark.parametrize("kind", ["jax_conv", "torch_conv"])
@@ -177,8 +177,8 @@ def test_conv_children_time_each_gradient_alone(kind, tmp_path):
     """The `convs` section's gradient-alone passes run (tiny), and an unknown pass fails."""
     if kind == "torch_conv":
         pytest.importorskip("torch")
-    plan = run.plan(run.Settings(steps=1, windows=1, warmup=1))["convs"]
-    assert {spec["pass"] for spec in plan.values()} == set(run.CONV_PASSES)
+    specs = plan.plan(plan.Settings(steps=1, windows=1, warmup=1))["convs"]
+    assert {spec["pass"] for spec in specs.values()} == set(plan.CONV_PASSES)
     runner = run.Runner(timeout=300, workdir=tmp_path)
     tiny = {"kind": kind, "size": 4, "channels": 2, "batch": 2, "steps": 1, "windows": 1}
     for kind_pass in ("input_grad", "kernel_grad"):
@@ -205,3 +205,30 @@ def test_rvm_conv_passes_compile_to_the_convolutions_they_count():
         for name, f in measure.jax_conv_passes().items()
     }
     assert counts == {"forward": 1, "input_grad": 1, "kernel_grad": 1, "train": 3}
+
+
+COMMITTED = sorted((Path(__file__).resolve().parents[1] / "bench" / "results").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_reports_are_what_their_measurements_render_to(path):
+    """Every committed table, target verdict and projection follows from the JSON beside it."""
+    doc = json.loads(path.read_text())
+    assert doc["results"], "a committed report measured something"
+    s = report.settings_of(doc)
+    report.derive(doc, s)
+    assert report.render(doc, s) == path.with_suffix(".md").read_text()
+
+
+def test_redraw_rederives_targets_and_rewrites_the_markdown(tmp_path):
+    doc = json.loads(COMMITTED[0].read_text())
+    doc["targets"], doc["projection"] = [], []
+    stale = tmp_path / "r.json"
+    stale.write_text(json.dumps(doc))
+    stale.with_suffix(".md").write_text("hand-edited\n")
+    md = report.redraw(stale)
+    committed = json.loads(COMMITTED[0].read_text())
+    redrawn = json.loads(stale.read_text())
+    assert redrawn["targets"] and redrawn["targets"] == committed["targets"]
+    assert redrawn["projection"] == committed["projection"]
+    assert md.read_text() == COMMITTED[0].with_suffix(".md").read_text()

@@ -1,0 +1,436 @@
+"""The benchmark report: markdown tables of a run's results, targets with margins, projection.
+
+`derive` computes what the results imply (ceilings, the targets' verdicts, the
+projected wall time of the paper's run) into the JSON document; `render` writes
+the markdown from that document alone. After a change here, redraw committed
+reports from their measurements without measuring again:
+
+    python -m bench.report bench/results/cpu.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.plan import (
+    CONV_IMPLS,
+    CONV_PASSES,
+    EPOCHS,
+    LEVELS,
+    TEST_IMAGES,
+    TRAIN_IMAGES,
+    Settings,
+    forward_macs,
+    impls,
+    model_label,
+    sharings,
+    train_flops,
+)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def _step(r: dict | None) -> float | None:
+    return r["step_s"] if r and r.get("ok") else None
+
+
+def _spread(r: dict) -> str:
+    w = r["windows_s"]
+    return f"{_fmt(r['step_s'])} [{_fmt(min(w))}-{_fmt(max(w))}]"
+
+
+def _target(name: str, value: float | None, bound: float, at_most: bool, unit: str = "") -> dict:
+    """A target with its margin: how far the value sits inside (+) or outside (-) the bound."""
+    if value is None:
+        return {"target": name, "pass": None, "text": "not measured"}
+    ok = value <= bound if at_most else value >= bound
+    margin = (bound - value) if at_most else (value - bound)
+    verdict = "PASS" if ok else "FAIL"
+    text = f"{verdict}: {value:.3g}{unit} vs {bound:.3g}{unit} (margin {margin:+.3g}{unit})"
+    return {"target": name, "pass": ok, "value": value, "bound": bound, "text": text}
+
+
+def _failures(section: dict) -> list[str]:
+    lines = []
+    for label, r in section.items():
+        if not r["ok"]:
+            tail = (r["log_tail"] or "(empty log)").replace("\n", "\n    ")
+            lines += [f"- **{label}** failed: {r['error']}. Log tail:", "", f"    {tail}", ""]
+    return lines
+
+
+def _dtype(r: dict) -> str:
+    return r["spec"].get("dtype", "float32")
+
+
+def ceilings(res: dict) -> dict[str, float]:
+    """dtype -> the fastest matmul's GFLOP/s in it: the ceiling FLOP rates are read against."""
+    out: dict[str, float] = {}
+    for r in res.values():
+        if r["ok"]:
+            out[_dtype(r)] = max(out.get(_dtype(r), 0.0), r["gflops"])
+    return out
+
+
+def report_ceiling(res: dict, ctx: dict) -> list[str]:
+    lines = ["| matmul | s | GFLOP/s |", "| --- | --- | --- |"]
+    for label, r in res.items():
+        if r["ok"]:
+            lines.append(f"| {label} | {_spread(r)} | {r['gflops']:.1f} |")
+    lines.append("")
+    used = ", ".join(f"{_fmt(g)} GFLOP/s in {d}" for d, g in ctx["ceilings"].items())
+    lines.append(f"Ceiling used below: **{used or 'n/a'}** (the fastest matmul in each dtype).")
+    return lines
+
+
+def _rvm_of(res: dict, model: str, r: dict) -> dict | None:
+    """rvm's run of `model` in the dtype of run `r`: what `r` is compared with."""
+    for label, other in res.items():
+        if label.startswith(f"{model} / rvm") and other["spec"]["kind"] == "rvm_train":
+            if _dtype(other) == _dtype(r):
+                return other
+    return None
+
+
+def report_train(res: dict, ctx: dict, s: Settings) -> list[str]:
+    dtypes = "float32" if s.platform == "cpu" else "float32 or bfloat16 (PyTorch: autocast)"
+    lines = [
+        f"Batch {s.batch}, {dtypes}, synthetic 32x32 images, stochastic depth off. Training "
+        "FLOPs per image = 3 x 2 x forward MACs (3x3 convs + head): "
+        + ", ".join(f"{tuple(b)} {train_flops(b) / 1e9:.3f} GFLOP" for b in (s.small, s.large))
+        + ". Step = median of the windows [fastest-slowest], of the fastest round when there "
+        "are several. `vs rvm` and `of ceiling`: against rvm and the matmul ceiling in the "
+        "same dtype.",
+        "",
+        "| model | implementation | s/step | images/s | vs rvm | GFLOP/s | of ceiling "
+        "| first call s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for blocks in (s.small, s.large):
+        for sharing in sharings(s):
+            model = model_label(blocks, sharing)
+            for impl in impls(s, blocks):
+                r = res.get(f"{model} / {impl}")
+                if not r or not r["ok"]:
+                    lines.append(f"| {model} | {impl} | failed | | | | | |")
+                    continue
+                ips = s.batch / r["step_s"]
+                gflops = ips * train_flops(blocks) / 1e9
+                base = _step(_rvm_of(res, model, r))
+                ratio = _fmt(base / r["step_s"]) + "x" if base else "n/a"
+                ceiling = ctx["ceilings"].get(_dtype(r))
+                frac = f"{100 * gflops / ceiling:.1f}%" if ceiling else "n/a"
+                lines.append(
+                    f"| {model} | {impl} | {_spread(r)} | {ips:.1f} | {ratio} | {gflops:.1f} "
+                    f"| {frac} | {_fmt(r['first_call_s'])} |"
+                )
+    return lines
+
+
+def report_compile(res: dict, ctx: dict, s: Settings) -> list[str]:
+    lines = [
+        f"{tuple(s.large)} nonshared, stochastic depth on (the paper's run), batch {s.batch}. "
+        "`init` = `build_run` (jit of the init, its run, data put on device). The step is "
+        "traced, lowered to StableHLO and compiled by XLA ahead of time, each stage timed; "
+        "`compile` = their sum, `first run` = the first execution after it.",
+        "",
+        "| blocks | init s | trace s | lower s | XLA compile s | compile s | first run s "
+        "| s/step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, r in res.items():
+        if r["ok"]:
+            lines.append(
+                f"| {label} | {_fmt(r['init_s'])} | {_fmt(r['trace_s'])} | {_fmt(r['lower_s'])} "
+                f"| {_fmt(r['compile_s'])} | {_fmt(_compile_s(r))} | {_fmt(r['first_call_s'])} "
+                f"| {_spread(r)} |"
+            )
+    return lines
+
+
+def _compile_s(r: dict) -> float:
+    """Trace + lower + XLA compile of the step, measured ahead of time."""
+    return r["trace_s"] + r["lower_s"] + r["compile_s"]
+
+
+def report_steps(res: dict, ctx: dict, s: Settings, note: str) -> list[str]:
+    lines = [note, "", "| run | s/step | images/s |", "| --- | --- | --- |"]
+    for label, r in res.items():
+        if r["ok"]:
+            lines.append(f"| {label} | {_spread(r)} | {s.batch / r['step_s']:.1f} |")
+    return lines
+
+
+def report_eval(res: dict, ctx: dict, s: Settings) -> list[str]:
+    flops = 2 * forward_macs(s.large)
+    lines = [
+        f"{tuple(s.large)} nonshared in eval mode, one batch of {s.eval_batch} per window "
+        f"({flops / 1e9:.3f} GFLOP per image); rvm through `image_task.evaluate` "
+        "(host-to-device copy, jitted forward, error and loss).",
+        "",
+        "| implementation | s/batch | images/s | of ceiling |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, r in res.items():
+        if r["ok"]:
+            ips = s.eval_batch / r["step_s"]
+            ceiling = ctx["ceilings"].get(_dtype(r))
+            frac = f"{100 * ips * flops / 1e9 / ceiling:.1f}%" if ceiling else "n/a"
+            lines.append(f"| {label} | {_spread(r)} | {ips:.1f} | {frac} |")
+    return lines
+
+
+def report_memory(res: dict, ctx: dict, s: Settings) -> list[str]:
+    lines = [
+        f"Peak RSS (`ru_maxrss`) of the process training {tuple(s.large)} nonshared at batch "
+        f"{s.batch} (compilation included); baseline = RSS after imports and data, before "
+        "the model.",
+        "",
+        "| process | peak MiB | baseline MiB | peak - baseline MiB |",
+        "| --- | --- | --- | --- |",
+    ]
+    for label, r in res.items():
+        if r["ok"]:
+            peak, base = r["max_rss_mb"], r["baseline_rss_mb"]
+            lines.append(f"| {label} | {peak:.0f} | {base:.0f} | {peak - base:.0f} |")
+    return lines
+
+
+def _report_against(res: dict, s: Settings, note: str, base: str, column: str) -> list[str]:
+    """Step times, each also as a ratio to the run labelled `<same model> / <base>`."""
+    lines = [note, "", f"| run | s/step | images/s | {column} |", "| --- | --- | --- | --- |"]
+    for label, r in res.items():
+        if r["ok"]:
+            ref = _step(res.get(label.rsplit("/", 1)[0] + "/ " + base))
+            ratio = f"{ref / r['step_s']:.2f}x" if ref else "n/a"
+            lines.append(f"| {label} | {_spread(r)} | {s.batch / r['step_s']:.1f} | {ratio} |")
+    return lines
+
+
+# Sections reported as step times against one run of the same model: note, that run's
+# label (after the model), and the ratio column's heading.
+AGAINST = {
+    "data_parallel": (
+        "rvm's step over a `(\"data\",)` mesh of the host's cores as separate XLA devices "
+        "(`--xla_force_host_platform_device_count`), against one device.",
+        "1 device",
+        "speed-up",
+    ),
+    "xla_cpu": (
+        "rvm's training step (stochastic depth off) as shipped, compiled with XLA:CPU's "
+        "default options (convolutions through YNNPACK, not `rvm.train.xla.CPU_OPTIONS`), "
+        "and as shipped over two XLA host devices.",
+        "rvm",
+        "vs rvm",
+    ),
+    "malloc": (
+        "Training steps (stochastic depth off) with glibc's malloc on transparent huge pages "
+        "(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, how every other section runs and how "
+        "`experiments.train` restarts itself) against glibc's default malloc.",
+        "huge pages",
+        "vs huge pages",
+    ),
+}
+
+
+def report_convs(res: dict, ctx: dict, s: Settings) -> list[str]:
+    lines = [
+        f"One 3x3 conv, C -> C channels, same size, batch {s.batch}, float32: `forward`, "
+        "`input_grad` or `kernel_grad` alone (the same FLOPs), or `train` = forward + input "
+        "gradient + kernel gradient (3x the FLOPs). GFLOP/s (median window); rvm's "
+        "`conv3x3` (custom VJP, the kernel gradient's transposes included) under its "
+        "options and under XLA's defaults, and `nn.Conv2d` channels_last (a gradient "
+        "alone through `torch.nn.grad`).",
+        "",
+        "| conv | pass | " + " | ".join(CONV_IMPLS) + " |",
+        "| --- | --- |" + " --- |" * len(CONV_IMPLS),
+    ]
+    for size, c in LEVELS:
+        for kind in CONV_PASSES:
+            cells = []
+            for impl in CONV_IMPLS:
+                r = res.get(f"{size}x{size}x{c} {kind} / {impl}")
+                cells.append(f"{r['gflops']:.0f}" if r and r["ok"] else "n/a")
+            lines.append(f"| {size}x{size}x{c} | {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def targets(results: dict, s: Settings) -> list[dict]:
+    """The suite's targets, for the sections that ran; each with pass/fail and margin."""
+    out = []
+    ratio = lambda a, b: a / b if a and b else None
+    large = tuple(s.large)
+    # CPU: rvm at half PyTorch's speed at least; GPU: as fast in bfloat16.
+    mine, theirs, bound = (
+        ("rvm", "torch eager channels_last", 0.5)
+        if s.platform == "cpu"
+        else ("rvm bfloat16", "torch eager channels_last bfloat16 autocast", 1.0)
+    )
+    if "train" in results:
+        train = results["train"]
+        for blocks in (s.small, s.large):
+            for sharing in sharings(s):
+                model = model_label(blocks, sharing)
+                a = _step(train.get(f"{model} / {mine}"))
+                b = _step(train.get(f"{model} / {theirs}"))
+                name = f"{model}: {mine} >= {bound:g}x {theirs} throughput"
+                out.append(_target(name, ratio(b, a), bound, at_most=False, unit="x"))
+    if "compile" in results:
+        scan, unrolled = results["compile"].get("nn.scan"), results["compile"].get("unrolled")
+        compile_s = lambda r: _compile_s(r) if r and r["ok"] else None
+        name = f"{large} compile time: scan <= 1/3 of unrolled"
+        out.append(_target(name, ratio(compile_s(scan), compile_s(unrolled)), 1 / 3, True, "x"))
+        name = f"{large} step: scan no slower than unrolled"
+        out.append(_target(name, ratio(_step(scan), _step(unrolled)), 1.0, True, "x"))
+    if "relaxed" in results:
+        rel = results["relaxed"]
+        name = f"{large} all levels: relaxed step within 5% of raw"
+        out.append(
+            _target(name, ratio(_step(rel.get("relaxed")), _step(rel.get("raw"))), 1.05, True, "x")
+        )
+    if "stochastic_depth" in results:
+        sd = results["stochastic_depth"]
+        on, off = _step(sd.get("rvm on")), _step(sd.get("rvm off"))
+        if s.platform == "cpu":
+            name = f"{large} rvm: stochastic depth step no slower than off"
+            out.append(_target(name, ratio(on, off), 1.0, True, "x"))
+        else:
+            name = f"{large} rvm: stochastic depth step at least 15% faster than off (speed-up)"
+            out.append(_target(name, ratio(off, on), 1.15, False, "x"))
+    return out
+
+
+def projection(results: dict, s: Settings) -> list[dict]:
+    """Projected wall time of the paper's run of the large model: every epoch's training
+    steps with stochastic depth on (section `stochastic_depth`) and one evaluation of
+    the test set (section `eval`), for rvm and PyTorch; checkpoints and logging left out.
+    """
+    sd, ev = results.get("stochastic_depth", {}), results.get("eval", {})
+    steps = EPOCHS * (TRAIN_IMAGES // s.batch)
+    out = []
+    torch = "torch eager channels_last"
+    for impl, train_label, eval_label in (
+        ("rvm", "rvm on", "rvm evaluate"),
+        (torch, f"{torch} on", f"{torch} no_grad"),
+    ):
+        step, eval_batch_s = _step(sd.get(train_label)), _step(ev.get(eval_label))
+        if not step or not eval_batch_s:
+            continue
+        eval_s = EPOCHS * TEST_IMAGES / s.eval_batch * eval_batch_s
+        row = {"implementation": impl, "dtype": _dtype(sd[train_label]), "step_s": step}
+        row.update(steps=steps, train_h=steps * step / 3600, eval_h=eval_s / 3600)
+        row["total_h"] = row["train_h"] + row["eval_h"]
+        out.append(row)
+    return out
+
+
+def report_projection(rows: list[dict], s: Settings) -> list[str]:
+    lines = [
+        f"The paper's run of {tuple(s.large)}: {EPOCHS} epochs of {TRAIN_IMAGES // s.batch} "
+        f"steps at batch {s.batch} with stochastic depth on (section `stochastic_depth`), and "
+        f"the {TEST_IMAGES} test images evaluated after each epoch (section `eval`); "
+        "checkpoints and logging left out.",
+        "",
+        "| implementation | dtype | s/step | training h | evaluation h | total h |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['implementation']} | {r['dtype']} | {_fmt(r['step_s'])} | {r['train_h']:.1f} "
+            f"| {r['eval_h']:.2f} | {r['total_h']:.1f} |"
+        )
+    return lines
+
+
+def render(doc: dict, s: Settings) -> str:
+    """The markdown report of `doc` (the JSON written beside it)."""
+    m, v, res = doc["machine"], doc["versions"], doc["results"]
+    ctx = {"ceilings": doc["ceiling_gflops"]}
+    lines = [
+        f"# rvm benchmark: {doc['name']}",
+        "",
+        f"- date: {doc['date']} (wall {doc.get('wall_s', 0) / 60:.1f} min)",
+        f"- command: `{doc['command']}`",
+        f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB, "
+        f"ISA {' '.join(m['isa']) or 'n/a'}; load average at start "
+        f"{' / '.join(f'{x:.2f}' for x in m['load_average_at_start'])} (1/5/15 min)"
+        + (f"; GPU {'; '.join(m['gpus'])}" if "gpus" in m else ""),
+        "- versions: " + ", ".join(f"{k} {x}" for k, x in v.items()),
+        f"- settings: {json.dumps(dataclasses.asdict(s))}",
+        "",
+    ]
+    # The suite's own children load the machine, so only the load at the start says
+    # whether something else was running.
+    load = m["load_average_at_start"][0]
+    if load > 0.5 * (m["logical_cores"] or 1):
+        lines += [
+            f"**Warning: the machine was busy (1-minute load average up to {load:.1f} on "
+            f"{m['logical_cores']} cores); multi-threaded timings are unreliable.**",
+            "",
+        ]
+    if doc["targets"]:
+        lines += ["## Targets", ""] + [f"- {t['target']}: {t['text']}" for t in doc["targets"]]
+        lines.append("")
+    against = lambda name: lambda r, c, s: _report_against(r, s, *AGAINST[name])
+    sections: dict[str, Callable[..., list[str]]] = {
+        "ceiling": lambda r, c, s: report_ceiling(r, c),
+        "train": report_train,
+        "compile": report_compile,
+        "relaxed": lambda r, c, s: report_steps(
+            r, c, s, f"{tuple(s.large)}, all levels in scope, stochastic depth off."
+        ),
+        "stochastic_depth": lambda r, c, s: report_steps(
+            r, c, s, f"{tuple(s.large)} nonshared, the paper's death rates (0 to 0.5) or none."
+        ),
+        "eval": report_eval,
+        "memory": report_memory,
+        "data_parallel": against("data_parallel"),
+        "xla_cpu": against("xla_cpu"),
+        "convs": report_convs,
+        "malloc": against("malloc"),
+    }
+    for name, body in sections.items():
+        if name in res:
+            lines += [f"## {name}", ""] + body(res[name], ctx, s) + [""] + _failures(res[name])
+    if doc["projection"]:
+        lines += ["## projection", ""] + report_projection(doc["projection"], s) + [""]
+    return "\n".join(lines) + "\n"
+
+
+def derive(doc: dict, s: Settings) -> None:
+    """Sets what `doc`'s results imply: the ceilings, the targets' verdicts, the projection."""
+    res = doc["results"]
+    doc["ceiling_gflops"] = ceilings(res.get("ceiling", {}))
+    doc["targets"] = targets(res, s)
+    doc["projection"] = projection(res, s)
+
+
+def settings_of(doc: dict) -> Settings:
+    """The settings a report's JSON was measured with."""
+    return Settings(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in doc["settings"].items()}
+    )
+
+
+def redraw(json_path: Path) -> Path:
+    """Re-derives a report's JSON and rewrites it and its markdown; returns the markdown's path."""
+    doc = json.loads(json_path.read_text())
+    s = settings_of(doc)
+    derive(doc, s)
+    json_path.write_text(json.dumps(doc, indent=1) + "\n")
+    md = json_path.with_suffix(".md")
+    md.write_text(render(doc, s))
+    return md
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m bench.report RESULT.json [RESULT.json ...]")
+    for arg in sys.argv[1:]:
+        print(f"wrote {redraw(Path(arg))}")
