@@ -27,7 +27,7 @@ from typing import Any
 
 IMAGE_SHAPE = (32, 32, 3)
 NUM_CLASSES = 10
-TRAIN_IMAGES = 2048  # synthetic training split the batches are drawn from
+SYNTHETIC_IMAGES = 2048  # synthetic training split the batches are drawn from
 
 
 def _rss_mb() -> float:
@@ -92,7 +92,7 @@ def rvm_config(spec: dict):
 
     config = get_config()
     config.data.source = "synthetic"
-    config.data.synthetic_train = max(TRAIN_IMAGES, spec["batch"])
+    config.data.synthetic_train = max(SYNTHETIC_IMAGES, spec["batch"])
     config.data.synthetic_test = spec.get("eval_batch", 512)
     config.batch_size = spec["batch"]
     config.eval_batch_size = spec.get("eval_batch", spec["batch"])
@@ -322,7 +322,7 @@ def _torch_setup(spec: dict):
     model = model.to(device)
     if spec["layout"] == "channels_last":
         model = model.to(memory_format=torch.channels_last)
-    n = max(TRAIN_IMAGES, spec["batch"], spec.get("eval_batch", 0))
+    n = max(SYNTHETIC_IMAGES, spec["batch"], spec.get("eval_batch", 0))
     images = torch.randint(0, 256, (n, *IMAGE_SHAPE), dtype=torch.uint8).to(device)
     labels = torch.randint(0, NUM_CLASSES, (n,)).to(device)
     as_float = images.float()
