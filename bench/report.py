@@ -89,12 +89,12 @@ def report_ceiling(res: dict, ctx: dict) -> list[str]:
     return lines
 
 
-def _rvm_of(res: dict, model: str, r: dict) -> dict | None:
-    """rvm's run of `model` in the dtype of run `r`: what `r` is compared with."""
-    for label, other in res.items():
-        if label.startswith(f"{model} / rvm") and other["spec"]["kind"] == "rvm_train":
-            if _dtype(other) == _dtype(r):
-                return other
+def _rvm_of(res: dict, r: dict) -> dict | None:
+    """rvm's training run of run `r`'s model, sharing and dtype: what `r` is compared with."""
+    model = lambda x: (x["spec"]["blocks"], x["spec"]["sharing"], _dtype(x))
+    for other in res.values():
+        if other["spec"]["kind"] == "rvm_train" and model(other) == model(r):
+            return other
     return None
 
 
@@ -122,7 +122,7 @@ def report_train(res: dict, ctx: dict, s: Settings) -> list[str]:
                     continue
                 ips = s.batch / r["step_s"]
                 gflops = ips * train_flops(blocks) / 1e9
-                base = _step(_rvm_of(res, model, r))
+                base = _step(_rvm_of(res, r))
                 ratio = _fmt(base / r["step_s"]) + "x" if base else "n/a"
                 ceiling = ctx["ceilings"].get(_dtype(r))
                 frac = f"{100 * gflops / ceiling:.1f}%" if ceiling else "n/a"

@@ -79,6 +79,8 @@ def test_gpu_targets_and_projection_from_step_times():
     steps = {  # s/step: rvm 1.25x faster than PyTorch; stochastic depth 1.25x faster
         "rvm bfloat16": 0.020,
         "torch eager channels_last bfloat16 autocast": 0.025,
+        "rvm float32": 0.040,
+        "torch eager channels_last float32": 0.032,
         "rvm on": 0.016,
         "rvm off": 0.020,
         "torch eager channels_last on": 0.020,
@@ -120,7 +122,14 @@ def test_gpu_targets_and_projection_from_step_times():
     }
     report.derive(doc, s)
     assert doc["projection"] == [rvm, torch] and len(doc["targets"]) == 3
-    assert "| rvm | bfloat16 | 0.016 |" in report.render(doc, s)
+    md = report.render(doc, s)
+    assert "| rvm | bfloat16 | 0.016 |" in md
+    # Each PyTorch run against rvm's run in its own dtype.
+    row = lambda impl: next(
+        r for r in md.splitlines() if r.startswith(f"| (18, 18, 18) nonshared | {impl} |")
+    )
+    assert "| 0.8x |" in row("torch eager channels_last bfloat16 autocast")
+    assert "| 1.25x |" in row("torch eager channels_last float32")
 
 
 @pytest.mark.parametrize(
