@@ -252,6 +252,10 @@ def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
         expected |= {f"ablation_{mode}.json", f"ablation_{mode}.csv"}
     assert names == expected
     assert "Paper tables without a run (left out): 1, 2, 3." in md
+    listed = re.findall(r"^- `[^`]+`: .* \(`([^`]+)`\)$", md, re.M)
+    assert not any(Path(p).is_absolute() for p in listed)  # relative to the report
+    ran = {run_dirs["relaxed"].resolve(), run_dirs["nonshared"].resolve()}
+    assert {(tmp_path / p).resolve() for p in listed} == ran
     table = (tmp_path / f"{slug}.md").read_text()
     assert "| Relaxed |" in table and "| Non-shared |" in table
     results = json.loads((run_dirs["relaxed"] / "results.json").read_text())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -240,7 +241,9 @@ def write_report(
     groups = group_runs(infos, paper)
     written: list[Path] = []
     md = ["# Report", "", f"Runs: {len(infos)}.", ""]
-    md += [f"- `{names[i.workdir]}`: {i.label} (`{i.workdir}`)" for i in infos]
+    # Paths relative to the report, so a committed report names no machine's directories.
+    where = {i.workdir: os.path.relpath(i.workdir, out.resolve()) for i in infos}
+    md += [f"- `{names[i.workdir]}`: {i.label} (`{where[i.workdir]}`)" for i in infos]
 
     md += ["", "## Tables", ""]
     for g in groups:
