@@ -411,22 +411,21 @@ def derive(doc: dict, s: Settings) -> None:
     doc["projection"] = projection(res, s)
 
 
-def settings_of(doc: dict) -> Settings:
-    """The settings a report's JSON was measured with."""
-    return Settings(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in doc["settings"].items()}
-    )
+def redrawn(doc: dict) -> str:
+    """Re-derives a report's JSON document in place from its results and settings;
+    returns its markdown."""
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in doc["settings"].items()})
+    derive(doc, s)
+    return render(doc, s)
 
 
 def redraw(json_path: Path) -> Path:
     """Re-derives a report's JSON and rewrites it and its markdown; returns the markdown's path."""
     doc = json.loads(json_path.read_text())
-    s = settings_of(doc)
-    derive(doc, s)
+    md = redrawn(doc)
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
-    md = json_path.with_suffix(".md")
-    md.write_text(render(doc, s))
-    return md
+    json_path.with_suffix(".md").write_text(md)
+    return json_path.with_suffix(".md")
 
 
 if __name__ == "__main__":
