@@ -11,8 +11,9 @@ cd "$(dirname "$0")/../.."
 # other processes competed for the cores (XLA:CPU gives up a collective after 40 s).
 EPOCHS=${EPOCHS:-10}
 ALL="all3_nonshared all3_relaxed all3_raw all3_minimal"
+ALL_SEEDS="0 1"
 name() { if [ "$2" = 0 ]; then echo "$1"; else echo "$1_seed$2"; fi; }
-for seed in ${SEEDS:-0 1}; do
+for seed in ${SEEDS:-$ALL_SEEDS}; do
   for variant in ${VARIANTS:-$ALL}; do
     run=$(name "$variant" "$seed")
     python -m experiments.train \
@@ -30,5 +31,5 @@ for seed in ${SEEDS:-0 1}; do
 done
 # Tables (mean and spread over the seeds), curves, ablations, trajectories and angles of
 # every run, from the committed files.
-runs=$(for seed in 0 1; do for v in $ALL; do echo "results/cifar10_cpu/$(name "$v" "$seed")"; done; done)
+runs=$(for seed in $ALL_SEEDS; do for v in $ALL; do echo "results/cifar10_cpu/$(name "$v" "$seed")"; done; done)
 python -m experiments.report --runs $runs --out results/cifar10_cpu/report
