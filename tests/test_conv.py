@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from rvm.models import conv as conv_module
 from rvm.models.conv import Conv3x3, SameConv, conv2d, conv3x3
 from rvm.train import xla
 
@@ -284,6 +285,43 @@ def test_one_gradient_alone_compiles_to_one_convolution():
         for name, f in only.items()
     }
     assert count == {"kernel": 1, "input": 1, "both": 2}
+
+
+def _convolutions(f, args, platform):
+    """Each convolution of f's gradient as JAX lowers it for `platform` (its attributes and
+    types, without value names or locations); no backend for `platform` is needed."""
+    exported = jax.export.export(jax.jit(jax.grad(f, argnums=(0, 1))), platforms=[platform])
+    text = exported(*args).mlir_module()
+    return sorted(re.findall(r"stablehlo\.convolution\([^)]*\)(.*?)(?: loc\(|$)", text, re.M))
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_backward_pass_is_canonical_on_the_cpu_only(strides):
+    """On a GPU or TPU the gradient convolutions are exactly those of autodiff."""
+    args = inputs((2, 8, 8, 3))
+    ours = weighted(lambda x, k: conv3x3(x, k, strides), 1.0)
+    theirs = weighted(lambda x, k: plain(x, k, strides), 1.0)
+    for platform in ("cuda", "rocm", "tpu"):
+        want = _convolutions(theirs, args, platform)
+        assert len(want) == 3  # forward, input gradient, kernel gradient
+        assert _convolutions(ours, args, platform) == want
+    assert len(_convolutions(ours, args, "cpu")) == 3
+    assert _convolutions(ours, args, "cpu") != _convolutions(theirs, args, "cpu")
+
+
+@pytest.mark.parametrize("kernel_size", [(3, 3), (5, 3)])
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_both_backward_passes_agree(shape, strides, kernel_size):
+    """The CPU's canonical convolutions and JAX's own (every other platform's) compute the
+    same gradients, at any padding the module takes."""
+    x, _ = inputs(shape)
+    kernel = jax.random.normal(jax.random.key(3), (*kernel_size, shape[-1], COUT))
+    for pads in (conv_module.same_pads(shape[1:3], kernel_size, strides), ((2, 0), (1, 1))):
+        g = jax.random.normal(jax.random.key(4), conv2d(x, kernel, strides, pads).shape)
+        want = conv_module._autodiff_bwd(strides, pads, x, kernel, g)
+        assert_nontrivial(want)
+        jax.tree.map(assert_close, conv_module._canonical_bwd(strides, pads, x, kernel, g), want)
 
 
 @pytest.mark.parametrize("kernel_size", [(1, 1), (3, 3), (5, 3)])

@@ -7,6 +7,9 @@ network unrolled. The custom VJP here emits only canonical NHWC/HWIO convolution
 which XLA:CPU lowers well anywhere: the input gradient is a forward convolution of
 the output gradient with the flipped, transposed kernel, and the kernel gradient
 the convolution autodiff would emit, with explicit transposes that pin its layout.
+Only XLA:CPU gets that form (`lax.platform_dependent`, resolved when the function
+is lowered): on a GPU or TPU the backward pass is JAX's own, the form their
+compilers turn into their libraries' backward convolutions (cuDNN's on a GPU).
 
 Why not the kernel gradient as one im2col matrix product ([N*H*W, 9*C_in]^T @ g)?
 Measured on the 2-core XLA:CPU (ResNet-like scanned stack, 16 channels, 32x32,
@@ -72,7 +75,23 @@ def _fwd(x: Array, kernel: Array, strides: int, pads: Pads) -> tuple[Array, tupl
 
 
 def _bwd(strides: int, pads: Pads, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-    x, kernel = res
+    return lax.platform_dependent(
+        *res,
+        g,
+        cpu=partial(_canonical_bwd, strides, pads),
+        default=partial(_autodiff_bwd, strides, pads),
+    )
+
+
+def _autodiff_bwd(
+    strides: int, pads: Pads, x: Array, kernel: Array, g: Array
+) -> tuple[Array, Array]:
+    return jax.vjp(lambda x, kernel: _conv(x, kernel, strides, pads), x, kernel)[1](g)
+
+
+def _canonical_bwd(
+    strides: int, pads: Pads, x: Array, kernel: Array, g: Array
+) -> tuple[Array, Array]:
     kh, kw = kernel.shape[:2]
     h, w = x.shape[1:3]
     ho, wo = g.shape[1:3]
