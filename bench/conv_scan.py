@@ -4,7 +4,9 @@ Why: on XLA:CPU the backward convolutions of `nn.Conv` inside a scan (a while
 loop) fall onto a slow generic path; `rvm.models.conv.Conv3x3` avoids that.
 This measures all four combinations (plus a scan whose two kernels are shared
 by every block, as in the raw-shared ResNet) on one SGD step with BatchNorm in
-training mode.
+training mode. It isolates the convolution's gradient: flax's `nn.BatchNorm` and a
+plain `jax.jit` (XLA's default options), not rvm's BatchNorm or `rvm.train.xla`, so
+its step times are not comparable with `bench/run.py`'s.
 
     python -m bench.conv_scan --blocks 9 --batch 128 --steps 3   # from the repo root
 """

@@ -307,7 +307,8 @@ def _autocast(torch, device, spec: dict):
 
 
 def _torch_setup(spec: dict):
-    """Device, the twin model (channels_last if asked) and a uint8 NHWC synthetic split on it."""
+    """Device, the twin model (channels_last if asked), a uint8 NHWC synthetic split on it,
+    and the RSS once the data is there and before the model is built (as rvm's)."""
     import torch
 
     from bench.torch_resnet import TorchResNet
@@ -317,17 +318,18 @@ def _torch_setup(spec: dict):
     shared = spec["sharing"] == "raw"
     if shared and spec.get("scope", "all") != "all":
         raise ValueError("the twin benchmarks raw sharing on all levels only")
-    rate = 0.5 if spec["stochastic_depth"] else 0.0
-    model = TorchResNet(spec["blocks"], (shared,) * 3, NUM_CLASSES, final_death_rate=rate)
-    model = model.to(device)
-    if spec["layout"] == "channels_last":
-        model = model.to(memory_format=torch.channels_last)
     n = max(SYNTHETIC_IMAGES, spec["batch"], spec.get("eval_batch", 0))
     images = torch.randint(0, 256, (n, *IMAGE_SHAPE), dtype=torch.uint8).to(device)
     labels = torch.randint(0, NUM_CLASSES, (n,)).to(device)
     as_float = images.float()
     mean, std = as_float.mean(0), as_float.std(0) + 1e-6  # per-feature, as rvm's default
-    return torch, device, model, images, labels, mean, std
+    baseline = _rss_mb()
+    rate = 0.5 if spec["stochastic_depth"] else 0.0
+    model = TorchResNet(spec["blocks"], (shared,) * 3, NUM_CLASSES, final_death_rate=rate)
+    model = model.to(device)
+    if spec["layout"] == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    return torch, device, model, images, labels, mean, std, baseline
 
 
 def _to_input(torch, images, mean, std, layout: str):
@@ -341,10 +343,9 @@ def torch_train(spec: dict) -> dict:
 
     With dtype bfloat16 the forward pass and loss run under `torch.autocast`.
     """
-    torch, device, model, images, labels, mean, std = _torch_setup(spec)
+    torch, device, model, images, labels, mean, std, baseline = _torch_setup(spec)
     import torch.nn.functional as F
 
-    baseline = _rss_mb()
     model.train()
     forward = torch.compile(model) if spec.get("compile") else model
     opt = torch.optim.SGD(
@@ -372,7 +373,7 @@ def torch_train(spec: dict) -> dict:
 
 def torch_eval(spec: dict) -> dict:
     """`torch.no_grad()` evaluation of one eval batch: normalise, forward, error and loss."""
-    torch, device, model, images, labels, mean, std = _torch_setup(spec)
+    torch, device, model, images, labels, mean, std, _ = _torch_setup(spec)
     import torch.nn.functional as F
 
     baseline = _rss_mb()

@@ -47,7 +47,7 @@ def child_env(spec: dict) -> dict[str, str]:
 
     On the CPU every child, rvm's or PyTorch's, runs with glibc's malloc on huge
     pages, as `experiments.train` does (`rvm.train.hugepages`), unless the spec
-    says `"malloc": "default"`.
+    says `"malloc": "default"`. On a GPU host it sees one GPU, the first visible one.
     """
     platform, malloc = spec.get("platform", "cpu"), spec.get("malloc", "hugepages")
     if platform not in ("cpu", "gpu"):
@@ -56,6 +56,8 @@ def child_env(spec: dict) -> dict[str, str]:
         raise ValueError(f"malloc={malloc!r}: 'hugepages' or 'default'")
     env = dict(os.environ, JAX_PLATFORMS="cpu" if platform == "cpu" else "cuda")
     env["PYTHONPATH"] = str(REPO)
+    if platform == "gpu":
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     if platform == "cpu" and malloc == "hugepages":
         env = hugepages.environ(env)
     # No persistent compilation caches: a first call always compiles from scratch.
@@ -132,15 +134,22 @@ def fastest_round(runs: list[dict]) -> dict:
     Other tenants of a shared VM only ever slow a measurement down, sometimes for a
     minute at a stretch, so the round with the lowest median window is the best
     estimate of the code's own speed (as `timeit` takes the minimum); every window
-    is kept for the spread, each round's median in `round_steps_s`. A failed round
-    makes the record a failure; peak memory is the largest, other figures (first
-    call, compile stages) the median over rounds.
+    is kept for the spread, each round's median in `round_steps_s`. Failed rounds
+    are left out and counted (`failed_rounds`), the first failure kept when every
+    round failed; peak memory is the largest, other figures (first call, compile
+    stages) the median over rounds.
     """
-    failed = [r for r in runs if not r["ok"]]
-    if failed or len(runs) == 1:
-        return failed[0] if failed else runs[0]
-    best = min(runs, key=lambda r: r["step_s"])
-    out = {**best, "rounds": len(runs), "wall_s": sum(r["wall_s"] for r in runs)}
+    done = [r for r in runs if r["ok"]]
+    failed = len(runs) - len(done)
+    if not done:
+        return runs[0]
+    if len(done) == 1:
+        return {**done[0], "failed_rounds": failed} if failed else done[0]
+    best = min(done, key=lambda r: r["step_s"])
+    out = {**best, "rounds": len(done), "wall_s": sum(r["wall_s"] for r in runs)}
+    if failed:
+        out["failed_rounds"] = failed
+    runs = done
     out["windows_s"] = [w for r in runs for w in r["windows_s"]]
     out["round_steps_s"] = [r["step_s"] for r in runs]
     for key, value in best.items():
@@ -282,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     derive(doc, s)
     specs = plan(s)
+    # SIGTERM (a scheduler's or `timeout`'s) unwinds like Ctrl-C, so the running child's
+    # session is killed (`Runner._run`) instead of holding the cores or the GPU's memory.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rvm_bench_") as tmp:
         runner = Runner(s.timeout, Path(tmp))
@@ -289,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
             for section in selected:
                 rounds = f" round {round_ + 1}/{s.rounds}" if s.rounds > 1 else ""
                 print(f"[{section}]{rounds}", flush=True)
-                doc["results"][section] = {}
+                doc["results"].setdefault(section, {})  # a cut-short round keeps the last
                 for label, spec in specs[section].items():
                     doc["results"][section][label] = runner(spec, label, round_)
                     doc["wall_s"] = time.perf_counter() - start

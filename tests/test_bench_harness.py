@@ -38,7 +38,11 @@ def test_rounds_keep_the_fastest_round_every_window_and_the_largest_peak_memory(
     assert out["wall_s"] == 20.0 and out["rounds"] == 2
     assert run.fastest_round([a]) is a
     failed = {"ok": False, "error": "timed out", "log_tail": "", "wall_s": 1.0}
-    assert run.fastest_round([a, failed]) is failed
+    assert run.fastest_round([failed, failed]) is failed
+    assert run.fastest_round([failed, a]) == {**a, "failed_rounds": 1}
+    out = run.fastest_round([a, failed, b])
+    assert out["step_s"] == 1.5 and out["rounds"] == 2 and out["failed_rounds"] == 1
+    assert out["windows_s"] == [1.0, 2.0, 3.0, 0.5, 1.5, 9.0] and out["wall_s"] == 21.0
 
 
 def test_malloc_section_reuses_the_train_sections_huge_page_measurements():

@@ -241,3 +241,13 @@ def test_frame_predictor_ten_in_ten_out():
     expect = np.mean((np.asarray(out.frames) - np.asarray(frames[:, 10:])) ** 2)
     np.testing.assert_allclose(metrics["mse"], expect, rtol=1e-5)
     assert np.isfinite(loss)
+
+
+def test_shortcuts_fit_sizes_that_the_strides_round_up():
+    """36x36 frames: the stem gives 18, the stage strides 9 then 5 (ceil), so the
+    shortcut around the 18 -> 5 pair strides by 4, not 18 // 5."""
+    stack = cbm.make_stack("cbm", 4, 4)
+    frames = jnp.asarray(np.random.default_rng(0).uniform(size=(1, 1, 36, 36, 1)), jnp.float32)
+    v, carry, y, _ = step_stack(stack, frames, False)
+    assert y.shape == (1, 5, 5, stack.widths[-1]) and np.all(np.isfinite(y))
+    assert len(carry) == 4

@@ -11,17 +11,18 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import set_field
 
 from experiments.configs import cifar10
 from rvm.data import load_images
-from rvm.train import loop
+from rvm.train import loop, metrics, optim
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.checkpoint import CheckpointError, Checkpoints
-from rvm.train.config_check import validate
+from rvm.train.config_check import check_resume, validate
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 images / batch 32 = 8 steps an epoch, a checkpoint every epoch, 3 epochs.
@@ -164,6 +165,22 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
         _damage(tmp_path / "checkpoints" / str(step))
     with pytest.raises(CheckpointError, match=f"no usable checkpoint in {tmp_path}"):
         loop.train_and_evaluate(config, tmp_path)
+    # All of them are aside now; starting again must not start the run over either.
+    with pytest.raises(CheckpointError, match="has only damaged checkpoints"):
+        loop.train_and_evaluate(config, tmp_path)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_checkpoint_of_another_state_is_refused_and_left_in_place(tmp_path):
+    """A changed parameter tree (new code) is not damage: nothing is moved aside."""
+    ckpts = Checkpoints(tmp_path)
+    ckpts.save(1, {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)})
+    other = {"w": jnp.ones((3, 4)), "b": jnp.zeros(2), "extra": jnp.zeros(1)}
+    with pytest.raises(CheckpointError, match=r"2 arrays differ[\s\S]*w: saved \(\(3, 2\)"):
+        ckpts.restore_latest_usable(other)
+    assert ckpts.all_steps() == [1] and not (tmp_path / "damaged_checkpoints").exists()
+    restored = ckpts.restore_latest_usable({"w": jnp.zeros((3, 2)), "b": jnp.ones(2)})
+    np.testing.assert_array_equal(restored["w"], np.ones((3, 2)))
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
@@ -181,6 +198,18 @@ def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp
     lines = (tmp_path / "skips" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines]
     assert records[0]["skipped"] == 0 and records[-1]["skipped"] > 0
+    # Means over the steps taken, so a skipped step's non-finite loss does not spread.
+    assert all(np.isfinite(r["train_loss"]) for r in records if r["skipped"] < r["train_steps"])
+    # Skipped steps still count for the schedules: every step count of the optimiser
+    # (learning rate, pull) is the run's.
+    shapes = loop.state_shapes(config, loop.load_data(config))
+    state = Checkpoints(tmp_path / "skips").restore(shapes)
+    counts = [
+        int(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(state.opt_state)[0]
+        if getattr(path[-1], "name", None) == "count"
+    ]
+    assert counts and counts == [int(state.step)] * len(counts) and int(state.step) == 24
 
 
 def test_second_run_on_a_workdir_refuses_and_a_dead_owner_holds_nothing(tmp_path):
@@ -235,6 +264,36 @@ def test_resume_allows_safe_changes(tmp_path):
     config.log_every_steps = 1
     config.eval_batch_size = 32
     assert loop.train_and_evaluate(config, tmp_path, max_steps=9)["step"] == 9
+    # Synthetic images are other data: the run's schedules would follow another dataset.
+    config.data.source = "binary"
+    with pytest.raises(ValueError, match="data.source: saved 'synthetic', now 'binary'"):
+        loop.train_and_evaluate(config, tmp_path, max_steps=10)
+
+
+def test_resume_may_switch_between_readers_of_the_real_cifar10(tmp_path):
+    config = tiny_config()
+    (tmp_path / "run").mkdir()
+    saved = {**config.to_dict(), "data": {**config.data.to_dict(), "source": "tfds"}}
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    for source in ("binary", "auto", "tfds"):
+        config.data.source = source
+        check_resume(config, tmp_path / "run")
+    config.data.source = "synthetic"
+    with pytest.raises(ValueError, match="data.source: saved 'tfds', now 'synthetic'"):
+        check_resume(config, tmp_path / "run")
+
+
+def test_learning_rate_decays_that_fall_on_one_step_are_refused():
+    config = tiny_config()
+    config.optim.lr_boundaries = (0.5, 0.504)
+    with pytest.raises(ValueError, match=r"fall on the same steps \[50, 50\] of 100"):
+        optim.learning_rate(config.optim, 100)
+    schedule = optim.learning_rate(config.optim, 1000)
+    lr = config.optim.learning_rate
+    assert float(schedule(999)) == pytest.approx(lr * config.optim.lr_decay**2)
+    config.optim.name = "rmsprop"
+    with pytest.raises(ValueError, match="optim.name='rmsprop' is not one of sgd, adam"):
+        optim.make_optimizer(config.optim, 1000)
 
 
 @pytest.mark.parametrize(
@@ -250,7 +309,10 @@ def test_resume_allows_safe_changes(tmp_path):
         ("model.blocks_per_level", (3, 4), "must be 3 integers"),
         ("optim.pull_start", 0.0, "optim.pull_start=0.0 must be a positive number"),
         ("optim.pull_end", -1.0, "optim.pull_end=-1.0 must be a positive number"),
-        ("optim.lr_boundaries", (0.75, 0.5), "must be increasing fractions"),
+        ("optim.lr_boundaries", (0.75, 0.5), "must be strictly increasing fractions"),
+        ("optim.lr_boundaries", (0.5, 0.5), "must be strictly increasing fractions"),
+        ("optim.momentum", 1.0, "optim.momentum=1.0 must be below 1"),
+        ("optim.nesterov", 1, "optim.nesterov=1 must be True or False"),
         ("data.normalization", "pixel", "data.normalization='pixel' is not one of feature"),
         ("data.flip", "yes", "data.flip='yes' must be True or False"),
         ("seed", "0", "seed='0' must be an integer"),
@@ -270,3 +332,16 @@ def test_batch_not_divisible_by_devices_is_named(tmp_path):
     data = load_images(config.data)
     with pytest.raises(ValueError, match="batch_size=30 is not divisible by the 8 devices"):
         loop.build_run(config, data, shd.data_mesh())
+
+
+def test_a_torn_last_record_is_dropped_and_a_damaged_one_before_it_is_not(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"ste')  # killed while appending
+    assert metrics.read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    metrics.truncate_jsonl(path, after_step=2)  # resuming from step 2 cleans it up
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    metrics.truncate_jsonl(path, after_step=1)
+    assert path.read_text() == '{"step": 1}\n' and not list(tmp_path.glob("*.partial"))
+    path.write_text('{"ste\n{"step": 2}\n')
+    with pytest.raises(json.JSONDecodeError):
+        metrics.read_jsonl(path)

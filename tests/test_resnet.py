@@ -8,7 +8,7 @@ import pytest
 from jax import lax
 
 from rvm.models import sharing
-from rvm.models.resnet import death_rates
+from rvm.models.resnet import ResNet, death_rates
 
 
 def model_config(blocks=(3, 4, 4), mode="nonshared", scope="all", sd=True):
@@ -277,6 +277,23 @@ def test_more_iterations_than_trained_needs_a_shared_level():
     variables = init(model, X)
     with pytest.raises(ValueError, match="raw-shared"):
         model.apply(variables, X, iterations=[None, 4, None])
+
+
+def test_bad_per_level_arguments_and_sizes_are_named():
+    model = sharing.build_model(model_config((2, 3, 2), "raw", "middle"), 10)
+    variables = init(model, X)
+    with pytest.raises(ValueError, match="masks has 2 entries for 3 levels"):
+        model.apply(variables, X, masks=[None, None])
+    for bad in (-1, 2.7, True):
+        with pytest.raises(ValueError, match="each None or an integer >= 0"):
+            model.apply(variables, X, iterations=[None, bad, None])
+    assert model.apply(variables, X, iterations=[None, np.int64(2), None]).shape == (4, 10)
+    with pytest.raises(ValueError, match="blocks_per_level has 3 entries for 2 levels"):
+        init(ResNet(blocks_per_level=(2, 2, 2), widths=(16, 32)), X)
+    with pytest.raises(ValueError, match="10x10 images: .* divisible by 4"):
+        init(model, jnp.zeros((1, 10, 10, 3)))
+    with pytest.raises(ValueError, match="scope='Middle' is not one of middle, all"):
+        sharing.levels_in_scope("Middle")
 
 
 def test_unrolled_blocks_compute_the_same_network():

@@ -86,7 +86,7 @@ class CBMCell(ConvCellBase):
         elif self.merge == "add":
             y = r + tp
         else:
-            y = SameConv(f, (1, 1), dtype=self.dtype, name="merge")(jnp.concatenate([r, tp], -1))
+            y = SameConv(f, (1, 1), name="merge")(jnp.concatenate([r, tp], -1))
         return CBMCarry(t + 1, tu), y
 
     @nn.nowrap
@@ -129,6 +129,9 @@ class _ConvStack(nn.RNNCellBase):
             s = self.stem_strides
             stem = SameConv(self.stem_features, (3, 3), s, name="stem")
             x = nn.relu(stem(x))
+        if len(carry) != len(self.widths):
+            raise ValueError(f"a carry of {len(carry)} layers for {len(self.widths)} widths")
+        layer_strides = self._layer_strides()
         new_carry, block_in = [], x
         for i, layer_carry in enumerate(carry):
             layer_carry, x = self._cell(i, name=f"layer_{i}")(
@@ -137,7 +140,8 @@ class _ConvStack(nn.RNNCellBase):
             new_carry.append(layer_carry)
             if self.residual and i % 2 == 1:
                 if block_in.shape != x.shape:
-                    s = block_in.shape[1] // x.shape[1]
+                    # 'SAME' strides round up, twice as once by their product.
+                    s = layer_strides[i - 1] * layer_strides[i]
                     proj = SameConv(x.shape[-1], (1, 1), s, name=f"shortcut_{i}")
                     block_in = proj(block_in)
                 x = x + block_in

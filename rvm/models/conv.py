@@ -166,7 +166,8 @@ class Conv3x3(nn.Module):
     features: int
     strides: int = 1
     use_bias: bool = True
-    # He initialisation with fan-out, as in Huang et al.'s Torch code.
+    # He initialisation with fan-out (fb.resnet.torch's); Huang et al.'s code scales by fan-in
+    # (nninit.kaiming), which differs only where C_in != C_out: the stem and padding blocks.
     kernel_init: Callable[..., Array] = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
     bias_init: Callable[..., Array] = nn.initializers.zeros
     dtype: Any = None

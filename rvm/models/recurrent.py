@@ -113,7 +113,6 @@ class ConvCellBase(nn.RNNCellBase):
     norm: str = "none"
     num_steps: int = 64
     train: bool | None = None
-    dtype: Any = jnp.float32
 
     def _conv(self, features: int, strides: int, name: str, use_bias: bool = False) -> SameConv:
         # not nn.Conv: its gradient inside a scan over time is very slow on XLA:CPU
@@ -122,7 +121,6 @@ class ConvCellBase(nn.RNNCellBase):
             _pair(self.kernel_size),
             strides=strides,
             use_bias=use_bias,
-            dtype=self.dtype,
             name=name,
         )
 

@@ -202,6 +202,10 @@ class Level(nn.Module):
 class ResNet(nn.Module):
     """Three-level CIFAR ResNet; `shared_levels` marks levels with raw-shared kernels.
 
+    `blocks_per_level` counts every residual block of a level, the padding block that
+    opens levels 2 and 3 included: (3, 4, 4) has 3 non-padding blocks per level (the
+    paper's Table 3), (18, 18, 18) is ResNet-110.
+
     `__call__` returns logits, or `(logits, activations)` when `keep_activations`
     is set: per level, the level's input (after its padding block) and the
     stacked outputs of its scanned blocks, for trajectory analysis.
@@ -224,8 +228,28 @@ class ResNet(nn.Module):
         masks: Sequence[Any] | None = None,
         iterations: Sequence[int | None] | None = None,
     ):
-        masks = masks if masks is not None else [None] * len(self.widths)
-        iterations = iterations if iterations is not None else [None] * len(self.widths)
+        levels = len(self.widths)
+        masks = masks if masks is not None else [None] * levels
+        iterations = iterations if iterations is not None else [None] * levels
+        given = {
+            "blocks_per_level": self.blocks_per_level,
+            "shared_levels": self.shared_levels,
+            "masks": masks,
+            "iterations": iterations,
+        }
+        for name, value in given.items():
+            if len(value) != levels:
+                raise ValueError(f"{name} has {len(value)} entries for {levels} levels (widths)")
+        for n in iterations:
+            counts = isinstance(n, int | np.integer) and not isinstance(n, bool) and n >= 0
+            if n is not None and not counts:
+                raise ValueError(f"iterations {tuple(iterations)}: each None or an integer >= 0")
+        factor = 2 ** (levels - 1)  # every level after the first halves the map
+        if x.shape[-3] % factor or x.shape[-2] % factor:
+            raise ValueError(
+                f"{x.shape[-3]}x{x.shape[-2]} images: the shortcuts' 2x2 pooling and the strided "
+                f"convolutions agree only on sizes divisible by {factor} (CIFAR's 32x32 are)"
+            )
         rates = death_rates(self.blocks_per_level, self.final_death_rate)
 
         x = Conv3x3(self.widths[0], dtype=self.dtype, name="stem_conv")(x)
@@ -245,5 +269,6 @@ class ResNet(nn.Module):
             )(x, train, rates[i], masks[i], iterations[i])
             activations.append(acts)
         x = jnp.mean(x, axis=(1, 2))
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x).astype(jnp.float32)
+        # The head in float32 whatever the model's dtype: logits to full precision.
+        logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)
         return (logits, activations) if self.keep_activations else logits

@@ -58,6 +58,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def levels_in_scope(scope: str) -> tuple[bool, ...]:
+    """Which of the three levels `scope` ("middle" or "all") shares."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is not one of {', '.join(SCOPES)}")
     return (False, True, False) if scope == "middle" else (True,) * NUM_LEVELS
 
 

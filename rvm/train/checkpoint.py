@@ -2,8 +2,10 @@
 
 Orbax writes each step into a temporary directory and renames it when complete,
 so a run killed mid-write never sees a partial checkpoint as the latest. A
-complete but damaged newest checkpoint (a truncated file) is skipped with a
-warning in favour of the one before it.
+complete but damaged newest checkpoint (a truncated file) is moved to
+`WORKDIR/damaged_checkpoints` with a warning, in favour of the one before it. A
+checkpoint of another state (the code or config changed its parameters or optimiser)
+is an error, not damage: nothing is moved.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -27,6 +30,7 @@ class Checkpoints:
         self.directory = self.workdir / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers=ocp.StandardCheckpointHandler(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=False
             ),
@@ -54,10 +58,42 @@ class Checkpoints:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+    def _check_matches(self, target: Any, step: int) -> None:
+        """Raises if checkpoint `step` holds another tree of arrays than `target`.
+
+        An unreadable tree description is left to `restore` (damage)."""
+        try:
+            saved = self.manager.item_metadata(step).tree
+        except Exception:  # orbax/tensorstore raise many kinds for damaged files
+            return
+        saved, wanted = _arrays(saved), _arrays(target)
+        if saved != wanted:
+            differing = sorted(
+                k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)
+            )
+            lines = [
+                f"  {k}: saved {saved.get(k)}, expected {wanted.get(k)}" for k in differing[:10]
+            ]
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} holds another state than this run "
+                f"builds ({len(differing)} arrays differ; the code or config changed its "
+                "parameters or optimiser):\n" + "\n".join(lines)
+            )
+
     def restore_latest_usable(self, target: Any) -> Any | None:
-        """The newest checkpoint that restores; None if there are none at all."""
+        """The newest checkpoint that restores; None if there are none at all.
+
+        Refuses (CheckpointError) when the workdir has damaged checkpoints and no other,
+        or when a checkpoint holds another state than `target`.
+        """
         steps = self.all_steps()
+        if not steps and any((self.workdir / "damaged_checkpoints").glob("*")):
+            raise CheckpointError(
+                f"{self.workdir} has only damaged checkpoints (damaged_checkpoints/); refusing "
+                "to start over on top of an existing run (remove the workdir to start anew)"
+            )
         for step in reversed(steps):
+            self._check_matches(target, step)
             try:
                 return self.restore(target, step)
             except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
@@ -83,3 +119,16 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _arrays(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Shape and dtype of each array leaf, by its path written alike for the saved tree
+    (nested dicts) and the state (dataclasses, lists)."""
+
+    def name(key) -> str:
+        return str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+
+    return {
+        "/".join(map(name, path)): (tuple(leaf.shape), np.dtype(leaf.dtype))
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }

@@ -47,10 +47,10 @@ import jax.numpy as jnp
 import optax
 
 from rvm.models.recurrent import detach
+from rvm.train.step import LossFn
 
 Array = jax.Array
 HANDOVERS = ("overlap_start", "clip_end")
-LossFn = Callable[..., tuple[Array, tuple[Any, dict[str, Array]]]]
 
 
 class Schedule(NamedTuple):

@@ -18,10 +18,13 @@ from rvm.train.clips import HANDOVERS
 from rvm.train.video_task import SCHEMES
 
 TASKS = ("image", "motion", "prediction")
+# Readers of the real CIFAR-10, in the official files' order (`rvm.data.cifar10`).
+CIFAR10_SOURCES = frozenset({"tfds", "binary", "auto"})
 OPTIMIZERS = ("sgd", "adam")
 
 # Fields that may change between a run and its resumption: they alter neither the
-# model, nor the optimisation, nor the order of the data.
+# model, nor the optimisation, nor the order of the data. `data.source` may change
+# among CIFAR10_SOURCES alone.
 RESUME_SAFE = frozenset(
     {
         "eval_batch_size",
@@ -31,7 +34,6 @@ RESUME_SAFE = frozenset(
         "skip_nonfinite",
         "data.binary_dir",
         "data.tfds_data_dir",
-        "data.source",
         "model.unroll",
     }
 )
@@ -101,10 +103,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(config, "optim.learning_rate")
     for field in ("weight_decay", "momentum", "lr_decay"):
         _nonnegative(config, f"optim.{field}")
+    if opt.get("momentum", 0) >= 1:
+        raise ValueError(f"optim.momentum={opt.momentum!r} must be below 1")
+    if "nesterov" in opt:
+        _bool(config, "optim.nesterov")
     bounds = tuple(opt.lr_boundaries)
-    if any(not 0 < b < 1 for b in bounds) or list(bounds) != sorted(bounds):
+    if any(not 0 < b < 1 for b in bounds) or any(a >= b for a, b in zip(bounds, bounds[1:])):
         raise ValueError(
-            f"optim.lr_boundaries={bounds!r} must be increasing fractions of training in (0, 1)"
+            f"optim.lr_boundaries={bounds!r} must be strictly increasing fractions of training "
+            "in (0, 1)"
         )
     if task == "image":
         _validate_image(config)
@@ -241,10 +248,13 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str | Path) -> None
         return
     saved = _flatten(json.loads(path.read_text()))
     current = _flatten(json.loads(config.to_json()))
+    same_images = {saved.get("data.source"), current.get("data.source")} <= CIFAR10_SOURCES
     differing = sorted(
         k
         for k in saved.keys() | current.keys()
-        if k not in RESUME_SAFE and saved.get(k) != current.get(k)
+        if k not in RESUME_SAFE
+        and saved.get(k) != current.get(k)
+        and not (k == "data.source" and same_images)
     )
     if differing:
         lines = [f"  {k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in differing]

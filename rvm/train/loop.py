@@ -52,22 +52,27 @@ class Preempted(Exception):
 class _SigtermFlag:
     """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
 
+    _NOT_INSTALLED = object()
+
     def __init__(self):
         self.raised = False
-        self.previous = None
+        self.previous = self._NOT_INSTALLED
 
     def __enter__(self):
         try:
+            # None when the previous handler was not installed from Python: restored as is.
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. some notebook kernels)
-            self.previous = None
+            self.previous = self._NOT_INSTALLED
         return self
 
     def _handle(self, signum, frame):
         self.raised = True
 
     def __exit__(self, *exc):
-        if self.previous is not None:
+        if self.previous is None:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        elif self.previous is not self._NOT_INSTALLED:
             signal.signal(signal.SIGTERM, self.previous)
 
 
@@ -182,13 +187,16 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     num_params = sharing.count_params(state.params)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    guard.check_writable(workdir, needed_bytes=2 * state_bytes)
+    # The checkpoints kept, and the one being written.
+    guard.check_writable(workdir, needed_bytes=(config.keep_checkpoints + 1) * state_bytes)
 
     # --- Resume ------------------------------------------------------------------------
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
     if ckpts.all_steps():
         check_resume(config, workdir)
-        state = ckpts.restore_latest_usable(state)
+    resumed = ckpts.restore_latest_usable(state)  # refuses a workdir of damaged ones only
+    if resumed is not None:
+        state = resumed
         logging.info("Resumed %s from step %d", workdir, int(state.step))
     # Epochs logged after the checkpoint we start from (a kill before the save) are redone.
     metrics.truncate_jsonl(workdir / "metrics.jsonl", after_step=int(state.step))
@@ -205,7 +213,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
     with _SigtermFlag() as sigterm:
         for step in range(first_step, stop):
             state, m = run.step_fn(state, task.train_data)
-            if step_metrics:  # one step behind, so the host never waits on the device
+            # The previous step (the `step`-th from 1): the host never waits on the device.
+            if step_metrics:
                 _check_finite(step_metrics[-1], step, config.skip_nonfinite)
             step_metrics.append(m)
             done = step + 1
@@ -215,7 +224,7 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
                 _check_finite(m, done, config.skip_nonfinite)
             if done % steps_per_epoch == 0:
                 record = _train_means(step_metrics)
-                eval_start = time.time()  # training is done: _check_finite waited for it
+                eval_start = time.time()  # training is done: _train_means fetched its metrics
                 record.update(task.epoch_metrics(state))
                 record["eval_sec"] = time.time() - eval_start
                 # the epoch's wall time, its evaluation (eval_sec of it) included
@@ -276,17 +285,19 @@ _LAST_VALUE = ("learning_rate", "pull", "penalty")
 
 
 def _train_means(step_metrics: list[dict]) -> dict:
-    """The epoch's step metrics: means named `train_*` (error in %), the optimiser's
-    last values, and the count of skipped steps."""
+    """The epoch's step metrics: means named `train_*` (error in %) over the steps taken
+    (skipped ones left out), the optimiser's last values, the count of skipped steps, and
+    `train_steps`, the steps this process ran in the epoch (fewer after a resume)."""
     fetched = jax.device_get(step_metrics)
-    record = {}
+    taken = [m for m in fetched if not m.get("skipped", 0)]
+    record = {"train_steps": len(fetched)}
     for k in fetched[0]:
         if k in _LAST_VALUE:
             record[k] = float(fetched[-1][k])
         elif k == "skipped":
-            record[k] = int(sum(m[k] for m in fetched))
+            record[k] = len(fetched) - len(taken)
         else:
-            record[f"train_{k}"] = float(np.mean([m[k] for m in fetched]))
+            record[f"train_{k}"] = float(np.mean([m[k] for m in taken])) if taken else float("nan")
     if "train_error" in record:
         record["train_error"] *= 100.0
     return record

@@ -5,6 +5,7 @@ progress line with an ETA on the log."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,22 +25,40 @@ def plain(value: Any) -> Any:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file; a torn last line (a write cut short) is dropped."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise
+            logging.warning("%s: dropping its torn last line %r", path, line[:80])
+    return records
+
+
+def _replace(path: str | Path, text: str) -> None:
+    """Writes `text` to `path` in one rename, so a kill leaves the old file or the new one."""
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 def truncate_jsonl(path: str | Path, after_step: int) -> None:
     """Drops records past `after_step`: epochs a killed run logged but did not checkpoint."""
     records = read_jsonl(path)
     kept = [r for r in records if r.get("step", 0) <= after_step]
-    if len(kept) != len(records):
-        Path(path).write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+    if Path(path).exists() and len(kept) != len(Path(path).read_text().splitlines()):
+        _replace(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
 def write_json(path: str | Path, value: Any) -> None:
-    Path(path).write_text(json.dumps(plain(value), indent=2, sort_keys=True) + "\n")
+    _replace(path, json.dumps(plain(value), indent=2, sort_keys=True) + "\n")
 
 
 def _duration(seconds: float) -> str:

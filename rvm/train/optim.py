@@ -21,7 +21,13 @@ from rvm.train.relaxation import exponential_pull, relaxation
 
 def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """`cfg.learning_rate`, multiplied by `cfg.lr_decay` at each fraction in `cfg.lr_boundaries`."""
-    boundaries = {int(round(f * total_steps)): cfg.lr_decay for f in cfg.lr_boundaries}
+    steps = [int(round(f * total_steps)) for f in cfg.lr_boundaries]
+    if len(set(steps)) != len(steps):
+        raise ValueError(
+            f"optim.lr_boundaries={tuple(cfg.lr_boundaries)!r} fall on the same steps {steps} "
+            f"of {total_steps}: a decay would be lost"
+        )
+    boundaries = {step: cfg.lr_decay for step in steps}
     return optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
 
 
@@ -34,10 +40,13 @@ def make_optimizer(
         pull = exponential_pull(cfg.pull_start, cfg.pull_end, total_steps)
         chain.append(relaxation(pull, relax_mask))
     schedule = learning_rate(cfg, total_steps)
-    if cfg.get("name", "sgd") == "adam":
+    name = cfg.get("name", "sgd")
+    if name == "adam":
         chain.append(optax.adam(schedule))
-    else:
+    elif name == "sgd":
         chain.append(optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
+    else:
+        raise ValueError(f"optim.name={name!r} is not one of sgd, adam")
     return optax.chain(*chain)
 
 

@@ -35,7 +35,9 @@ def train_step(
     """One SGD step; returns the new state and this step's scalar metrics.
 
     With `skip_nonfinite`, a step whose loss or gradients are not finite leaves
-    params, statistics and optimiser state as they were (metric `skipped` = 1).
+    params, statistics and optimiser state as they were (metric `skipped` = 1),
+    except the optimiser's step counts, so that its schedules (learning rate, pull)
+    stay those of `state.step`.
     """
     data_rng, model_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
     batch = get_batch(data, state.step, data_rng)
@@ -60,10 +62,13 @@ def train_step(
             jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
         )
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        counts_on = lambda path, new, old: (
+            new if getattr(path[-1], "name", None) == "count" else jnp.where(finite, new, old)
+        )
         new_state = new_state.replace(
             params=keep(params, state.params),
             batch_stats=keep(batch_stats, state.batch_stats),
-            opt_state=keep(opt_state, state.opt_state),
+            opt_state=jax.tree_util.tree_map_with_path(counts_on, opt_state, state.opt_state),
         )
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics

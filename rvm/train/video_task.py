@@ -47,9 +47,9 @@ from rvm.data.moving_digits import (
 from rvm.models import cbm
 from rvm.train import clips, image_quality, sharding, xla
 from rvm.train.state import TrainState
+from rvm.train.step import LossFn
 from rvm.train.task import Task, sum_over_split
 
-TASKS = ("motion", "prediction")
 SCHEMES = ("full", "tbptt", "overlap")
 ANTICIPATION_FRACTION = 0.25
 
@@ -154,7 +154,7 @@ def make_get_batch(config: ml_collections.ConfigDict, mesh):
     return get_batch
 
 
-def make_loss_fn(config: ml_collections.ConfigDict, model: nn.Module) -> clips.LossFn:
+def make_loss_fn(config: ml_collections.ConfigDict, model: nn.Module) -> LossFn:
     """The loss of `config.task`; for motion, of the training scheme `config.train.scheme`."""
     if config.task == "prediction":
         return clips.make_prediction_loss_fn(model, num_input=config.data.num_input)
