@@ -359,8 +359,8 @@ def main(argv):
         lines += [
             "",
             f"Motion recognition budget: {budget(first)}. Six motion classes: chance is "
-            f"{CHANCE:.1f}% error. Errors are single runs (seed 0) with the binomial "
-            "standard error over the test videos; whole-sequence error reads the class at "
+            f"{CHANCE:.1f}% error. Errors are single runs (seed {first['config'].seed}) with the "
+            "binomial standard error over the test videos; whole-sequence error reads the class at "
             "the last frame, anticipation error at the last of the first 25% of the frames.",
         ]
     lines.append("")

@@ -216,10 +216,24 @@ def test_tables_group_seeds_and_mark_missing_rows(tmp_path):
     # The non-shared run serves Table 1 (and would serve Table 2) whatever its scope.
     assert [g.paper_table for g in groups] == [1]
     text = report.table_markdown(groups[0], cifar10.paper())
-    assert "| Relaxed | 2 | 7.50 ± 0.71 | 1437098 | 6.67 | 2 (0,1) |" in text
-    assert "| Non-shared | 1 | 99.00 |" in text
-    assert "| Raw | - | no run | 1437098 | 7.78 | 0 |" in text
-    assert "| Minimal | - | no run | 1434026 | 7.23 | 0 |" in text
+    assert "| Relaxed | 2 | 7.50 ± 0.71 | 500 | 1437098 | 6.67 | 2 (0,1) |" in text
+    assert "| Non-shared | 1 | 99.00 | 500 |" in text
+    assert "| Raw | - | no run | - | 1437098 | 7.78 | 0 |" in text
+    assert "| Minimal | - | no run | - | 1434026 | 7.23 | 0 |" in text
+
+    # Synthetic images are another experiment; tfds and binary read the same CIFAR-10.
+    synthetic = cifar10.get_config("middle18_relaxed")
+    synthetic.seed, synthetic.data.source = 2, "synthetic"
+    binary = cifar10.get_config("middle18_relaxed")
+    binary.seed, binary.data.source = 3, "binary"
+    pairs = (("s", synthetic), ("b", binary))
+    more = [runs.RunInfo(tmp_path / n, c, [], results) for n, c in pairs]
+    rows = report.group_runs([*infos, *more], cifar10.paper())[0].rows
+    assert sorted(len(r.runs) for r in rows if r.method == "relaxed") == [1, 3]
+    # One run given twice under two names (a workdir and its copy) is not a second seed.
+    copy = runs.RunInfo(tmp_path / "copy", infos[0].config, [], results)
+    with pytest.raises(ValueError, match=r"same seed \[0\]; give one of them"):
+        report.group_runs([*infos, copy], cifar10.paper())
 
 
 def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):

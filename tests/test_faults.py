@@ -5,6 +5,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -139,6 +140,59 @@ def test_sigterm_saves_and_exits_with_the_requeue_code(uninterrupted, tmp_path):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     for a, b in zip(final_params(uninterrupted), final_params(tmp_path), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# The tiny run in a process of its own: alone (argv: workdir, tests dir) or as one of
+# two `jax.distributed` processes on this host's CPU, over gloo (also address, index).
+_PROCESS = """
+import sys
+import jax
+if len(sys.argv) > 3:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(sys.argv[3], num_processes=2, process_id=int(sys.argv[4]))
+sys.path.insert(0, sys.argv[2])
+from test_faults import tiny_config
+from rvm.train import loop
+print("RESULTS", loop.train_and_evaluate(tiny_config(), sys.argv[1]))
+"""
+
+
+def _start(workdir: Path, devices: int, *distributed: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", _PROCESS, str(workdir), str(REPO / "tests"), *distributed],
+        cwd=REPO,
+        env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _results(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return next(line for line in out.splitlines() if line.startswith("RESULTS"))
+
+
+def test_two_processes_train_one_run_together(tmp_path):
+    """Two processes of one device each train the run of one process with two devices,
+    to the bit; the first process alone locks the workdir and writes the records."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    together, alone = tmp_path / "together", tmp_path / "alone"
+    procs = [_start(together, 1, address, str(i)) for i in range(2)]
+    results = [_results(p) for p in procs]
+    assert results[0] == results[1] == _results(_start(alone, 2))
+    assert "'finished': True" in results[0]
+    assert Checkpoints(together).all_steps() == [8, 16, 24]
+    records = metrics.read_jsonl(together / "metrics.jsonl")
+    assert [r["step"] for r in records] == [8, 16, 24]  # written once, not once per process
+    assert [r["train_loss"] for r in records] == [
+        r["train_loss"] for r in metrics.read_jsonl(alone / "metrics.jsonl")
+    ]
+    for a, b in zip(final_params(together), final_params(alone), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

@@ -22,8 +22,9 @@ Variants (all small enough for a CPU):
                   over at a clip's end as in the authors' code, coherence weight 1),
                   truncated back-propagation over consecutive 8-frame clips, and full
                   back-propagation through all 24 frames.
-  predict         future-frame prediction of one bouncing digit (`data.num_digits=2` as
-                  in Moving MNIST), 10 frames in, 10 out, a 4-layer CBM encoder-predictor.
+  predict         future-frame prediction of one bouncing digit (`data.num_digits=2` for
+                  two, as in Moving MNIST), 10 frames in, 10 out, a 4-layer CBM
+                  encoder-predictor.
   smoke           a tiny motion run (16x16 frames) that trains in under a minute on a CPU.
 Temporal Dropout on any CBM variant: `--config.model.td_rate=0.25`. Any other field
 can be overridden likewise (`--config.model.kind=gru`, `--config.num_epochs=10`).

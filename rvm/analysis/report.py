@@ -3,7 +3,8 @@
 Runs are grouped into tables by (scope, blocks_per_level) from their config.json;
 groups matching the paper's Tables 1-3 get every paper row (with "no run" where
 none was given) and the paper's numbers beside ours. Runs that share a config
-apart from the seed form one row (mean ± sd). Curves come from metrics.jsonl;
+apart from the seed form one row (mean ± sample sd); the same seed twice in a row
+is an error (one run given twice, e.g. a workdir and its copy). Curves come from metrics.jsonl;
 ablations (Figure 3), readout time, trajectories (Figures 4-5) and linear
 separability restore one checkpoint per row; angle plots read relaxed runs' metrics.
 """
@@ -22,18 +23,18 @@ from matplotlib.figure import Figure
 
 from rvm.analysis import angles, readout, trajectories
 from rvm.analysis.runs import LEVEL_NAMES, NotARunError, RunInfo, load_run, read_run_info
-from rvm.train.config_check import RESUME_SAFE
+from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE
 
 METHODS = ("nonshared", "relaxed", "raw", "minimal")  # the paper's row order
 METHOD_NAMES = {"nonshared": "Non-shared", "relaxed": "Relaxed", "raw": "Raw", "minimal": "Minimal"}
-# Parameter counts printed in the paper's Tables 1-3, to check our models against.
 _NOT_A_DIFFERENCE = RESUME_SAFE | {"seed"}  # fields that do not make another experiment
+PAPER_EPOCHS = 500
 
 
 @dataclasses.dataclass(frozen=True)
 class Paper:
-    """The paper's published numbers and which configs each table covers; the
-    launcher fills it from the config family (`experiments/configs/cifar10.py`)."""
+    """The paper's published numbers and which configs each table covers, as
+    `experiments/configs/cifar10.py`'s `paper()` gives them."""
 
     test_error: dict  # (scope, depth) -> method -> error (%)
     tables: dict  # table number -> (scope, depth)
@@ -80,6 +81,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def _experiment_key(info: RunInfo) -> tuple:
     """The config minus what repeats an experiment (seed) or only steers bookkeeping."""
     flat = _flat(info.config.to_dict())
+    if flat.get("data.source") in CIFAR10_SOURCES:
+        flat["data.source"] = "cifar10"  # readers of the same images in the same order
     ignore = set(_NOT_A_DIFFERENCE)
     if info.sharing == "nonshared":
         ignore.add("model.scope")  # the scope changes nothing without sharing
@@ -129,6 +132,13 @@ def _rows(members: Sequence[RunInfo]) -> list[Row]:
         by_key.setdefault((info.sharing, _experiment_key(info)), []).append(info)
     rows = []
     for (method, key), runs in by_key.items():
+        seeds = [i.seed for i in runs]
+        twice = sorted({s for s in seeds if seeds.count(s) > 1})
+        if twice:
+            dirs = [str(i.workdir) for i in runs if i.seed in twice]
+            raise ValueError(
+                f"runs {dirs} are one experiment with the same seed {twice}; give one of them"
+            )
         # Name a row by the config fields that set it apart from same-method rows.
         others = [dict(k) for (m, k) in by_key if m == method and k != key]
         mine = dict(key)
@@ -141,20 +151,21 @@ def _rows(members: Sequence[RunInfo]) -> list[Row]:
 
 
 def _mean_sd(values: Sequence[float]) -> str:
+    """Mean ± the sample standard deviation (n - 1) over seeds."""
     sd = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
     return f"{np.mean(values):.2f}{sd}"
 
 
 def table_markdown(group: Group, paper: Paper) -> str:
-    """One table: our rows (mean ± sd over seeds) with the paper's values beside them."""
+    """One table: our rows (mean ± sample sd over seeds) with the paper's values beside them."""
     paper_err = paper.test_error.get(paper.tables.get(group.paper_table, ()), {})
     paper_par = paper.params.get(group.paper_table, {})
     lines = [
         f"### {group.title}",
         "",
-        "| Method | Parameter count | Test error (%) | Paper params | Paper test error (%) "
-        "| Runs (seeds) | Notes |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| Method | Parameter count | Test error (%) | Epochs | Paper params "
+        f"| Paper test error (%, {PAPER_EPOCHS} epochs) | Runs (seeds) | Notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in group.rows:
         errors, notes = [], set()
@@ -168,8 +179,9 @@ def table_markdown(group: Group, paper: Paper) -> str:
         notes.discard("")
         params = row.runs[0].param_count()
         seeds = ",".join(str(i.seed) for i in row.runs)
+        epochs = "/".join(sorted({str(i.config.num_epochs) for i in row.runs}))
         lines.append(
-            f"| {row.label} | {params} | {_mean_sd(errors) if errors else '-'} "
+            f"| {row.label} | {params} | {_mean_sd(errors) if errors else '-'} | {epochs} "
             f"| {paper_par.get(row.method, '-')} | {paper_err.get(row.method, '-')} "
             f"| {len(row.runs)} ({seeds}) | {'; '.join(sorted(notes))} |"
         )
@@ -177,7 +189,7 @@ def table_markdown(group: Group, paper: Paper) -> str:
     for method in METHODS:
         if method in paper_err and method not in present:
             lines.append(
-                f"| {METHOD_NAMES[method]} | - | no run | {paper_par.get(method, '-')} "
+                f"| {METHOD_NAMES[method]} | - | no run | - | {paper_par.get(method, '-')} "
                 f"| {paper_err[method]} | 0 | no run given |"
             )
     return "\n".join(lines) + "\n"
@@ -207,9 +219,9 @@ def plot_curves(group: Group, path: str | Path) -> Path:
     return readout.save_figure(fig, path)
 
 
-def _analysed(group: Group) -> list[RunInfo]:
-    """One run per row (the lowest seed); minimal rows have nothing to ablate."""
-    return [row.runs[0] for row in group.rows if row.method != "minimal"]
+def _analysed(group: Group) -> list[tuple[str, RunInfo]]:
+    """Each row's label and run (the lowest seed); minimal rows have nothing to ablate."""
+    return [(row.label, row.runs[0]) for row in group.rows if row.method != "minimal"]
 
 
 def _unique_names(infos: Sequence[RunInfo]) -> dict[Path, str]:
@@ -297,7 +309,7 @@ def _analyses(groups, names, out: Path, options: Options, written: list[Path]) -
     data_cache: dict[str, object] = {}
     for g in groups:
         abl_curves, time_curves = [], []
-        for info in _analysed(g):
+        for label, info in _analysed(g):
             if info.workdir not in done:
                 done[info.workdir] = _analyse_run(
                     info, names[info.workdir], out, options, data_cache
@@ -308,9 +320,9 @@ def _analyses(groups, names, out: Path, options: Options, written: list[Path]) -
                     written.extend(done[info.workdir]["files"])
             if done[info.workdir] is None:
                 continue
-            abl_curves.append((info.short_label, done[info.workdir]["ablation"]))
+            abl_curves.append((label, done[info.workdir]["ablation"]))
             if done[info.workdir]["times"] is not None:
-                time_curves.append((info.short_label, done[info.workdir]["times"]))
+                time_curves.append((label, done[info.workdir]["times"]))
         if abl_curves:
             path = out / f"figure3_ablation_{g.slug}.png"
             written.append(readout.plot_ablations(abl_curves, path, level=options.level))
@@ -328,8 +340,9 @@ def _analyses(groups, names, out: Path, options: Options, written: list[Path]) -
         "",
         f"PCA of {options.trajectory_examples} fixed random training images per level. "
         f"Separability: {options.separability_folds}-fold cross-validated L2 logistic regression "
-        f"on the flattened output of each level for {options.separability_examples} other "
-        "training images; accuracy (%) ± sd over folds; chance = largest class share.",
+        f"on the flattened output of each level for {options.separability_examples} training "
+        "images drawn independently of the trajectory set (images the network was trained on); "
+        "accuracy (%) ± sample sd over folds; chance = largest class share.",
         "",
         "| run | " + " | ".join(LEVEL_NAMES) + " | chance |",
         "| --- |" + " --- |" * (len(LEVEL_NAMES) + 1),

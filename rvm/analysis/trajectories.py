@@ -134,7 +134,7 @@ def cv_accuracy(features: np.ndarray, labels: np.ndarray, folds: int = 5, seed: 
             accs.append(float(np.mean(clf.predict(z[test]) == labels[test])))
     return {
         "accuracy": float(np.mean(accs)),
-        "sd": float(np.std(accs)),
+        "sd": float(np.std(accs, ddof=1)),
         "folds": folds,
         "chance": float(counts.max() / len(labels)),
         "left_out": int((~kept).sum()),
@@ -151,9 +151,9 @@ def linear_separability(
 ) -> list[dict]:
     """Per level, cross-validated linear accuracy (%) of the level's last representation.
 
-    Uses `num_examples` fixed random training images (their own seed stream, so
-    not the trajectory set) and `cv_accuracy`; cheap: one forward pass and a few
-    small logistic regressions.
+    Uses `num_examples` fixed random training images (drawn with their own seed,
+    independently of the trajectory set, which they may overlap) and `cv_accuracy`;
+    cheap: one forward pass and a few small logistic regressions.
     """
     images, labels = run.split("train")
     idx = sample_indices(len(labels), num_examples, seed + 1)

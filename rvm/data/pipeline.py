@@ -69,7 +69,8 @@ def augment(
     """Random horizontal flips (p=0.5) and pad-and-crop per image; returns float32.
 
     Crops take a window of the input size from the image zero-padded by `pad` pixels
-    (black, as in Huang et al.), so offsets of -pad..pad in each direction are equally likely.
+    (black; Huang et al.'s code pads the normalised image, i.e. with the mean pixel),
+    so offsets of -pad..pad in each direction are equally likely.
     """
     flip_key, crop_key = jax.random.split(key)
     images = jnp.asarray(images_u8)

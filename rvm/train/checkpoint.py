@@ -105,10 +105,12 @@ class Checkpoints:
                     str(e).splitlines()[0][:200] if str(e) else "",
                     aside,
                 )
-                # Out of the way, so the step can be written again, yet kept for a post-mortem.
-                aside.parent.mkdir(exist_ok=True)
-                shutil.rmtree(aside, ignore_errors=True)
-                (self.directory / str(step)).rename(aside)
+                # Out of the way, so the step can be written again, yet kept for a post-mortem
+                # (by the first process of a multi-process run; all go on to the one before).
+                if jax.process_index() == 0:
+                    aside.parent.mkdir(exist_ok=True)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    (self.directory / str(step)).rename(aside)
                 self.manager.reload()
         if steps:
             raise CheckpointError(

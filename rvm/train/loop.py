@@ -9,6 +9,7 @@ the loop with per-epoch evaluation and checkpoints, then the final numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import time
@@ -173,22 +174,31 @@ def train_and_evaluate(
 
     `max_steps` stops early (with a checkpoint) without changing the schedules,
     as an interrupted run would; calling again resumes.
+
+    In a multi-process run (`jax.distributed`), every process calls this with the
+    same arguments; they train together on the mesh of all their devices, write
+    checkpoints together, and process 0 alone holds the workdir's lock and writes the
+    run's records.
     """
     validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with guard.exclusive(workdir):
-        return _train(config, workdir, max_steps)
+    primary = jax.process_index() == 0
+    with guard.exclusive(workdir) if primary else contextlib.nullcontext():
+        return _train(config, workdir, max_steps, primary)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | None) -> dict:
+def _train(
+    config: ml_collections.ConfigDict, workdir: Path, max_steps: int | None, primary: bool
+) -> dict:
     run = build_run(config, load_data(config), shd.data_mesh())
     task, state = run.task, run.state
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     num_params = sharing.count_params(state.params)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     # The checkpoints kept, and the one being written.
-    guard.check_writable(workdir, needed_bytes=(config.keep_checkpoints + 1) * state_bytes)
+    if primary:
+        guard.check_writable(workdir, needed_bytes=(config.keep_checkpoints + 1) * state_bytes)
 
     # --- Resume ------------------------------------------------------------------------
     ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -199,9 +209,10 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
         state = resumed
         logging.info("Resumed %s from step %d", workdir, int(state.step))
     # Epochs logged after the checkpoint we start from (a kill before the save) are redone.
-    metrics.truncate_jsonl(workdir / "metrics.jsonl", after_step=int(state.step))
-    metrics.write_json(workdir / "config.json", config.to_dict())
-    writer = metrics.MetricWriter(workdir, total_steps)
+    if primary:
+        metrics.truncate_jsonl(workdir / "metrics.jsonl", after_step=int(state.step))
+        metrics.write_json(workdir / "config.json", config.to_dict())
+    writer = metrics.MetricWriter(workdir, total_steps, enabled=primary)
     first_step = int(state.step)
     if first_step == 0:
         logging.info("Parameters: %d (%s)", num_params, task.summary)
@@ -259,7 +270,8 @@ def _train(config: ml_collections.ConfigDict, workdir: Path, max_steps: int | No
     if val:
         best = min(val, key=lambda r: r["val_error"])
         results.update(best_val_epoch=best["epoch"], test_error_at_best_val=best["test_error"])
-    metrics.write_json(workdir / "results.json", results)
+    if primary:
+        metrics.write_json(workdir / "results.json", results)
     logging.info("Results: %s", results)
     return results
 

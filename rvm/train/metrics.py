@@ -70,11 +70,17 @@ def _duration(seconds: float) -> str:
 
 
 class MetricWriter:
-    def __init__(self, workdir: str | Path, total_steps: int):
+    """Appends epoch records and logs progress; with `enabled=False` (a process other
+    than the first of a multi-process run) it does nothing."""
+
+    def __init__(self, workdir: str | Path, total_steps: int, enabled: bool = True):
         self.path = Path(workdir) / "metrics.jsonl"
         self.total_steps = total_steps
+        self.enabled = enabled
         self.start = time.time()
         self.tb = None
+        if not enabled:
+            return
         try:
             from tensorboardX import SummaryWriter
 
@@ -84,6 +90,8 @@ class MetricWriter:
 
     def progress(self, step: int, first_step: int, step_metrics: dict[str, Any]) -> None:
         """A log line between epochs: where the run is and when it should end."""
+        if not self.enabled:
+            return
         elapsed = time.time() - self.start
         eta = elapsed / max(step - first_step, 1) * (self.total_steps - step)
         logging.info(
@@ -97,6 +105,8 @@ class MetricWriter:
 
     def write(self, step: int, first_step: int, record: dict[str, Any]) -> None:
         """Appends one record and logs progress; `first_step` is where this process began."""
+        if not self.enabled:
+            return
         record = plain(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
