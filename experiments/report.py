@@ -8,6 +8,8 @@ Extra positional arguments are taken as more run directories, so a shell glob af
 `--runs` works (`--runs workdirs/*`). `--noanalyses` skips everything that restores a
 checkpoint (ablations, readout time, trajectories); `--readout_examples=1000` evaluates
 each ablation point on the first 1000 test images only, for a quicker look.
+`--binary_dir` (or `--tfds_data_dir`) says where CIFAR-10 is when the runs' own
+`data.binary_dir`, relative to where they were trained, does not lead to it from here.
 
 Like `experiments.train`, it first restarts itself with glibc's malloc on huge pages
 (`experiments.launcher`; `--nohugepages` keeps the process as started), which
@@ -30,6 +32,8 @@ flags.DEFINE_integer("trajectory_examples", 100, "Training images per trajectory
 flags.DEFINE_integer("separability_examples", 1000, "Training images for linear separability.")
 flags.DEFINE_integer("separability_folds", 5, "Cross-validation folds for separability.")
 flags.DEFINE_integer("seed", 0, "Seed choosing the trajectory and separability images.")
+flags.DEFINE_string("binary_dir", None, "Read CIFAR-10 here, not from the runs' data.binary_dir.")
+flags.DEFINE_string("tfds_data_dir", None, "tfds data dir, instead of the runs' own.")
 flags.mark_flags_as_required(["runs", "out"])
 FLAGS = flags.FLAGS
 
@@ -45,6 +49,8 @@ def main(argv):
         separability_examples=FLAGS.separability_examples,
         separability_folds=FLAGS.separability_folds,
         seed=FLAGS.seed,
+        binary_dir=FLAGS.binary_dir,
+        tfds_data_dir=FLAGS.tfds_data_dir,
     )
     written = write_report([*FLAGS.runs, *argv[1:]], FLAGS.out, cifar10.paper(), options)
     print(f"wrote {len(written)} files; open {written[-1]}")

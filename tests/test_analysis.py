@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from experiments.configs import cifar10
 from rvm.analysis import angles, readout, report, runs, trajectories
+from rvm.data import load_images
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -276,3 +278,32 @@ def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
     before, after = results["test_error"], results["consolidated_test_error"]
     assert f"| {before:.2f} | {after:.2f} | {after - before:+.2f} |" in md  # consolidation table
     assert len(angles.angle_history(runs.read_run_info(run_dirs["relaxed"]).metrics)[1]) == 6
+
+
+def test_report_reads_cifar10_where_it_is_told(run_dirs, monkeypatch, tmp_path):
+    """A run's `data.binary_dir` is relative to where it was trained; `binary_dir` of the
+    options replaces it (the data loader is a stand-in serving the run's own images)."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dirs["nonshared"], run)
+    config = json.loads((run / "config.json").read_text())
+    trained_on = dict(config["data"])
+    config["data"].update(source="binary", binary_dir="data/cifar10")
+    (run / "config.json").write_text(json.dumps(config))
+    asked = []
+
+    def loader(data_config):
+        asked.append(dict(data_config))
+        return load_images(trained_on)
+
+    monkeypatch.setattr(report, "load_images", loader)
+    options = report.Options(
+        binary_dir="/elsewhere/cifar10",
+        readout_examples=64,
+        trajectory_examples=16,
+        separability_examples=40,
+        separability_folds=2,
+    )
+    written = report.write_report([run], tmp_path / "out", cifar10.paper(), options)
+    assert any(p.name == "trajectories_run.png" for p in written)
+    assert len(asked) == 1 and asked[0]["binary_dir"] == "/elsewhere/cifar10"
+    assert asked[0]["source"] == "binary"

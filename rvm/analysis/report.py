@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 
 from rvm.analysis import angles, readout, trajectories
 from rvm.analysis.runs import LEVEL_NAMES, NotARunError, RunInfo, load_run, read_run_info
+from rvm.data import load_images
 from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE
 
 METHODS = ("nonshared", "relaxed", "raw", "minimal")  # the paper's row order
@@ -54,6 +55,10 @@ class Options:
     separability_examples: int = 1000
     separability_folds: int = 5
     seed: int = 0
+    # Where to read CIFAR-10 instead of the runs' own `data.binary_dir` / `data.tfds_data_dir`
+    # (paths in a run's config are relative to the directory it was trained from).
+    binary_dir: str | None = None
+    tfds_data_dir: str | None = None
 
 
 @dataclasses.dataclass
@@ -357,12 +362,15 @@ def _analyses(groups, names, out: Path, options: Options, written: list[Path]) -
 
 def _analyse_run(info: RunInfo, name: str, out: Path, options: Options, data_cache: dict):
     """Restores one run and writes its per-run files; None when it has no checkpoint."""
-    key = json.dumps(info.config.data.to_dict(), sort_keys=True)
+    where = {"binary_dir": options.binary_dir, "tfds_data_dir": options.tfds_data_dir}
+    data_config = {**info.config.data.to_dict(), **{k: v for k, v in where.items() if v}}
+    key = json.dumps(data_config, sort_keys=True)
+    if key not in data_cache:
+        data_cache[key] = load_images(data_config)
     try:
-        run = load_run(info.workdir, data=data_cache.get(key))
+        run = load_run(info.workdir, data=data_cache[key])
     except NotARunError:
         return None
-    data_cache[key] = run.data
     sep = trajectories.linear_separability(
         run,
         num_examples=options.separability_examples,
