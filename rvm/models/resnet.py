@@ -10,8 +10,9 @@ every iteration, which makes the level a recurrent network with readout time `n`
 
 Stochastic depth drops a whole block with `nn.cond`, so a dropped block costs no
 convolutions; at evaluation the residual is scaled by its survival probability.
-Without stochastic depth or a mask the blocks run unconditionally: under a cond,
-XLA also zero-fills and stacks the residuals of the branch not taken.
+Without stochastic depth or a mask the blocks run unconditionally: a cond costs
+even when nothing is skipped (for the backward pass XLA keeps, zero-filled, the
+residuals of both branches, stacked over the scan).
 """
 
 from __future__ import annotations
@@ -86,18 +87,18 @@ class Block(nn.Module):
         # A traced scale (survival probabilities are float32) must not promote bfloat16.
         return nn.relu(s + jnp.asarray(scale, r.dtype) * r).astype(self.dtype)
 
-    def _skip(self, x, train, kernels, scale):
+    def _skip(self, x):
         return shortcut(x, self.features, self.strides).astype(self.dtype)
 
     def __call__(self, x, train: bool, kernels=None, run=True, scale=1.0) -> Array:
         if self.is_initializing() or run is True:
             return self._run(x, train, kernels, scale)
         if run is False:
-            return self._skip(x, train, kernels, scale)
+            return self._skip(x)
         return nn.cond(
             run,
             lambda mdl, x, k, s: mdl._run(x, train, k, s),
-            lambda mdl, x, k, s: mdl._skip(x, train, k, s),
+            lambda mdl, x, k, s: mdl._skip(x),
             self,
             x.astype(self.dtype),
             kernels,
@@ -185,7 +186,7 @@ class Level(nn.Module):
         scan = nn.scan(
             ScanStep,
             variable_axes={"params": 0, "batch_stats": 0},
-            split_rngs={"params": True, "dropout": True},
+            split_rngs={"params": True},  # stochastic depth draws outside the scan
             in_axes=(0, nn.broadcast),
             length=length,
             unroll=length if self.unroll else 1,
