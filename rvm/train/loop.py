@@ -61,7 +61,7 @@ class _SigtermFlag:
 
     def __enter__(self):
         try:
-            # None when the previous handler was not installed from Python: restored as is.
+            # None: the previous handler was not installed from Python; SIG_DFL replaces it.
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. some notebook kernels)
             self.previous = self._NOT_INSTALLED
