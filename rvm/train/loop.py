@@ -191,6 +191,9 @@ def train_and_evaluate(
 def _train(
     config: ml_collections.ConfigDict, workdir: Path, max_steps: int | None, primary: bool
 ) -> dict:
+    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+    if ckpts.all_steps():
+        check_resume(config, workdir)  # before any data is read or anything compiled
     run = build_run(config, load_data(config), shd.data_mesh())
     task, state = run.task, run.state
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
@@ -201,9 +204,6 @@ def _train(
         guard.check_writable(workdir, needed_bytes=(config.keep_checkpoints + 1) * state_bytes)
 
     # --- Resume ------------------------------------------------------------------------
-    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    if ckpts.all_steps():
-        check_resume(config, workdir)
     resumed = ckpts.restore_latest_usable(state)  # refuses a workdir of damaged ones only
     if resumed is not None:
         state = resumed
