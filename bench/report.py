@@ -59,9 +59,13 @@ def _target(name: str, value: float | None, bound: float, at_most: bool, unit: s
 def _failures(section: dict) -> list[str]:
     lines = []
     for label, r in section.items():
-        if not r["ok"]:
-            tail = (r["log_tail"] or "(empty log)").replace("\n", "\n    ")
-            lines += [f"- **{label}** failed: {r['error']}. Log tail:", "", f"    {tail}", ""]
+        if r["ok"]:
+            continue
+        if "log_tail" not in r:  # never started
+            lines += [f"- **{label}**: {r['error']}.", ""]
+            continue
+        tail = (r["log_tail"] or "(empty log)").replace("\n", "\n    ")
+        lines += [f"- **{label}** failed: {r['error']}. Log tail:", "", f"    {tail}", ""]
     return lines
 
 

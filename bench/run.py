@@ -78,12 +78,24 @@ class Runner:
 
     A failed run becomes a record with the log's tail. The record returned for a spec
     combines every round run so far (`fastest_round`); a spec already run in round
-    `round_` (requested by several sections) is not run again.
+    `round_` (requested by several sections) is not run again. With a `deadline`
+    (a `time.perf_counter()` value) no process outlives it: one that would start
+    within `MIN_RUN_S` of it is not started, and a running one is stopped there.
     """
 
-    def __init__(self, timeout: float, workdir: Path):
-        self.timeout, self.workdir = timeout, workdir
+    MIN_RUN_S = 20.0
+
+    def __init__(self, timeout: float, workdir: Path, deadline: float | None = None):
+        self.timeout, self.workdir, self.deadline = timeout, workdir, deadline
         self.runs: dict[str, list[dict]] = {}
+
+    def time_limit(self, spec: dict) -> float | None:
+        """Seconds `spec` may run now; None when the deadline leaves too little."""
+        limit = spec.get("timeout", self.timeout)
+        if self.deadline is None:
+            return limit
+        left = self.deadline - time.perf_counter()
+        return min(limit, left) if left >= self.MIN_RUN_S else None
 
     def __call__(self, spec: dict, label: str, round_: int = 0) -> dict:
         runs = self.runs.setdefault(json.dumps(spec, sort_keys=True), [])
@@ -96,7 +108,10 @@ class Runner:
         return fastest_round(runs)
 
     def _run(self, spec: dict) -> dict:
-        n, timeout = sum(map(len, self.runs.values())), spec.get("timeout", self.timeout)
+        n, timeout = sum(map(len, self.runs.values())), self.time_limit(spec)
+        if timeout is None:
+            error = "not run: too little time left before --deadline"
+            return {"spec": spec, "wall_s": 0.0, "ok": False, "error": error}
         out, log = self.workdir / f"{n}.json", self.workdir / f"{n}.log"
         cmd = [sys.executable, "-m", "bench.measure", json.dumps(spec), str(out)]
         start = time.perf_counter()
@@ -263,6 +278,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, help="training batch size (default 128)")
     parser.add_argument("--timeout", type=float, help="seconds per measurement process")
     parser.add_argument("--out", help="result path without extension (default bench/results/NAME)")
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds from the start by which every measurement has ended (the report is "
+        "written with what fitted), for a machine lent for a fixed time",
+    )
     args = parser.parse_args(argv)
 
     s = settings_from(args)
@@ -296,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rvm_bench_") as tmp:
-        runner = Runner(s.timeout, Path(tmp))
+        deadline = None if args.deadline is None else start + args.deadline
+        runner = Runner(s.timeout, Path(tmp), deadline)
         for round_ in range(s.rounds):
             for section in selected:
                 rounds = f" round {round_ + 1}/{s.rounds}" if s.rounds > 1 else ""

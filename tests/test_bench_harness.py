@@ -1,6 +1,7 @@
 """The benchmark harness's bookkeeping (no timing): child environments, rounds, the plan."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,18 @@ def test_rounds_keep_the_fastest_round_every_window_and_the_largest_peak_memory(
     out = run.fastest_round([a, failed, b])
     assert out["step_s"] == 1.5 and out["rounds"] == 2 and out["failed_rounds"] == 1
     assert out["windows_s"] == [1.0, 2.0, 3.0, 0.5, 1.5, 9.0] and out["wall_s"] == 21.0
+
+
+def test_a_deadline_cuts_measurements_short_and_skips_those_past_it(tmp_path):
+    spec = {"timeout": 300.0}
+    assert run.Runner(900.0, tmp_path).time_limit(spec) == 300.0
+    soon = run.Runner(900.0, tmp_path, deadline=time.perf_counter() + 100)
+    assert 90 < soon.time_limit(spec) <= 100
+    late = run.Runner(900.0, tmp_path, deadline=time.perf_counter() + run.Runner.MIN_RUN_S / 2)
+    assert late.time_limit(spec) is None
+    record = late(spec, "rvm on")  # not started: no child, a record saying why
+    assert not record["ok"] and "--deadline" in record["error"]
+    assert "**rvm on**: not run" in "\n".join(report._failures({"rvm on": record}))
 
 
 def test_malloc_section_reuses_the_train_sections_huge_page_measurements():
