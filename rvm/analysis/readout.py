@@ -163,7 +163,9 @@ def plot_ablations(
             ax.plot(x, [p[1] for p in pts], "o-", ms=3, color=colours(j % 10), label=label)
     for ax, kind in zip(axes, KINDS):
         ax.set_title(f"{KIND_TITLES[kind]}, {LEVEL_NAMES[level]} level")
-        ax.set_xlabel("block switched off" if kind == "single" else "blocks switched off")
+        # The single block counts from 1 here; the records' `k` counts from 0.
+        single = kind == "single"
+        ax.set_xlabel("block switched off (1 = first)" if single else "blocks switched off")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("test error (%)")
