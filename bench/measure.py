@@ -25,8 +25,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+from bench.plan import NUM_CLASSES
+
 IMAGE_SHAPE = (32, 32, 3)
-NUM_CLASSES = 10
 SYNTHETIC_IMAGES = 2048  # synthetic training split the batches are drawn from
 
 
