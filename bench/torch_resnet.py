@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-WIDTHS = (16, 32, 64)
+from bench.plan import WIDTHS
 
 # (blocks_per_level, all levels raw-shared) -> trainable parameters, as rvm counts them.
 EXPECTED_PARAMS = {
