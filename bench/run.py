@@ -164,13 +164,12 @@ def fastest_round(runs: list[dict]) -> dict:
     out = {**best, "rounds": len(done), "wall_s": sum(r["wall_s"] for r in runs)}
     if failed:
         out["failed_rounds"] = failed
-    runs = done
-    out["windows_s"] = [w for r in runs for w in r["windows_s"]]
-    out["round_steps_s"] = [r["step_s"] for r in runs]
+    out["windows_s"] = [w for r in done for w in r["windows_s"]]
+    out["round_steps_s"] = [r["step_s"] for r in done]
     for key, value in best.items():
         if key in ("windows_s", "step_s", "wall_s", "gflops") or not isinstance(value, float):
             continue
-        values = [r[key] for r in runs]
+        values = [r[key] for r in done]
         out[key] = max(values) if key == "max_rss_mb" else statistics.median(values)
     return out
 
