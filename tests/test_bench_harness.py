@@ -1,6 +1,9 @@
 """The benchmark harness's bookkeeping (no timing): child environments, rounds, the plan."""
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -256,3 +259,49 @@ def test_redraw_rederives_targets_and_rewrites_the_markdown(tmp_path):
     assert redrawn["targets"] and redrawn["targets"] == committed["targets"]
     assert redrawn["projection"] == committed["projection"]
     assert md.read_text() == COMMITTED[0].with_suffix(".md").read_text()
+
+
+def _state(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from /proc; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _measurements(pid: int) -> list[int]:
+    """Running `bench.measure` processes whose parent is `pid`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        state = _state(int(proc.name))
+        if state and state[1] == pid and state[0] != "Z":
+            try:
+                if b"bench.measure" in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_sigterm_stops_the_suite_and_its_running_measurement(tmp_path):
+    """A measurement runs in a session of its own; SIGTERM to the suite must end it too."""
+    suite = subprocess.Popen(
+        [sys.executable, str(run.REPO / "bench" / "run.py"), "--tiny", "--only", "compile"]
+        + ["--out", str(tmp_path / "cut")],
+        cwd=run.REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (children := _measurements(suite.pid)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert children, "no measurement started"
+    suite.send_signal(signal.SIGTERM)
+    assert suite.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(0.5)
+    # Killed: gone, or a zombie where nothing reaps orphans (a container's init).
+    for pid in children:
+        state = _state(pid)
+        assert state is None or state[0] == "Z", f"measurement {pid} survived: {state}"
