@@ -142,7 +142,7 @@ GPU_IMPLS = {
         s, b, sh, compile=True, **BF16
     ),
 }
-GPU_SMALL_IMPLS = tuple(GPU_IMPLS)[:2]
+GPU_SMALL_IMPLS = ("rvm bfloat16", "torch eager channels_last bfloat16 autocast")
 SHARINGS = {"nonshared": "nonshared", "raw": "all-levels raw"}
 
 
