@@ -4,6 +4,7 @@ checkpoints, non-finite losses, shared workdirs, full disks, bad configs."""
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -154,7 +155,11 @@ if len(sys.argv) > 3:
 sys.path.insert(0, sys.argv[2])
 from test_faults import tiny_config
 from rvm.train import loop
-print("RESULTS", loop.train_and_evaluate(tiny_config(), sys.argv[1]))
+try:
+    print("RESULTS", loop.train_and_evaluate(tiny_config(), sys.argv[1]))
+except loop.Preempted as e:
+    print("PREEMPTED", e)
+    sys.exit(loop.PREEMPTED_EXIT_CODE)
 """
 
 
@@ -170,20 +175,39 @@ def _start(workdir: Path, devices: int, *distributed: str) -> subprocess.Popen:
 
 
 def _results(proc: subprocess.Popen) -> str:
-    out, err = proc.communicate(timeout=600)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     return next(line for line in out.splitlines() if line.startswith("RESULTS"))
 
 
-def test_two_processes_train_one_run_together(tmp_path):
-    """Two processes of one device each train the run of one process with two devices,
-    to the bit; the first process alone locks the workdir and writes the records."""
+def _pair(workdir: Path) -> list[subprocess.Popen]:
+    """The two processes of one `jax.distributed` run, one device each."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
+    return [_start(workdir, 1, address, str(i)) for i in range(2)]
+
+
+def test_two_processes_train_one_run_together(tmp_path):
+    """Two processes of one device each train the run of one process with two devices,
+    to the bit, through a preemption: SIGTERM to one of them stops both after the same
+    step, with its checkpoint. The first process alone writes the run's records."""
     together, alone = tmp_path / "together", tmp_path / "alone"
-    procs = [_start(together, 1, address, str(i)) for i in range(2)]
-    results = [_results(p) for p in procs]
+    procs = _pair(together)
+    deadline = time.time() + 300
+    while not (together / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    procs[1].send_signal(signal.SIGTERM)  # after the first epoch (step 8 of 24)
+    stopped = set()
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == loop.PREEMPTED_EXIT_CODE, err[-3000:]
+        stopped.add(int(re.search(r"SIGTERM at step (\d+)", out).group(1)))
+    assert len(stopped) == 1, stopped
+    step = stopped.pop()
+    assert step < 24 and step in Checkpoints(together).all_steps()
+
+    results = [_results(p) for p in _pair(together)]
     assert results[0] == results[1] == _results(_start(alone, 2))
     assert "'finished': True" in results[0]
     assert Checkpoints(together).all_steps() == [8, 16, 24]

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rvm.models import sharing
@@ -51,7 +52,12 @@ class Preempted(Exception):
 
 
 class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+    """Turns SIGTERM into a flag the loop checks between steps (main thread only).
+
+    In a multi-process run the processes must stop at one step, since saving is
+    collective: there JAX's preemption service (started by `jax.distributed`) takes
+    the signal, tells every process, and they agree on the step to stop after.
+    """
 
     _NOT_INSTALLED = object()
 
@@ -60,6 +66,8 @@ class _SigtermFlag:
         self.previous = self._NOT_INSTALLED
 
     def __enter__(self):
+        if jax.process_count() > 1:  # the preemption service's handler stays
+            return self
         try:
             # None: the previous handler was not installed from Python; SIG_DFL replaces it.
             self.previous = signal.signal(signal.SIGTERM, self._handle)
@@ -69,6 +77,12 @@ class _SigtermFlag:
 
     def _handle(self, signum, frame):
         self.raised = True
+
+    def stop_after(self, step: int) -> bool:
+        """Whether to stop (and save) after `step`; every process calls it every step."""
+        if jax.process_count() > 1:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.raised
 
     def __exit__(self, *exc):
         if self.previous is None:
@@ -249,7 +263,7 @@ def _train(
                 step_metrics, epoch_start = [], time.time()
                 if record["epoch"] % config.checkpoint_every_epochs == 0:
                     ckpts.save(done, state)
-            if sigterm.raised:
+            if sigterm.stop_after(done):
                 _check_finite(m, done, config.skip_nonfinite)
                 if done not in ckpts.all_steps():  # not already saved at an epoch's end
                     ckpts.save(done, state)
