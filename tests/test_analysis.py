@@ -307,3 +307,14 @@ def test_report_reads_cifar10_where_it_is_told(run_dirs, monkeypatch, tmp_path):
     assert any(p.name == "trajectories_run.png" for p in written)
     assert len(asked) == 1 and asked[0]["binary_dir"] == "/elsewhere/cifar10"
     assert asked[0]["source"] == "binary"
+
+
+def test_a_run_without_checkpoints_is_skipped_without_reading_its_data(run_dirs, tmp_path):
+    """Its tables and curves come from its records alone; its data may be long gone."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dirs["nonshared"], run, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((run / "config.json").read_text())
+    config["data"].update(source="binary", binary_dir=str(tmp_path / "nowhere"))
+    (run / "config.json").write_text(json.dumps(config))
+    report.write_report([run], tmp_path / "out", cifar10.paper(), report.Options())
+    assert "`run` skipped: it has no checkpoint" in (tmp_path / "out" / "report.md").read_text()

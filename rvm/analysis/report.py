@@ -4,9 +4,10 @@ Runs are grouped into tables by (scope, blocks_per_level) from their config.json
 groups matching the paper's Tables 1-3 get every paper row (with "no run" where
 none was given) and the paper's numbers beside ours. Runs that share a config
 apart from the seed form one row (mean ± sample sd); the same seed twice in a row
-is an error (one run given twice, e.g. a workdir and its copy). Curves come from metrics.jsonl;
-ablations (Figure 3), readout time, trajectories (Figures 4-5) and linear
-separability restore one checkpoint per row; angle plots read relaxed runs' metrics.
+is an error (one run given twice, e.g. a workdir and its copy). Curves come from
+metrics.jsonl; ablations (Figure 3), readout time, trajectories (Figures 4-5) and
+linear separability restore one checkpoint per row; angle plots read relaxed runs'
+metrics.
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from rvm.analysis import angles, readout, trajectories
-from rvm.analysis.runs import LEVEL_NAMES, NotARunError, RunInfo, load_run, read_run_info
+from rvm.analysis.runs import (
+    LEVEL_NAMES,
+    NotARunError,
+    RunInfo,
+    load_run,
+    read_run_info,
+    require_checkpoint,
+)
 from rvm.data import load_images
 from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE
 
@@ -365,12 +373,13 @@ def _analyse_run(info: RunInfo, name: str, out: Path, options: Options, data_cac
     where = {"binary_dir": options.binary_dir, "tfds_data_dir": options.tfds_data_dir}
     data_config = {**info.config.data.to_dict(), **{k: v for k, v in where.items() if v}}
     key = json.dumps(data_config, sort_keys=True)
-    if key not in data_cache:
-        data_cache[key] = load_images(data_config)
     try:
-        run = load_run(info.workdir, data=data_cache[key])
+        require_checkpoint(info.workdir)  # before reading data it would not need
     except NotARunError:
         return None
+    if key not in data_cache:
+        data_cache[key] = load_images(data_config)
+    run = load_run(info.workdir, data=data_cache[key])
     sep = trajectories.linear_separability(
         run,
         num_examples=options.separability_examples,

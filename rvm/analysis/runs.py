@@ -300,6 +300,14 @@ def _abstract_state(config: ml_collections.ConfigDict, data: ImageData, mesh: Me
     )
 
 
+def require_checkpoint(workdir: Path) -> None:
+    """Raises NotARunError unless `workdir/checkpoints` holds a step; checked before
+    orbax sees the path, since its manager would create the directory."""
+    ckpt_dir = workdir / "checkpoints"
+    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+        raise NotARunError(f"{workdir} has no checkpoint to analyse (looked in {ckpt_dir})")
+
+
 def load_run(
     workdir: str | Path,
     step: int | None = None,
@@ -314,10 +322,7 @@ def load_run(
     """
     info = read_run_info(workdir)
     workdir = info.workdir
-    ckpt_dir = workdir / "checkpoints"
-    # Checked before orbax sees the path: its manager would create the directory.
-    if not ckpt_dir.is_dir() or not any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-        raise NotARunError(f"{workdir} has no checkpoint to analyse (looked in {ckpt_dir})")
+    require_checkpoint(workdir)
     config = info.config
     data = load_images(config.data) if data is None else data
     mesh = shd.data_mesh() if mesh is None else mesh
