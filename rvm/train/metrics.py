@@ -26,9 +26,14 @@ def plain(value: Any) -> Any:
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """The records of a JSON-lines file; a torn last line (a write cut short) is dropped."""
+    return _read_jsonl(path)[0]
+
+
+def _read_jsonl(path: str | Path) -> tuple[list[dict], int]:
+    """The records and the count of non-blank lines (one more when the last was torn)."""
     path = Path(path)
     if not path.exists():
-        return []
+        return [], 0
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     records = []
     for i, line in enumerate(lines):
@@ -38,7 +43,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
             if i < len(lines) - 1:
                 raise
             logging.warning("%s: dropping its torn last line %r", path, line[:80])
-    return records
+    return records, len(lines)
 
 
 def _replace(path: str | Path, text: str) -> None:
@@ -51,9 +56,9 @@ def _replace(path: str | Path, text: str) -> None:
 
 def truncate_jsonl(path: str | Path, after_step: int) -> None:
     """Drops records past `after_step`: epochs a killed run logged but did not checkpoint."""
-    records = read_jsonl(path)
+    records, lines = _read_jsonl(path)
     kept = [r for r in records if r.get("step", 0) <= after_step]
-    if Path(path).exists() and len(kept) != len(Path(path).read_text().splitlines()):
+    if len(kept) != lines:  # records past the step, or a torn last line
         _replace(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
 
