@@ -64,9 +64,10 @@ class _SigtermFlag:
     def __init__(self):
         self.raised = False
         self.previous = self._NOT_INSTALLED
+        self.multiprocess = jax.process_count() > 1
 
     def __enter__(self):
-        if jax.process_count() > 1:  # the preemption service's handler stays
+        if self.multiprocess:  # the preemption service's handler stays
             return self
         try:
             # None: the previous handler was not installed from Python; SIG_DFL replaces it.
@@ -80,7 +81,7 @@ class _SigtermFlag:
 
     def stop_after(self, step: int) -> bool:
         """Whether to stop (and save) after `step`; every process calls it every step."""
-        if jax.process_count() > 1:
+        if self.multiprocess:
             return multihost_utils.reached_preemption_sync_point(step)
         return self.raised
 
