@@ -15,12 +15,12 @@ from rvm.models import cbm, sharing
 from rvm.models.recurrent import NORMS
 from rvm.train import image_quality
 from rvm.train.clips import HANDOVERS
+from rvm.train.optim import OPTIMIZERS
 from rvm.train.video_task import SCHEMES
 
 TASKS = ("image", "motion", "prediction")
 # Readers of the real CIFAR-10, in the official files' order (`rvm.data.cifar10`).
 CIFAR10_SOURCES = frozenset({"tfds", "binary", "auto"})
-OPTIMIZERS = ("sgd", "adam")
 
 # Fields that may change between a run and its resumption: they alter neither the
 # model, nor the optimisation, nor the order of the data. `data.source` may change

@@ -18,6 +18,8 @@ import optax
 
 from rvm.train.relaxation import exponential_pull, relaxation
 
+OPTIMIZERS = ("sgd", "adam")  # `optim.name`; a config without it uses SGD
+
 
 def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """`cfg.learning_rate`, multiplied by `cfg.lr_decay` at each fraction in `cfg.lr_boundaries`."""
@@ -46,7 +48,7 @@ def make_optimizer(
     elif name == "sgd":
         chain.append(optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
     else:
-        raise ValueError(f"optim.name={name!r} is not one of sgd, adam")
+        raise ValueError(f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}")
     return optax.chain(*chain)
 
 
