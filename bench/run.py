@@ -133,6 +133,7 @@ class Runner:
                 rc = None
             except BaseException:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 raise
         wall = time.perf_counter() - start
         record = {"spec": spec, "wall_s": wall}

@@ -300,8 +300,10 @@ def test_sigterm_stops_the_suite_and_its_running_measurement(tmp_path):
     assert children, "no measurement started"
     suite.send_signal(signal.SIGTERM)
     assert suite.wait(timeout=60) == 128 + signal.SIGTERM
-    time.sleep(0.5)
     # Killed: gone, or a zombie where nothing reaps orphans (a container's init).
+    dead = lambda pid: (state := _state(pid)) is None or state[0] == "Z"
+    deadline = time.time() + 10
+    while not all(map(dead, children)) and time.time() < deadline:
+        time.sleep(0.05)
     for pid in children:
-        state = _state(pid)
-        assert state is None or state[0] == "Z", f"measurement {pid} survived: {state}"
+        assert dead(pid), f"measurement {pid} survived: {_state(pid)}"
