@@ -374,10 +374,9 @@ def torch_train(spec: dict) -> dict:
 
 def torch_eval(spec: dict) -> dict:
     """`torch.no_grad()` evaluation of one eval batch: normalise, forward, error and loss."""
-    torch, device, model, images, labels, mean, std, _ = _torch_setup(spec)
+    torch, device, model, images, labels, mean, std, baseline = _torch_setup(spec)
     import torch.nn.functional as F
 
-    baseline = _rss_mb()
     model.eval()
     n = spec["eval_batch"]
     images, labels = images[:n], labels[:n]

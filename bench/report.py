@@ -426,10 +426,10 @@ def redrawn(doc: dict) -> str:
 def redraw(json_path: Path) -> Path:
     """Re-derives a report's JSON and rewrites it and its markdown; returns the markdown's path."""
     doc = json.loads(json_path.read_text())
-    md = redrawn(doc)
+    md = json_path.with_suffix(".md")
+    md.write_text(redrawn(doc))
     json_path.write_text(json.dumps(doc, indent=1) + "\n")
-    json_path.with_suffix(".md").write_text(md)
-    return json_path.with_suffix(".md")
+    return md
 
 
 if __name__ == "__main__":
