@@ -64,6 +64,10 @@ def variants() -> list[str]:
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
+    # Several seeds trained together in one process, WORKDIR/seed_<s>/ each (rvm.train.pack):
+    # --config.seeds="(0,1,2)". None: the one run of `seed`, in WORKDIR itself.
+    config.seeds = ml_collections.config_dict.placeholder(tuple)
+    config.pack_strategy = "auto"  # how a pack's runs share a step: auto, vmap, map, loop
     config.batch_size = 128
     config.eval_batch_size = 1000
     config.num_epochs = 500

@@ -16,6 +16,7 @@ from rvm.models.recurrent import NORMS
 from rvm.train import image_quality
 from rvm.train.clips import HANDOVERS
 from rvm.train.optim import OPTIMIZERS
+from rvm.train.pack import STRATEGIES
 from rvm.train.video_task import SCHEMES
 
 TASKS = ("image", "motion", "prediction")
@@ -35,6 +36,7 @@ RESUME_SAFE = frozenset(
         "data.binary_dir",
         "data.tfds_data_dir",
         "model.unroll",
+        "pack_strategy",
     }
 )
 
@@ -96,6 +98,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _bool(config, "skip_nonfinite")
     if not isinstance(config.seed, int) or isinstance(config.seed, bool):
         raise ValueError(f"seed={config.seed!r} must be an integer")
+    _seeds(config)
     opt = config.optim
     name = opt.get("name", "sgd")  # the CIFAR-10 family has no `name`: SGD
     if name not in OPTIMIZERS:
@@ -117,6 +120,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _validate_image(config)
     else:
         _validate_video(config)
+
+
+def _seeds(config: ml_collections.ConfigDict) -> None:
+    """`seeds` (runs trained together as one pack, `rvm.train.pack`) and how they are packed."""
+    if "pack_strategy" in config:
+        _choice(config, "pack_strategy", ("auto", *STRATEGIES))
+    seeds = config.get("seeds")
+    if seeds is None:  # one run, of `seed`
+        return
+    if not isinstance(seeds, (tuple, list)) or not seeds:
+        raise ValueError(f"seeds={seeds!r} must be a non-empty tuple of integers")
+    seeds = tuple(seeds)
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise ValueError(f"seeds={seeds!r}: {s!r} is not an integer")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise ValueError(f"seeds={seeds!r} repeats {repeated}: each seed is one run")
 
 
 def _validate_image(config: ml_collections.ConfigDict) -> None:

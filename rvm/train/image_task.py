@@ -46,11 +46,12 @@ def put_train_split(images, labels, stats, mesh) -> DeviceImages:
 
 
 def make_get_batch(cfg: ml_collections.ConfigDict, mesh):
-    """`get_batch(data, step, rng)` for config `cfg` (the whole run config)."""
+    """`get_batch(data, step, rng, seed=cfg.seed)` for config `cfg` (the whole run config);
+    a pack of runs passes each run's seed as a traced key (`rvm.train.pack`)."""
     batch_sharding = sharding.batch(mesh)
 
-    def get_batch(data: DeviceImages, step, rng):
-        idx = pipeline.batch_indices(cfg.seed, step, data.images.shape[0], cfg.batch_size)
+    def get_batch(data: DeviceImages, step, rng, seed=cfg.seed):
+        idx = pipeline.batch_indices(seed, step, data.images.shape[0], cfg.batch_size)
         images = pipeline.augment(data.images[idx], rng, flip=cfg.data.flip, crop=cfg.data.crop)
         images = pipeline.normalize(images, data.mean, data.std)
         images = jax.lax.with_sharding_constraint(images, batch_sharding)

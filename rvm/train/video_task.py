@@ -140,12 +140,13 @@ def init_input(config: ml_collections.ConfigDict) -> jax.Array:
 
 
 def make_get_batch(config: ml_collections.ConfigDict, mesh):
-    """`get_batch(data, step, rng)`: frames [B, T, H, W, 1] uint8 (and labels [B] for motion)."""
+    """`get_batch(data, step, rng, seed=config.seed)`: frames [B, T, H, W, 1] uint8 (and
+    labels [B] for motion); a pack of runs passes each run's seed as a traced key."""
     batch_sharding = sharding.batch(mesh)
 
-    def get_batch(data: DeviceVideos, step, rng):
+    def get_batch(data: DeviceVideos, step, rng, seed=config.seed):
         del rng  # nothing random beyond the batch order
-        idx = pipeline.batch_indices(config.seed, step, data.frames.shape[0], config.batch_size)
+        idx = pipeline.batch_indices(seed, step, data.frames.shape[0], config.batch_size)
         frames = jax.lax.with_sharding_constraint(data.frames[idx], batch_sharding)
         if data.labels is None:
             return frames
