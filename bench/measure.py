@@ -19,10 +19,13 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from bench.plan import NUM_CLASSES
@@ -56,6 +59,21 @@ def _synchronous(out: Any) -> Any:
     return out
 
 
+def _barrier(spec: dict) -> None:
+    """Waits until the spec's `barrier` (`{"dir": ..., "n": ...}`) has `n` processes at it:
+    processes measured together (section `packed`) time the same seconds."""
+    barrier = spec.get("barrier")
+    if not barrier:
+        return
+    folder = Path(barrier["dir"])
+    (folder / str(os.getpid())).touch()
+    deadline = time.time() + 900
+    while len(list(folder.iterdir())) < barrier["n"]:
+        if time.time() > deadline:
+            raise TimeoutError(f"{barrier['n']} processes never met at {folder}")
+        time.sleep(0.05)
+
+
 def _time_windows(step: Callable[[], Any], sync: Callable[[Any], Any], spec: dict) -> dict:
     """First call (compilation included), warm-up, then `windows` timed windows of `steps`."""
     start = time.perf_counter()
@@ -63,6 +81,7 @@ def _time_windows(step: Callable[[], Any], sync: Callable[[Any], Any], spec: dic
     first = time.perf_counter() - start
     for _ in range(max(spec["warmup"] - 1, 0)):
         sync(step())
+    _barrier(spec)
     windows = []
     for _ in range(spec["windows"]):
         start = time.perf_counter()
@@ -158,6 +177,78 @@ def rvm_train(spec: dict) -> dict:
         "final_loss": loss,
         "params": sharing.count_params(box["state"].params),
         "baseline_rss_mb": baseline,
+        "device_peak_mb": _device_peak_mb(jax),
+    }
+
+
+def _device_peak_mb(jax) -> float | None:
+    """Peak bytes in use on the first device (GPUs report it; XLA:CPU does not)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / 2**20
+
+
+def rvm_pack(spec: dict) -> dict:
+    """`pack` runs of one variant trained as one pack (`rvm.train.pack`) under `strategy`."""
+    import jax
+
+    from rvm.data import load_images
+    from rvm.train import loop, pack
+
+    config = rvm_config(spec)
+    k, strategy = spec["pack"], spec["strategy"]
+    config.seeds, config.pack_strategy = tuple(range(k)), strategy
+    data = load_images(config.data)
+    baseline = _rss_mb()
+    mesh = pack.pack_mesh(k, strategy, jax.devices())
+    run = loop.build_run(config, data, mesh)
+    packed = pack.packed(config, run.task, run.tx, run.total_steps, mesh, k, strategy)
+    # Copies of one fresh state: the speed does not depend on the values.
+    box = {"states": packed.join([jax.tree.map(jax.numpy.copy, run.state) for _ in range(k)])}
+
+    def step():
+        box["states"], metrics = packed.step(box["states"], run.train_data)
+        return box["states"], metrics
+
+    result = _time_windows(step, jax.block_until_ready, spec)
+    return {
+        **result,
+        "images_per_s": k * spec["batch"] / result["step_s"],
+        "baseline_rss_mb": baseline,
+        "device_peak_mb": _device_peak_mb(jax),
+    }
+
+
+def rvm_processes(spec: dict) -> dict:
+    """`processes` copies of the `run` spec at once, each in its own process, timed over
+    the same seconds; `step_s` is the time per step of all of them together."""
+    n, run = spec["processes"], spec["run"]
+    env = dict(os.environ)
+    if run.get("platform", "cpu") == "gpu":  # each process takes its share of the GPU
+        env.update(XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    with tempfile.TemporaryDirectory(prefix="rvm_processes_") as tmp:
+        meet = Path(tmp) / "barrier"
+        meet.mkdir()
+        outs = [Path(tmp) / f"{i}.json" for i in range(n)]
+        child = {**run, "barrier": {"dir": str(meet), "n": n}}
+        cmd = lambda out: [sys.executable, "-m", "bench.measure", json.dumps(child), str(out)]
+        procs = [subprocess.Popen(cmd(out), env=env) for out in outs]
+        if any(p.wait() for p in procs):
+            raise RuntimeError(f"a process of {n} failed: exit {[p.returncode for p in procs]}")
+        results = [json.loads(out.read_text()) for out in outs]
+    # Window j of every process covers about the same seconds: their images add up.
+    windows = [
+        n * run["batch"] / sum(run["batch"] / r["windows_s"][j] for r in results)
+        for j in range(run["windows"])
+    ]
+    peaks = [r.get("device_peak_mb") for r in results]
+    return {
+        "first_call_s": max(r["first_call_s"] for r in results),
+        "windows_s": windows,
+        "step_s": statistics.median(windows),
+        "images_per_s": n * run["batch"] / statistics.median(windows),
+        "processes_rss_mb": sum(r["max_rss_mb"] for r in results),
+        "device_peak_mb": None if None in peaks else sum(peaks),
     }
 
 
@@ -442,6 +533,8 @@ def matmul(spec: dict) -> dict:
 KINDS = {
     "rvm_train": rvm_train,
     "rvm_eval": rvm_eval,
+    "rvm_pack": rvm_pack,
+    "rvm_processes": rvm_processes,
     "torch_train": torch_train,
     "torch_eval": torch_eval,
     "matmul": matmul,

@@ -25,9 +25,14 @@ MEASUREMENTS = (
     "xla_cpu",  # rvm's step under XLA:CPU's default options against rvm's
     "convs",  # one 3x3 conv per level: rvm under both option sets, and PyTorch
     "malloc",  # rvm and PyTorch steps under glibc's default malloc against huge pages
+    "packed",  # K runs of one variant in one step (rvm.train.pack) against K runs apart
 )
 # On a GPU: what its targets need, in the order run (a run cut short keeps the targets).
-GPU_MEASUREMENTS = ("ceiling", "stochastic_depth", "eval", "train")
+GPU_MEASUREMENTS = ("ceiling", "stochastic_depth", "eval", "train", "packed")
+# How a pack's runs share a step (`rvm.train.pack.STRATEGIES`); the GPU plan leaves out
+# "map", which runs the runs one after another as "loop" does, to fit a GPU session.
+PACK_STRATEGIES = ("vmap", "map", "loop")
+GPU_PACK_STRATEGIES = ("vmap", "loop")
 LEVELS = ((32, 16), (16, 32), (8, 64))  # (size, channels) of the three levels' convs
 # A conv's passes: the forward convolution, either gradient alone, or all three.
 CONV_PASSES = ("forward", "input_grad", "kernel_grad", "train")
@@ -51,6 +56,7 @@ class Settings:
     rounds: int = 1  # passes over the whole plan; each measurement's fastest pass counts
     matmul_n: int = 4096
     timeout: float = 1800.0  # seconds per child process
+    packs: tuple[int, ...] = (1, 2, 4, 8)  # runs per pack in section `packed`
 
 
 # A GPU step takes tens of milliseconds: longer windows, a larger matmul.
@@ -246,6 +252,7 @@ def plan(s: Settings) -> dict[str, dict[str, dict]]:
             for impl, make in (("rvm", rvm), ("torch eager channels_last", twin))
             for malloc, extra in (("huge pages", {}), ("glibc default", {"malloc": "default"}))
         },
+        "packed": packed_plan(s),
     }
     assert set(sections) == set(MEASUREMENTS)
     return sections
@@ -258,6 +265,44 @@ def train_plan(s: Settings) -> dict[str, dict]:
         for sh in sharings(s)
         for impl, make in impls(s, b).items()
     }
+
+
+def pack_label(blocks, k: int, how: str) -> str:
+    """`packed`'s label of K runs of (blocks) non-shared, trained `how`."""
+    return f"{model_label(blocks, 'nonshared')} / K={k} / {how}"
+
+
+def packed_plan(s: Settings) -> dict[str, dict]:
+    """K runs of one variant: one run alone (K=1, also the rate of K runs one after
+    another), packed under each strategy, and as K processes at once. On a GPU in
+    bfloat16, the targets' packs first (a session cut short keeps them)."""
+    gpu = s.platform == "gpu"
+    extra = BF16 if gpu else {}
+    strategies = GPU_PACK_STRATEGIES if gpu else PACK_STRATEGIES
+    one = {pack_label(b, 1, "one run"): rvm(s, b, **extra) for b in (s.small, s.large)}
+    rest = {}
+    for b in (s.small, s.large):
+        for k in (k for k in s.packs if k > 1):
+            for strategy in strategies:
+                spec = rvm(s, b, kind="rvm_pack", pack=k, strategy=strategy, **extra)
+                rest[pack_label(b, k, strategy)] = spec
+            processes = {
+                "kind": "rvm_processes",
+                "platform": s.platform,
+                "processes": k,
+                "run": rvm(s, b, **extra),
+            }
+            rest[pack_label(b, k, "processes")] = processes
+    first = {pack_label(b, k, "vmap") for b, k in TARGET_PACKS[s.platform](s)} if gpu else set()
+    ordered = sorted(rest, key=lambda label: label not in first)  # stable: plan order kept
+    return {**one, **{label: rest[label] for label in ordered}}
+
+
+# The packs the targets read, per platform: (blocks, K).
+TARGET_PACKS = {
+    "cpu": lambda s: [(s.small, 2)],
+    "gpu": lambda s: [(s.small, 8), (s.large, 4)],
+}
 
 
 def gpu_plan(s: Settings) -> dict[str, dict[str, dict]]:
@@ -294,6 +339,7 @@ def gpu_plan(s: Settings) -> dict[str, dict[str, dict]]:
             },
         },
         "train": train_plan(s),
+        "packed": packed_plan(s),
     }
     assert tuple(sections) == GPU_MEASUREMENTS
     return sections

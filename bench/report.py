@@ -21,12 +21,14 @@ from bench.plan import (
     CONV_PASSES,
     EPOCHS,
     LEVELS,
+    TARGET_PACKS,
     TEST_IMAGES,
     TRAIN_IMAGES,
     Settings,
     forward_macs,
     impls,
     model_label,
+    pack_label,
     sharings,
     train_flops,
 )
@@ -265,6 +267,70 @@ def report_convs(res: dict, ctx: dict, s: Settings) -> list[str]:
     return lines
 
 
+def _packed_rate(res: dict, label: str, s: Settings) -> float | None:
+    """Images/s of all the runs of `packed` measurement `label` ("model / K=k / how")."""
+    r = res.get(label)
+    if not r or not r.get("ok"):
+        return None
+    return int(label.split(" / ")[1][2:]) * s.batch / r["step_s"]
+
+
+def _best_pack(res: dict, blocks, k: int, s: Settings) -> tuple[str | None, float | None]:
+    """The fastest strategy for K packed runs of `blocks`, and its images/s."""
+    rates = {
+        label.rsplit(" / ", 1)[1]: _packed_rate(res, label, s)
+        for label, r in res.items()
+        if label.startswith(pack_label(blocks, k, "")) and r["spec"]["kind"] == "rvm_pack"
+    }
+    rates = {how: rate for how, rate in rates.items() if rate}
+    if not rates:
+        return None, None
+    best = max(rates, key=rates.get)
+    return best, rates[best]
+
+
+def report_packed(res: dict, ctx: dict, s: Settings) -> list[str]:
+    lines = [
+        f"K runs of one variant (non-shared, stochastic depth off, batch {s.batch} each), "
+        "trained as one pack under a strategy of `rvm.train.pack` (`vmap`, `map`, `loop`), "
+        "or as K processes at once (timed over the same seconds). `images/s` counts every "
+        "run's images; `vs one run` divides it by one run's alone (K=1), which is also the "
+        "rate of K runs one after another. Peak memory: the process's RSS (of all K "
+        "processes together), and on a GPU the device's peak bytes in use.",
+        "",
+        "| model | K | how | s/step | images/s | vs one run | peak RSS MiB | peak device MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for label, r in res.items():
+        if not r["ok"]:
+            continue
+        model, k, how = label.split(" / ")
+        rate, one = _packed_rate(res, label, s), _packed_rate(res, f"{model} / K=1 / one run", s)
+        ratio = f"{rate / one:.2f}x" if one else "n/a"
+        rss = r.get("processes_rss_mb", r.get("max_rss_mb"))
+        lines.append(
+            f"| {model} | {k[2:]} | {how} | {_spread(r)} | {rate:.1f} | {ratio} | {_fmt(rss, 4)} "
+            f"| {_fmt(r.get('device_peak_mb'), 4)} |"
+        )
+    return lines
+
+
+def pack_targets(res: dict, s: Settings) -> list[dict]:
+    """CPU: two packed runs at least as fast as the two one after another; H200 (GPU
+    plan): 8 packed (3,4,4) runs at >= 4x one run's images/s, 4 (18,18,18) at >= 2x."""
+    bounds = {"cpu": {2: 1.0}, "gpu": {8: 4.0, 4: 2.0}}[s.platform]
+    out = []
+    for blocks, k in TARGET_PACKS[s.platform](s):
+        one = _packed_rate(res, pack_label(blocks, 1, "one run"), s)
+        how, rate = _best_pack(res, blocks, k, s)
+        name = (
+            f"{tuple(blocks)}: {k} packed runs ({how or 'fastest strategy'}) >= {bounds[k]:g}x "
+            "one run's images/s"
+        )
+        out.append(_target(name, rate / one if rate and one else None, bounds[k], False, "x"))
+    return out
+
+
 def targets(results: dict, s: Settings) -> list[dict]:
     """The suite's targets, for the sections that ran; each with pass/fail and margin."""
     out = []
@@ -307,6 +373,8 @@ def targets(results: dict, s: Settings) -> list[dict]:
         else:
             name = f"{large} rvm: stochastic depth step at least 15% faster than off (speed-up)"
             out.append(_target(name, ratio(off, on), 1.15, False, "x"))
+    if "packed" in results:
+        out += pack_targets(results["packed"], s)
     return out
 
 
@@ -398,6 +466,7 @@ def render(doc: dict, s: Settings) -> str:
         "xla_cpu": against("xla_cpu"),
         "convs": report_convs,
         "malloc": against("malloc"),
+        "packed": report_packed,
     }
     for name, body in sections.items():
         if name in res:

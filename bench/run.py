@@ -252,6 +252,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         )
     names = ("steps", "windows", "warmup", "rounds", "timeout", "batch")
     given = {k: getattr(args, k) for k in names}
+    if args.packs:
+        given["packs"] = tuple(int(k) for k in args.packs.split(","))
     return dataclasses.replace(s, **{k: x for k, x in given.items() if x is not None})
 
 
@@ -277,6 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch", type=int, help="training batch size (default 128)")
     parser.add_argument("--timeout", type=float, help="seconds per measurement process")
+    parser.add_argument("--packs", help="runs per pack in section packed (default 1,2,4,8)")
     parser.add_argument("--out", help="result path without extension (default bench/results/NAME)")
     parser.add_argument(
         "--deadline",
