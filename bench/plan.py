@@ -29,10 +29,8 @@ MEASUREMENTS = (
 )
 # On a GPU: what its targets need, in the order run (a run cut short keeps the targets).
 GPU_MEASUREMENTS = ("ceiling", "stochastic_depth", "eval", "train", "packed")
-# How a pack's runs share a step (`rvm.train.pack.STRATEGIES`); the GPU plan leaves out
-# "map", which runs the runs one after another as "loop" does, to fit a GPU session.
-PACK_STRATEGIES = ("vmap", "map", "loop")
-GPU_PACK_STRATEGIES = ("vmap", "loop")
+# How a pack's runs share a step (`rvm.train.pack.STRATEGIES`), and K processes at once.
+PACK_HOWS = ("vmap", "map", "loop", "processes")
 LEVELS = ((32, 16), (16, 32), (8, 64))  # (size, channels) of the three levels' convs
 # A conv's passes: the forward convolution, either gradient alone, or all three.
 CONV_PASSES = ("forward", "input_grad", "kernel_grad", "train")
@@ -274,34 +272,35 @@ def pack_label(blocks, k: int, how: str) -> str:
 
 def packed_plan(s: Settings) -> dict[str, dict]:
     """K runs of one variant: one run alone (K=1, also the rate of K runs one after
-    another), packed under each strategy, and as K processes at once. On a GPU in
-    bfloat16, the targets' packs first (a session cut short keeps them)."""
-    gpu = s.platform == "gpu"
-    extra = BF16 if gpu else {}
-    strategies = GPU_PACK_STRATEGIES if gpu else PACK_STRATEGIES
-    one = {pack_label(b, 1, "one run"): rvm(s, b, **extra) for b in (s.small, s.large)}
+    another), packed under each strategy, and as K processes at once. The targets' packs
+    come first, strategy by strategy, so that a short GPU session measures them first."""
+    extra = BF16 if s.platform == "gpu" else {}
+    out = {pack_label(b, 1, "one run"): rvm(s, b, **extra) for b in (s.small, s.large)}
     rest = {}
     for b in (s.small, s.large):
         for k in (k for k in s.packs if k > 1):
-            for strategy in strategies:
-                spec = rvm(s, b, kind="rvm_pack", pack=k, strategy=strategy, **extra)
-                rest[pack_label(b, k, strategy)] = spec
-            processes = {
-                "kind": "rvm_processes",
-                "platform": s.platform,
-                "processes": k,
-                "run": rvm(s, b, **extra),
-            }
-            rest[pack_label(b, k, "processes")] = processes
-    first = {pack_label(b, k, "vmap") for b, k in TARGET_PACKS[s.platform](s)} if gpu else set()
-    ordered = sorted(rest, key=lambda label: label not in first)  # stable: plan order kept
-    return {**one, **{label: rest[label] for label in ordered}}
+            for how in PACK_HOWS:
+                rest[(b, k, how)] = (
+                    {
+                        "kind": "rvm_processes",
+                        "platform": s.platform,
+                        "processes": k,
+                        "run": rvm(s, b, **extra),
+                    }
+                    if how == "processes"
+                    else rvm(s, b, kind="rvm_pack", pack=k, strategy=how, **extra)
+                )
+    targets = set(TARGET_PACKS[s.platform](s))
+    first = lambda key: (key[:2] not in targets, PACK_HOWS.index(key[2]))
+    for key in sorted(rest, key=first):  # stable: the plan's order otherwise
+        out[pack_label(*key)] = rest[key]
+    return out
 
 
 # The packs the targets read, per platform: (blocks, K).
 TARGET_PACKS = {
-    "cpu": lambda s: [(s.small, 2)],
-    "gpu": lambda s: [(s.small, 8), (s.large, 4)],
+    "cpu": lambda s: [(tuple(s.small), 2)],
+    "gpu": lambda s: [(tuple(s.small), 8), (tuple(s.large), 4)],
 }
 
 
