@@ -3,18 +3,25 @@ r"""Trains one run: `python -m experiments.train --config=FILE.py:VARIANT --work
 Overrides: `--config.model.sharing=raw`, `--config.num_epochs=10`, ... Restarting
 the same command on the same workdir resumes from the latest checkpoint.
 
-On Linux the launcher first restarts itself with glibc's malloc on transparent
-huge pages (`rvm.train.hugepages`), which speeds up XLA:CPU training;
+The console shows rvm's own lines only (`--verbosity=1` adds the libraries' log), a
+progress line per log period and a line per epoch, then where the results went. An
+error the user can fix prints one line and exits with status 2 (`--traceback` for
+the traceback). On Linux the launcher first restarts itself with glibc's malloc on
+transparent huge pages (`rvm.train.hugepages`), which speeds up XLA:CPU training;
 `--nohugepages` keeps the process as started.
 """
 
+from __future__ import annotations
+
 import sys
+from pathlib import Path
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import launcher
+from rvm.train import workdir as guard
 from rvm.train.loop import PREEMPTED_EXIT_CODE, Preempted, train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Config file, with :variant.", lock_config=True)
@@ -24,17 +31,41 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
+def summary(results: dict, workdir: Path) -> list[str]:
+    """The lines printed after a run: its numbers and where its records are."""
+    if not results.get("finished"):
+        return [f"stopped at step {results['step']}; run the same command again to resume"]
+    numbers = [f"test error {results['test_error']:.2f}%"]
+    if "consolidated_test_error" in results:
+        numbers.append(f"after consolidation {results['consolidated_test_error']:.2f}%")
+    numbers.append(f"{results['params']:,} parameters")
+    if "params_consolidated" in results:
+        numbers[-1] += f" ({results['params_consolidated']:,} consolidated)"
+    return [
+        "done: " + ", ".join(numbers),
+        f"  results      {workdir / 'results.json'}",
+        f"  per epoch    {workdir / 'metrics.jsonl'}",
+        f"  checkpoints  {workdir / 'checkpoints'}",
+        f"  tensorboard  tensorboard --logdir {workdir / 'tensorboard'}",
+    ]
+
+
 def main(argv):
     del argv
     launcher.start()
-    if FLAGS.multihost:
-        jax.distributed.initialize()
-    logging.info("JAX devices: %s", jax.devices())
-    try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except Preempted as e:
-        logging.warning("%s; exiting with %d so the run can be requeued", e, PREEMPTED_EXIT_CODE)
-        sys.exit(PREEMPTED_EXIT_CODE)
+    with launcher.user_errors():
+        if FLAGS.multihost:
+            jax.distributed.initialize()
+        logging.info("devices: %s", ", ".join(map(str, jax.devices())))
+        workdir = Path(FLAGS.workdir)
+        guard.create(workdir)
+        try:
+            results = train_and_evaluate(FLAGS.config, workdir)
+        except Preempted as e:
+            logging.warning("%s; exiting with %d to be requeued", e, PREEMPTED_EXIT_CODE)
+            sys.exit(PREEMPTED_EXIT_CODE)
+    if jax.process_index() == 0:
+        print("\n".join(summary(results, workdir)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Run records in the workdir: `metrics.jsonl` (one line per epoch), `config.json`,
-`results.json`, TensorBoard summaries when `tensorboardX` is installed, and a
-progress line with an ETA on the log."""
+`results.json`, TensorBoard summaries (`WORKDIR/tensorboard`), and the run's progress
+and per-epoch lines on the console (`rvm.train.console`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+
+from rvm.train import console
 
 
 def plain(value: Any) -> Any:
@@ -66,50 +68,81 @@ def write_json(path: str | Path, value: Any) -> None:
     _replace(path, json.dumps(plain(value), indent=2, sort_keys=True) + "\n")
 
 
-def _duration(seconds: float) -> str:
-    return (
-        time.strftime("%H:%M:%S", time.gmtime(seconds))
-        if seconds < 86400
-        else (f"{seconds / 3600:.0f}h")
-    )
+# The epoch line's numbers, in this order, as (record key, label, format).
+_EPOCH_FIELDS = (
+    ("train_loss", "train loss", "{:.3f}"),
+    ("train_error", "error", "{:.1f}%"),
+    ("val_error", "val error", "{:.1f}%"),
+    ("test_error", "test error", "{:.1f}%"),
+    ("test_mse", "test mse", "{:.4f}"),
+    ("test_psnr", "psnr", "{:.1f}"),
+)
 
 
 class MetricWriter:
-    """Appends epoch records and logs progress; with `enabled=False` (a process other
-    than the first of a multi-process run) it does nothing."""
+    """Appends epoch records (`metrics.jsonl`, TensorBoard) and shows progress on the
+    console: a live bar on a terminal, short lines elsewhere. With `enabled=False` (a
+    process other than the first of a multi-process run) it does nothing.
 
-    def __init__(self, workdir: str | Path, total_steps: int, enabled: bool = True):
+    `steps_per_epoch`, `batch_size` and `unit` (all optional) let the progress line show
+    the epoch and the examples per second.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        total_steps: int,
+        enabled: bool = True,
+        *,
+        steps_per_epoch: int | None = None,
+        batch_size: int | None = None,
+        unit: str = "examples",
+    ):
         self.path = Path(workdir) / "metrics.jsonl"
         self.total_steps = total_steps
         self.enabled = enabled
-        self.start = time.time()
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_size = batch_size
+        self.unit = unit
+        self.start = self.last_time = self.epoch_time = time.time()
+        self.last_step: int | None = None
         self.tb = None
-        if not enabled:
-            return
-        try:
+        if enabled:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
-        except ImportError:
-            pass
+
+    def _epochs(self) -> int:
+        return -(-self.total_steps // self.steps_per_epoch)
+
+    def _where(self, step: int) -> str:
+        if not self.steps_per_epoch:
+            return f"step {step}/{self.total_steps}"
+        epoch = min(step // self.steps_per_epoch + 1, self._epochs())
+        return f"epoch {epoch}/{self._epochs()} step {step}/{self.total_steps}"
+
+    def _eta(self, step: int, first_step: int) -> str:
+        elapsed = time.time() - self.start
+        return console.duration(elapsed / max(step - first_step, 1) * (self.total_steps - step))
 
     def progress(self, step: int, first_step: int, step_metrics: dict[str, Any]) -> None:
-        """A log line between epochs: where the run is and when it should end."""
+        """The status line between epochs: where the run is, its loss, speed and ETA."""
         if not self.enabled:
             return
-        elapsed = time.time() - self.start
-        eta = elapsed / max(step - first_step, 1) * (self.total_steps - step)
-        logging.info(
-            "step %d/%d loss=%.4g | %.2f steps/s | ETA %s",
-            step,
-            self.total_steps,
-            float(step_metrics["loss"]),
-            (step - first_step) / max(elapsed, 1e-9),
-            _duration(eta),
-        )
+        now = time.time()
+        since = first_step if self.last_step is None else self.last_step
+        parts = [self._where(step), f"loss {float(step_metrics['loss']):.4g}"]
+        if self.batch_size and step > since:
+            rate = (step - since) * self.batch_size / max(now - self.last_time, 1e-9)
+            parts.append(f"{rate:.0f} {self.unit}/s")
+        parts.append(f"ETA {self._eta(step, first_step)}")
+        self.last_step, self.last_time = step, now
+        text = "  ".join(parts)
+        console.status(f"{console.bar(step / self.total_steps)} {text}" if console.live() else text)
 
     def write(self, step: int, first_step: int, record: dict[str, Any]) -> None:
-        """Appends one record and logs progress; `first_step` is where this process began."""
+        """Appends one epoch's record and prints its short line; `first_step` is where this
+        process began."""
         if not self.enabled:
             return
         record = plain(record)
@@ -123,19 +156,29 @@ class MetricWriter:
                     for k, v in value.items():
                         self.tb.add_scalar(f"{key}/{k}", v, step)
             self.tb.flush()
-        elapsed = time.time() - self.start
-        done = max(step - first_step, 1)
-        eta = elapsed / done * (self.total_steps - step)
-        shown = {k: v for k, v in record.items() if isinstance(v, float)}
-        logging.info(
-            "step %d/%d (%.1f%%) %s | ETA %s",
-            step,
-            self.total_steps,
-            100.0 * step / self.total_steps,
-            " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())),
-            _duration(eta),
-        )
+        now = time.time()
+        epoch = record.get("epoch")
+        parts = [f"step {step}/{self.total_steps}"]
+        if epoch is not None:
+            parts = [
+                f"epoch {epoch}/{self._epochs()}" if self.steps_per_epoch else f"epoch {epoch}"
+            ]
+        parts += [
+            f"{label} {fmt.format(record[key])}"
+            for key, label, fmt in _EPOCH_FIELDS
+            if isinstance(record.get(key), (int, float))
+        ]
+        angles = record.get("max_angle")
+        if isinstance(angles, dict) and angles:
+            parts.append(f"max angle {max(angles.values()):.1f} deg")
+        parts.append(f"{now - self.epoch_time:.1f} s")
+        if step < self.total_steps:
+            parts.append(f"ETA {self._eta(step, first_step)}")
+        self.epoch_time = now
+        console.end_status()
+        logging.info("%s", "  ".join(parts))
 
     def close(self) -> None:
+        console.end_status()
         if self.tb is not None:
             self.tb.close()
