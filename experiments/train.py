@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from experiments import launcher
 from rvm.train import workdir as guard
+from rvm.train.config_check import validate
 from rvm.train.loop import PREEMPTED_EXIT_CODE, Preempted, train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Config file, with :variant.", lock_config=True)
@@ -57,6 +58,7 @@ def main(argv):
         if FLAGS.multihost:
             jax.distributed.initialize()
         logging.info("devices: %s", ", ".join(map(str, jax.devices())))
+        validate(FLAGS.config)  # a bad value leaves no workdir behind
         workdir = Path(FLAGS.workdir)
         guard.create(workdir)
         try:
