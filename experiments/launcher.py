@@ -45,6 +45,6 @@ def user_errors() -> Iterator[None]:
     except UserError as e:
         if TRACEBACK.value:
             raise
-        console.end_status()
+        console.clear_status()
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)

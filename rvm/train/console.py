@@ -82,15 +82,15 @@ def status(text: str) -> None:
     sys.stderr.flush()
 
 
-def end_status() -> None:
-    """Leaves the live status line where it is and moves below it."""
+def clear_status() -> None:
+    """Erases the live status line (its numbers live on in the lines that follow)."""
     if live() and _handler.status:
         _handler.status = ""
-        sys.stderr.write("\n")
+        sys.stderr.write(_CLEAR)
         sys.stderr.flush()
 
 
-def bar(fraction: float, width: int = 20) -> str:
+def bar(fraction: float, width: int = 12) -> str:
     filled = int(round(max(0.0, min(fraction, 1.0)) * width))
     return "[" + "#" * filled + "." * (width - filled) + f"] {100 * fraction:3.0f}%"
 

@@ -118,7 +118,7 @@ class MetricWriter:
     def _where(self, step: int) -> str:
         if not self.steps_per_epoch:
             return f"step {step}/{self.total_steps}"
-        epoch = min(step // self.steps_per_epoch + 1, self._epochs())
+        epoch = (step - 1) // self.steps_per_epoch + 1
         return f"epoch {epoch}/{self._epochs()} step {step}/{self.total_steps}"
 
     def _eta(self, step: int, first_step: int) -> str:
@@ -174,11 +174,13 @@ class MetricWriter:
         parts.append(f"{now - self.epoch_time:.1f} s")
         if step < self.total_steps:
             parts.append(f"ETA {self._eta(step, first_step)}")
-        self.epoch_time = now
-        console.end_status()
+        # The next speed is the training's alone, without this evaluation and checkpoint.
+        self.epoch_time = self.last_time = now
+        self.last_step = step
+        console.clear_status()
         logging.info("%s", "  ".join(parts))
 
     def close(self) -> None:
-        console.end_status()
+        console.clear_status()
         if self.tb is not None:
             self.tb.close()
