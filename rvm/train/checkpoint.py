@@ -10,6 +10,8 @@ is an error, not damage: nothing is moved.
 
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
 import re
 import shutil
 from pathlib import Path
@@ -29,6 +31,25 @@ _IO_STATUS = re.compile(r"^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|NOT_FOUND|UNAVA
 
 class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint, or one could not be written."""
+
+
+class _OrbaxErrors(std_logging.Filter):
+    """Orbax's writer threads log the error that the save then raises; the exception
+    alone tells it (its cause keeps orbax's message)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno < std_logging.ERROR or "/orbax/" not in record.pathname
+
+
+@contextlib.contextmanager
+def _orbax_errors_raised_not_logged():
+    logger = std_logging.getLogger("absl")  # orbax logs through absl
+    quiet = _OrbaxErrors()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class Checkpoints:
@@ -53,8 +74,9 @@ class Checkpoints:
         """Writes checkpoint `step`; a write that fails (full disk, say) leaves no partial
         directory behind and raises CheckpointError, the earlier checkpoints intact."""
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
-            self.manager.wait_until_finished()
+            with _orbax_errors_raised_not_logged():
+                self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                self.manager.wait_until_finished()
         except (OSError, ValueError) as e:
             if isinstance(e, ValueError) and not _IO_STATUS.match(str(e)):
                 raise
