@@ -46,5 +46,6 @@ def user_errors() -> Iterator[None]:
         if TRACEBACK.value:
             raise
         console.clear_status()
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        message = " ".join(line.strip() for line in str(e).splitlines())  # one line, always
+        print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)

@@ -18,8 +18,9 @@ from helpers import set_field
 from experiments.configs import cifar10
 from rvm.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError
 from rvm.train import metrics
+from rvm.train import workdir as guard
 from rvm.train.checkpoint import CheckpointError, Checkpoints
-from rvm.train.config_check import validate
+from rvm.train.config_check import check_resume, validate
 
 REPO = Path(__file__).resolve().parents[1]
 # 128 images / batch 32 = 4 steps an epoch, 2 epochs, a progress line every 2 steps.
@@ -197,3 +198,18 @@ def test_epoch_lines_are_short_and_progress_names_epoch_speed_and_eta(tmp_path, 
     )
     assert len(epoch) <= 120
     assert metrics.read_jsonl(tmp_path / "metrics.jsonl")[0]["test_error"] == 60.15625
+
+
+def test_a_busy_workdir_and_a_changed_config_are_one_line_user_errors(tmp_path):
+    config = cifar10.get_config("smoke")
+    metrics.write_json(tmp_path / "config.json", config.to_dict())
+    config.model.sharing = "raw"
+    with pytest.raises(UserError) as err:
+        check_resume(config, tmp_path)
+    assert "\n" not in str(err.value) and "model.sharing: saved 'relaxed', now 'raw'" in str(
+        err.value
+    )
+    with guard.exclusive(tmp_path):
+        with pytest.raises(UserError, match="in use by pid"):
+            with guard.exclusive(tmp_path):
+                pass
