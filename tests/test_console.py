@@ -108,6 +108,20 @@ def test_a_bad_config_value_is_one_line_before_anything_is_made(tmp_path, overri
     assert not workdir.exists()
 
 
+def test_missing_data_is_one_line_naming_where_it_looked(tmp_path):
+    missing = tmp_path / "no_cifar"
+    line = _one_error_line(
+        train(
+            tmp_path / "run",
+            "--config.data.source=auto",
+            f"--config.data.binary_dir={missing}",
+            f"--config.data.tfds_data_dir={tmp_path / 'no_tfds'}",
+        )
+    )
+    assert line.startswith("error: data.source='auto' found no CIFAR-10.")
+    assert f"{missing}: does not exist" in line
+
+
 def test_traceback_flag_shows_the_traceback(tmp_path):
     proc = train(tmp_path / "run", "--config.optim.learning_rate=nan", "--traceback")
     assert proc.returncode not in (0, USER_ERROR_EXIT_CODE)
