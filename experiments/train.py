@@ -53,12 +53,12 @@ def summary(results: dict, workdir: Path) -> list[str]:
 
 def main(argv):
     del argv
-    launcher.start()
     with launcher.user_errors():
+        validate(FLAGS.config)  # first: a bad value costs no restart and leaves no workdir
+        launcher.start()
         if FLAGS.multihost:
             jax.distributed.initialize()
         logging.info("devices: %s", ", ".join(map(str, jax.devices())))
-        validate(FLAGS.config)  # a bad value leaves no workdir behind
         workdir = Path(FLAGS.workdir)
         guard.create(workdir)
         try:
