@@ -10,7 +10,9 @@ redrawn in place on an interactive terminal and written as a plain line elsewher
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +25,11 @@ _OURS = tuple(str(_ROOT / name) + "/" for name in ("rvm", "experiments"))
 _CLEAR = "\r\x1b[K"
 
 
+@functools.cache
+def _ours(pathname: str) -> bool:
+    return os.path.realpath(pathname).startswith(_OURS)  # a checkout behind a symlink too
+
+
 class _Handler(logging.Handler):
     """rvm's lines as plain text, the libraries' below WARNING dropped; a shown status line
     is cleared before a message and drawn again after it."""
@@ -32,7 +39,7 @@ class _Handler(logging.Handler):
         self.status = ""
 
     def emit(self, record: logging.LogRecord) -> None:
-        ours = record.pathname.startswith(_OURS)
+        ours = _ours(record.pathname)
         if not ours and record.levelno < logging.WARNING:
             return
         try:
@@ -62,7 +69,7 @@ def install(verbose: bool = False) -> None:
     root.addHandler(_handler)
     root.setLevel(logging.INFO)
     # Libraries that check their level before formatting skip the work as well.
-    for name in ("jax", "orbax", "tensorflow", "tensorboardX"):
+    for name in ("jax", "tensorflow", "tensorboardX"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
