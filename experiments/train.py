@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import launcher
+from rvm.train import metrics
 from rvm.train import workdir as guard
 from rvm.train.config_check import validate
 from rvm.train.loop import PREEMPTED_EXIT_CODE, Preempted, train_and_evaluate
@@ -30,25 +31,6 @@ flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (multi-host runs).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
-
-
-def summary(results: dict, workdir: Path) -> list[str]:
-    """The lines printed after a run: its numbers and where its records are."""
-    if not results.get("finished"):
-        return [f"stopped at step {results['step']}; run the same command again to resume"]
-    numbers = [f"test error {results['test_error']:.2f}%"]
-    if "consolidated_test_error" in results:
-        numbers.append(f"after consolidation {results['consolidated_test_error']:.2f}%")
-    numbers.append(f"{results['params']:,} parameters")
-    if "params_consolidated" in results:
-        numbers[-1] += f" ({results['params_consolidated']:,} consolidated)"
-    return [
-        "done: " + ", ".join(numbers),
-        f"  results      {workdir / 'results.json'}",
-        f"  per epoch    {workdir / 'metrics.jsonl'}",
-        f"  checkpoints  {workdir / 'checkpoints'}",
-        f"  tensorboard  tensorboard --logdir {workdir / 'tensorboard'}",
-    ]
 
 
 def main(argv):
@@ -67,7 +49,7 @@ def main(argv):
             logging.warning("%s; exiting with %d to be requeued", e, PREEMPTED_EXIT_CODE)
             sys.exit(PREEMPTED_EXIT_CODE)
     if jax.process_index() == 0:
-        print("\n".join(summary(results, workdir)), flush=True)
+        print("\n".join(metrics.summary(results, workdir)), flush=True)
 
 
 if __name__ == "__main__":

@@ -227,3 +227,17 @@ def test_a_busy_workdir_and_a_changed_config_are_one_line_user_errors(tmp_path):
         with pytest.raises(UserError, match="in use by pid"):
             with guard.exclusive(tmp_path):
                 pass
+
+
+def test_the_closing_lines_name_each_tasks_numbers_and_the_records():
+    predicted = {"finished": True, "step": 4, "params": 6758, "test_mse": 0.025, "test_psnr": 16.2}
+    lines = metrics.summary(predicted, "w")
+    assert lines[0] == "done: test MSE 0.0250, PSNR 16.20, 6,758 parameters"
+    assert lines[1:] == [
+        "  results      w/results.json",
+        "  per epoch    w/metrics.jsonl",
+        "  checkpoints  w/checkpoints",
+        "  tensorboard  tensorboard --logdir w/tensorboard",
+    ]
+    stopped = metrics.summary({"finished": False, "step": 8}, "w")
+    assert stopped == ["stopped at step 8; run the same command again to resume"]

@@ -69,6 +69,34 @@ def write_json(path: str | Path, value: Any) -> None:
     _replace(path, json.dumps(plain(value), indent=2, sort_keys=True) + "\n")
 
 
+def summary(results: dict, workdir: str | Path) -> list[str]:
+    """The lines a launcher prints after a run: its final numbers and where its records are."""
+    workdir = Path(workdir)
+    if not results.get("finished"):
+        return [f"stopped at step {results['step']}; run the same command again to resume"]
+    numbers = [
+        label.format(results[key])
+        for key, label in (
+            ("test_error", "test error {:.2f}%"),
+            ("consolidated_test_error", "after consolidation {:.2f}%"),
+            ("test_mse", "test MSE {:.4f}"),
+            ("test_psnr", "PSNR {:.2f}"),
+            ("test_ssim", "SSIM {:.3f}"),
+        )
+        if key in results
+    ]
+    numbers.append(f"{results['params']:,} parameters")
+    if "params_consolidated" in results:
+        numbers[-1] += f" ({results['params_consolidated']:,} consolidated)"
+    return [
+        "done: " + ", ".join(numbers),
+        f"  results      {workdir / 'results.json'}",
+        f"  per epoch    {workdir / 'metrics.jsonl'}",
+        f"  checkpoints  {workdir / 'checkpoints'}",
+        f"  tensorboard  tensorboard --logdir {workdir / 'tensorboard'}",
+    ]
+
+
 # The epoch line's numbers, in this order, as (record key, label, format).
 _EPOCH_FIELDS = (
     ("train_loss", "train loss", "{:.3f}"),
