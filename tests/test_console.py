@@ -241,3 +241,17 @@ def test_the_closing_lines_name_each_tasks_numbers_and_the_records():
     ]
     stopped = metrics.summary({"finished": False, "step": 8}, "w")
     assert stopped == ["stopped at step 8; run the same command again to resume"]
+
+
+def test_an_unwritable_workdir_is_a_one_line_user_error(tmp_path, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refuse)
+    with pytest.raises(UserError) as err:
+        with guard.exclusive(tmp_path):
+            pass
+    assert isinstance(err.value, OSError)
+    assert str(err.value) == (
+        f"workdir {tmp_path} is not writable: Permission denied; pick another --workdir"
+    )
