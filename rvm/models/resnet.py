@@ -8,8 +8,22 @@ conv kernels unless shared) are stacked along the scan axis. In a raw-shared
 level the two conv kernels are parameters of the level and are broadcast to
 every iteration, which makes the level a recurrent network with readout time `n`.
 
-Stochastic depth drops a whole block with `nn.cond`, so a dropped block costs no
-convolutions; at evaluation the residual is scaled by its survival probability.
+Stochastic depth draws one keep/drop per block per mini-batch; at evaluation
+the residual is scaled by its survival probability. How training executes the
+draws is `sd_impl` (same draws, same function, same gradients, same BatchNorm
+statistics: a dropped block's stay as they were):
+  cond     each block under `nn.cond`: a dropped block costs no convolutions.
+           XLA:GPU evaluates a conditional on the host (a device-to-host copy
+           and a wait per block, forward and backward), which made the
+           (18,18,18) step slower than without stochastic depth on an H200.
+  masked   every block runs, its residual multiplied by the 0/1 draw: no
+           branches, nothing skipped.
+  compact  a level's surviving blocks, their stacked variables gathered in
+           block order, run under one `nn.scan` whose length is the smallest of
+           a few static buckets that holds them, chosen by one `nn.switch` per
+           level (one host sync per level, not per block); the bucket's spare
+           slots are masked. Padding blocks run masked.
+  auto     `SD_AUTO` per platform.
 Without stochastic depth or a mask the blocks run unconditionally: a cond costs
 even when nothing is skipped (for the backward pass XLA keeps, zero-filled, the
 residuals of both branches, stacked over the scan).
@@ -37,6 +51,91 @@ def death_rates(blocks_per_level: Sequence[int], final_rate: float) -> list[np.n
     rates = final_rate * np.arange(total) / max(total - 1, 1)
     bounds = np.cumsum([0, *blocks_per_level])
     return [rates[a:b].astype(np.float32) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+SD_IMPLS = ("auto", "cond", "masked", "compact")
+# What `sd_impl="auto"` runs per platform. The CPU has no host round trip per
+# conditional, and skipping saves a sixth of the step (bench/results/cpu.md,
+# section stochastic_depth). Elsewhere `masked` until a GPU run of the benchmark
+# (section stochastic_depth, one run per strategy) says which is fastest.
+SD_AUTO = {"cpu": "cond"}
+SD_AUTO_DEFAULT = "masked"
+SD_BUCKETS = 4  # scan lengths per level under `compact`: more compile, less padding
+
+
+def sd_impl_for(sd_impl: str, platform: str | None = None) -> str:
+    """The strategy `sd_impl` names on `platform` (default: JAX's default backend)."""
+    if sd_impl not in SD_IMPLS:
+        raise ValueError(f"model.sd_impl={sd_impl!r} is not one of {', '.join(SD_IMPLS)}")
+    if sd_impl != "auto":
+        return sd_impl
+    return SD_AUTO.get(platform or jax.default_backend(), SD_AUTO_DEFAULT)
+
+
+def sd_buckets(survival: np.ndarray, count: int = SD_BUCKETS) -> tuple[int, ...]:
+    """At most `count` scan lengths, the last the level's length, that minimise the
+    expected length run under `compact` (each draw runs the smallest that holds its
+    survivors), for independent draws with these survival probabilities."""
+    pmf = np.ones(1)
+    for p in survival:  # the number of survivors: a Poisson binomial
+        pmf = np.convolve(pmf, [1 - p, p])
+    upto = np.concatenate([[0.0], np.cumsum(pmf)])  # upto[v + 1] = P(survivors <= v)
+    n = len(survival)
+    # cost[j][v]: expected length over draws of <= v survivors with j buckets topped by v.
+    cost = [[v * upto[v + 1] for v in range(n + 1)]]
+    pick = [[None] * (n + 1)]
+    for _ in range(count - 1):
+        row, back = [], []
+        for v in range(n + 1):
+            options = [(cost[-1][u] + v * (upto[v + 1] - upto[u + 1]), u) for u in range(v)]
+            best = min(options, default=(cost[-1][v], None))
+            row.append(best[0])
+            back.append(best[1])
+        cost.append(row)
+        pick.append(back)
+    j = min(range(count), key=lambda j: (round(cost[j][n], 9), j))
+    lengths, v = [n], n
+    while j > 0 and pick[j][v] is not None:
+        v = pick[j][v]
+        lengths.append(v)
+        j -= 1
+    return tuple(sorted(lengths))
+
+
+def _keep_stats(module: type[nn.Module], keep: Array) -> type[nn.Module]:
+    """`module` whose BatchNorm statistics are written back only where `keep` holds,
+    so a block that ran but was dropped leaves them as `nn.cond` would."""
+    before = {}
+
+    def remember(tree):
+        before["stats"] = tree
+        return tree
+
+    def select(tree):
+        return jax.tree.map(lambda old, new: jnp.where(keep, new, old), before["stats"], tree)
+
+    return nn.map_variables(
+        module, "batch_stats", trans_in_fn=remember, trans_out_fn=select, mutable=True
+    )
+
+
+def _gathered(module: type[nn.Module], slots: Array) -> type[nn.Module]:
+    """`module` seeing its stacked variables at `slots` (distinct indices), its updated
+    BatchNorm statistics scattered back there; gradients reach the gathered blocks."""
+    take = lambda tree: jax.tree.map(lambda v: v[slots], tree)
+    module = nn.map_variables(module, "params", trans_in_fn=take)
+    full = {}
+
+    def gather(tree):
+        full["stats"] = tree
+        return take(tree)
+
+    def scatter(tree):
+        return jax.tree.map(lambda old, new: old.at[slots].set(new), full["stats"], tree)
+
+    return nn.map_variables(
+        module, "batch_stats", trans_in_fn=gather, trans_out_fn=scatter, mutable=True
+    )
 
 
 class Residual(nn.Module):
@@ -71,7 +170,9 @@ class Block(nn.Module):
 
     `scale` multiplies the residual (the survival probability at evaluation).
     When `run` is traced the block sits under `nn.cond`, so a skipped block does
-    no work. Its output is ReLU(shortcut + scale * residual).
+    no work; with `masked` it always runs and its residual is multiplied by `run`.
+    Its output is ReLU(shortcut + scale * residual); inputs are ReLU outputs, so a
+    masked block equals the shortcut where it is dropped.
     """
 
     features: int
@@ -90,11 +191,13 @@ class Block(nn.Module):
     def _skip(self, x):
         return shortcut(x, self.features, self.strides).astype(self.dtype)
 
-    def __call__(self, x, train: bool, kernels=None, run=True, scale=1.0) -> Array:
+    def __call__(self, x, train: bool, kernels=None, run=True, scale=1.0, masked=False) -> Array:
         if self.is_initializing() or run is True:
             return self._run(x, train, kernels, scale)
         if run is False:
             return self._skip(x)
+        if masked:  # the caller keeps a dropped block's statistics (`_keep_stats`)
+            return self._run(x, train, kernels, jnp.where(run, scale, 0.0))
         return nn.cond(
             run,
             lambda mdl, x, k, s: mdl._run(x, train, k, s),
@@ -113,13 +216,17 @@ class ScanStep(nn.Module):
     train: bool
     keep_activations: bool
     dtype: Any = jnp.float32
+    masked: bool = False
 
     @nn.compact
     def __call__(self, x, step, kernels):
         run, scale = step  # None: every block runs, residual unscaled (static, no cond)
         run = True if run is None else run
         scale = 1.0 if scale is None else scale
-        x = Block(self.features, 1, self.dtype, name="block")(x, self.train, kernels, run, scale)
+        block = _keep_stats(Block, run) if self.masked else Block
+        x = block(self.features, 1, self.dtype, name="block")(
+            x, self.train, kernels, run, scale, self.masked
+        )
         return x, (x if self.keep_activations else None)
 
 
@@ -142,17 +249,23 @@ class Level(nn.Module):
     keep_activations: bool = False
     unroll: bool = False
     dtype: Any = jnp.float32
+    sd_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool, rates: np.ndarray, mask=None, iterations=None):
         stochastic = train and bool(np.any(rates > 0))
+        # How a traced keep/drop runs in training; evaluation masks always branch.
+        impl = sd_impl_for(self.sd_impl)
+        impl = impl if train and not self.is_initializing() else "cond"
         if self.downsample:
             pad_rate, rates = rates[0], rates[1:]
             run = True
             if stochastic and pad_rate > 0:
                 run = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - pad_rate)
             scale = 1.0 if train else 1.0 - float(pad_rate)
-            x = Block(self.features, 2, self.dtype, name="pad")(x, train, None, run, scale)
+            masked = impl != "cond" and run is not True
+            block = _keep_stats(Block, run) if masked else Block
+            x = block(self.features, 2, self.dtype, name="pad")(x, train, None, run, scale, masked)
         inputs = x
 
         length = self.num_blocks if iterations is None else int(iterations)
@@ -183,7 +296,22 @@ class Level(nn.Module):
                 self.param("conv2_kernel", Conv3x3.kernel_init, shape(self.features)),
             )
 
-        scan = nn.scan(
+        impl = impl if run is not None else "cond"
+        if impl == "compact" and not self.keep_activations:  # stacked outputs need every slot
+            return self._compact(x, run, kernels, 1.0 - rates[index]), (inputs, None)
+
+        scan = self._scan(length)
+        if length != self.num_blocks:
+            gather = lambda tree: jax.tree.map(lambda v: v[index], tree)
+            scan = nn.map_variables(scan, ("params", "batch_stats"), trans_in_fn=gather)
+        masked = impl != "cond"
+        x, acts = scan(
+            self.features, train, self.keep_activations, self.dtype, masked, name="blocks"
+        )(x, (run, scale), kernels)
+        return x, (inputs, acts)
+
+    def _scan(self, length: int):
+        return nn.scan(
             ScanStep,
             variable_axes={"params": 0, "batch_stats": 0},
             split_rngs={"params": True},  # stochastic depth draws outside the scan
@@ -191,13 +319,28 @@ class Level(nn.Module):
             length=length,
             unroll=length if self.unroll else 1,
         )
-        if length != self.num_blocks:
-            gather = lambda tree: jax.tree.map(lambda v: v[index], tree)
-            scan = nn.map_variables(scan, ("params", "batch_stats"), trans_in_fn=gather)
-        x, acts = scan(self.features, train, self.keep_activations, self.dtype, name="blocks")(
-            x, (run, scale), kernels
-        )
-        return x, (inputs, acts)
+
+    def _compact(self, x, run, kernels, survival: np.ndarray) -> Array:
+        """Training under `compact`: the survivors, in block order, through the shortest
+        bucket's scan that holds them; its spare slots hold dropped blocks, masked."""
+        lengths = sd_buckets(survival)
+        order = jnp.argsort(~run, stable=True)  # survivors first, each group in block order
+        survivors = jnp.sum(run)
+
+        def bucket(length: int):
+            def run_bucket(level, x, kernels):
+                if length == 0:
+                    return x
+                slots = order[:length]
+                live = jnp.arange(length) < survivors
+                scan = _gathered(level._scan(length), slots)
+                blocks = scan(level.features, True, False, level.dtype, True, name="blocks")
+                return blocks(x, (live, None), kernels)[0]
+
+            return run_bucket
+
+        which = jnp.searchsorted(jnp.asarray(lengths), survivors)  # the shortest that holds
+        return nn.switch(which, [bucket(n) for n in lengths], self, x, kernels)
 
 
 class ResNet(nn.Module):
@@ -220,6 +363,7 @@ class ResNet(nn.Module):
     keep_activations: bool = False
     unroll: bool = False  # inline every block (one body per block), for comparisons
     dtype: Any = jnp.float32
+    sd_impl: str = "auto"  # how training executes stochastic depth: SD_IMPLS
 
     @nn.compact
     def __call__(
@@ -266,6 +410,7 @@ class ResNet(nn.Module):
                 self.keep_activations,
                 self.unroll,
                 self.dtype,
+                self.sd_impl,
                 name=f"level{i + 1}",
             )(x, train, rates[i], masks[i], iterations[i])
             activations.append(acts)
