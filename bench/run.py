@@ -300,8 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(
             f"unknown measurement(s) {sorted(unknown)} on {s.platform}; known: {', '.join(known)}"
         )
-    if "train" in selected or "eval" in selected:
-        selected = tuple(dict.fromkeys(("ceiling", *selected)))  # the FLOP fractions need it
+    if ("train" in selected or "eval" in selected) and "ceiling" not in selected:
+        selected = ("ceiling", *selected)  # the FLOP fractions need it
     name = "tiny" if args.tiny else "quick" if args.quick else s.platform
     name = f"{name}_gpu" if s.platform == "gpu" and name != "gpu" else name
     out = Path(args.out) if args.out else REPO / "bench" / "results" / name
