@@ -3,11 +3,11 @@
 # ml_collections, no tensorflow-datasets, no network), about 520 s, everything into $OUT:
 #   1. ml_collections from the carried wheel (.carry/wheels) into /tmp/site;
 #   2. CIFAR-10 in the official binary layout from the carried archive (.carry/build.py);
-#   3. the GPU benchmark plan, cut at BENCH_S seconds (default 300): $OUT/gpu.{md,json};
+#   3. the GPU benchmark plan, cut at BENCH_S seconds (default 330): $OUT/gpu.{md,json};
 #   4. results/cifar10_gpu/run.sh, the paper's (18,18,18) relaxed run in bfloat16 with
 #      stochastic depth on and the test set every epoch, under the fastest stochastic-depth
 #      strategy, blocks and XLA flag set that step 3 measured, for as many epochs as its
-#      loop rate fits in RUN_S seconds (default 180) with compilation: $OUT/{config.json,
+#      loop rate fits in RUN_S seconds (default 150) with compilation: $OUT/{config.json,
 #      metrics.jsonl,results.json,train.log}; the choices and timings in $OUT/session.log.
 # The .carry folder (git-ignored) is made with:
 #   mkdir -p .carry/wheels && pip download ml_collections==1.1.0 --no-deps -d .carry/wheels
@@ -18,8 +18,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?OUT: where the results go}
 TINY=${TINY:-0}
-BENCH_S=${BENCH_S:-300}
-RUN_S=${RUN_S:-180}
+BENCH_S=${BENCH_S:-330}
+RUN_S=${RUN_S:-150}
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/session.log"; }
 start=$(date +%s)

@@ -23,8 +23,9 @@ def dump_to(spec: dict) -> str | None:
         return None
     where = tempfile.mkdtemp(prefix="rvm_hlo_")
     dump = f"--xla_dump_to={where} --xla_dump_hlo_as_text"
-    # The command-buffer pass runs after the module's scheduling; dump what it made.
-    dump += " --xla_dump_hlo_pass_re=command-buffer-scheduling"
+    # XLA outlines command buffers after scheduling the module, later than the module
+    # dumped "after optimizations": dump after that pass (and any pass named for them).
+    dump += " --xla_dump_hlo_pass_re=command"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {dump}"
     return where
 
@@ -80,7 +81,10 @@ def counted(where: str | None) -> dict:
     """The dumped module with the most command buffers (the train step's, after the pass)."""
     if where is None:
         return {}
-    counts = [command_buffer_counts(p.read_text()) for p in Path(where).glob("*.txt")]
+    files = {p.name: p.read_text(errors="replace") for p in Path(where).glob("*.txt")}
     shutil.rmtree(where, ignore_errors=True)
+    counts = [command_buffer_counts(text) for text in files.values()]
     best = max(counts, key=lambda c: (c["command_buffers"], c["whiles"]), default={})
-    return {"hlo": best}
+    # A newer XLA may build command buffers from the thunk sequence instead of the HLO.
+    thunks = [t.count("kCommandBuffer") for name, t in files.items() if "thunk" in name]
+    return {"hlo": {**best, "command_buffer_thunks": max(thunks, default=0)}}

@@ -294,6 +294,16 @@ def train_plan(s: Settings) -> dict[str, dict]:
     }
 
 
+def xla_gpu_runs() -> list[tuple[str, str, dict]]:
+    """(name, strategy, spec fields) of section `xla_gpu`, in the order run."""
+    flag_sets = [
+        (name, impl, {"xla_flags": flags, "count_command_buffers": True})
+        for name, (flags, impls_) in XLA_GPU_VARIANTS.items()
+        for impl in impls_
+    ]
+    return [*flag_sets[:3], ("blocks unrolled", "masked", {"unroll": True}), *flag_sets[3:]]
+
+
 def gpu_plan(s: Settings) -> dict[str, dict[str, dict]]:
     """The GPU's sections: rvm in bfloat16 against PyTorch under bfloat16 autocast."""
     eval_timing = {**_timing(s), "steps": 1}
@@ -322,23 +332,10 @@ def gpu_plan(s: Settings) -> dict[str, dict[str, dict]]:
         },
         # Compared with the step of `stochastic_depth` whose strategy it ran ("auto").
         "loop": {"rvm loop": loop(s)},
+        # Command buffers first (the open question), then unrolled blocks, then the rest.
         "xla_gpu": {
-            f"{variant} / {impl}": rvm(
-                s,
-                s.large,
-                sd=True,
-                sd_impl=impl,
-                xla_flags=flags,
-                count_command_buffers=True,
-                **BF16,
-            )
-            for variant, (flags, impls_) in XLA_GPU_VARIANTS.items()
-            for impl in impls_
-        }
-        | {
-            "blocks unrolled / masked": rvm(
-                s, s.large, sd=True, sd_impl="masked", unroll=True, **BF16
-            )
+            f"{name} / {impl}": rvm(s, s.large, sd=True, sd_impl=impl, **BF16, **extra)
+            for name, impl, extra in xla_gpu_runs()
         },
         "eval": {
             "rvm evaluate": {

@@ -375,8 +375,9 @@ def report_xla_gpu(res: dict, ctx: dict, s: Settings) -> list[str]:
         f"{tuple(s.large)} nonshared, bfloat16, stochastic depth on, under XLA_FLAGS "
         "(`rvm.train.xla.GPU_FLAG_SETS`) or unrolled blocks, against the same strategy "
         "under XLA's defaults (`stochastic_depth`). From each compiled step's HLO: "
-        "command buffers (CUDA graphs), and the while loops and conditionals inside one "
-        "(run on the device) of all of them.",
+        "command buffers (CUDA graphs; in brackets the command-buffer thunks of XLA's "
+        "dumped thunk sequence), and the while loops and conditionals inside one (run on "
+        "the device) of all of them.",
         "",
         "| run | s/step | vs defaults | command buffers | whiles in them | conditionals in "
         "them | first call s |",
@@ -392,7 +393,8 @@ def report_xla_gpu(res: dict, ctx: dict, s: Settings) -> list[str]:
         )
         lines.append(
             f"| {label} | {_spread(r)} | {_fmt(base / r['step_s'] if base else None)}x "
-            f"| {h.get('command_buffers', 'n/a')} | {inside('while')} "
+            f"| {h.get('command_buffers', 'n/a')} ({h.get('command_buffer_thunks', 'n/a')}) "
+            f"| {inside('while')} "
             f"| {inside('conditional')} | {_fmt(r['first_call_s'])} |"
         )
     return lines

@@ -265,7 +265,7 @@ def test_gpu_plans_loop_and_xla_gpu_children_run(tmp_path):
     text = "\n".join(
         report.report_xla_gpu(results["xla_gpu"], {"sd": results["stochastic_depth"]}, s)
     )
-    assert f"| {label} |" in text and "| 2x | 0 | 0 of " in text
+    assert f"| {label} |" in text and "| 2x | 0 (0) | 0 of " in text
     assert report.loop_step(results) is results["stochastic_depth"]["rvm on / cond"]
 
 
