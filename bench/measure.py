@@ -118,7 +118,7 @@ def rvm_train(spec: dict) -> dict:
     import jax
 
     from rvm.data import load_images
-    from rvm.models import resnet, sharing
+    from rvm.models import sharing, stochastic_depth
     from rvm.train import loop
     from rvm.train import sharding as shd
 
@@ -161,7 +161,7 @@ def rvm_train(spec: dict) -> dict:
         "final_loss": loss,
         "params": sharing.count_params(box["state"].params),
         "baseline_rss_mb": baseline,
-        "sd_impl": resnet.sd_impl_for(config.model.sd_impl),
+        "sd_impl": stochastic_depth.sd_impl_for(config.model.sd_impl),
         **hlo.counted(dump),
     }
 
@@ -175,7 +175,7 @@ def rvm_loop(spec: dict) -> dict:
     import tempfile
     from pathlib import Path
 
-    from rvm.models import resnet
+    from rvm.models import stochastic_depth
     from rvm.train import loop
 
     config = rvm_config(spec)
@@ -196,7 +196,7 @@ def rvm_loop(spec: dict) -> dict:
         "step_s": statistics.median(windows),
         "loop_wall_s": wall,
         "eval_s": [e["eval_sec"] for e in epochs],
-        "sd_impl": resnet.sd_impl_for(config.model.sd_impl),
+        "sd_impl": stochastic_depth.sd_impl_for(config.model.sd_impl),
     }
 
 

@@ -30,7 +30,7 @@ MEASUREMENTS = (
 # On a GPU: what its targets need, in the order run (a run cut short keeps the open
 # questions; `train`, `eval` and `ceiling` were measured on an H200 before).
 GPU_MEASUREMENTS = ("stochastic_depth", "loop", "xla_gpu", "ceiling", "eval", "train")
-# How training can execute stochastic depth (`rvm.models.resnet.SD_IMPLS` less "auto").
+# How training can execute stochastic depth (`rvm.models.stochastic_depth.SD_IMPLS` less "auto").
 SD_IMPLS = ("cond", "masked", "compact")
 # XLA:GPU flag sets of `rvm.train.xla.GPU_FLAG_SETS` (copied: this module imports no JAX),
 # each with the stochastic-depth strategies it can change.

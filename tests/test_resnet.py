@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from rvm.models import resnet, sharing
+from rvm.models import sharing, stochastic_depth
 from rvm.models.resnet import ResNet, death_rates
 
 
@@ -388,16 +388,16 @@ def test_sd_strategies_branch_as_designed_and_auto_follows_the_platform():
     assert conds("masked") == 0
     assert conds("compact") == 3
     assert conds("auto") == conds("cond")  # the tests run on the CPU
-    assert resnet.sd_impl_for("auto", "cpu") == "cond"
-    assert resnet.sd_impl_for("auto", "gpu") == resnet.SD_AUTO_DEFAULT
+    assert stochastic_depth.sd_impl_for("auto", "cpu") == "cond"
+    assert stochastic_depth.sd_impl_for("auto", "gpu") == stochastic_depth.SD_AUTO_DEFAULT
     with pytest.raises(ValueError, match="model.sd_impl='skip' is not one of auto, cond"):
-        resnet.sd_impl_for("skip")
+        stochastic_depth.sd_impl_for("skip")
 
 
 def test_sd_buckets_hold_every_count_and_shorten_the_expected_scan():
     survival = 1.0 - death_rates((18, 18, 18), 0.5)[2][1:]
-    lengths = resnet.sd_buckets(survival)
-    assert lengths[-1] == 17 and len(lengths) <= resnet.SD_BUCKETS
+    lengths = stochastic_depth.sd_buckets(survival)
+    assert lengths[-1] == 17 and len(lengths) <= stochastic_depth.SD_BUCKETS
     assert list(lengths) == sorted(set(lengths))
     pmf = np.ones(1)
     for p in survival:
@@ -406,4 +406,4 @@ def test_sd_buckets_hold_every_count_and_shorten_the_expected_scan():
     assert expected(lengths) < 0.8 * 17  # the 17 blocks survive 58% on average
     for other in ((17,), (8, 12, 17), (10, 12, 14, 17)):  # no other choice does better
         assert expected(lengths) <= expected(other) + 1e-9
-    assert resnet.sd_buckets(np.ones(5)) == (5,)
+    assert stochastic_depth.sd_buckets(np.ones(5)) == (5,)

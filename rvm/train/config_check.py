@@ -13,7 +13,7 @@ import ml_collections
 
 from rvm.models import cbm, sharing
 from rvm.models.recurrent import NORMS
-from rvm.models.resnet import SD_IMPLS
+from rvm.models.stochastic_depth import SD_IMPLS
 from rvm.train import image_quality
 from rvm.train.clips import HANDOVERS
 from rvm.train.optim import OPTIMIZERS
