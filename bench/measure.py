@@ -195,7 +195,7 @@ def rvm_loop(spec: dict) -> dict:
         "windows_s": windows,
         "step_s": statistics.median(windows),
         "loop_wall_s": wall,
-        "eval_s": [e["eval_sec"] for e in epochs],
+        "eval_s": [e.get("eval_sec", float("nan")) for e in epochs],
         "sd_impl": stochastic_depth.sd_impl_for(config.model.sd_impl),
     }
 

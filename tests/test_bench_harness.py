@@ -259,7 +259,10 @@ def test_gpu_plans_loop_and_xla_gpu_children_run(tmp_path):
     label = "command buffers with loops and conditionals / cond"
     step = runner({**specs["xla_gpu"][label], **tiny}, label)
     assert step["ok"], step.get("log_tail")
-    assert step["hlo"]["command_buffers"] == 0 and step["hlo"]["whiles"] >= 3  # a scan a level
+    # The step's module: a scan per level, a cond per stochastic block (forward and back).
+    counts = step["hlo"]
+    assert counts["command_buffers"] == 0 and counts["whiles"] >= 3
+    assert counts["conditionals"] >= 8 and counts["conditionals_in_command_buffers"] == 0
     results = {"loop": {"rvm loop": loop}, "xla_gpu": {label: step}}
     results["stochastic_depth"] = {"rvm on / cond": {**step, "step_s": 2 * step["step_s"]}}
     text = "\n".join(
