@@ -13,7 +13,7 @@
 #   mkdir -p .carry/wheels && pip download ml_collections==1.1.0 --no-deps -d .carry/wheels
 #   cp ../shared/data/cifar10/{build.py,cifar10_jpeg.tar.gz} .carry/
 # TINY=1 JAX_PLATFORMS=cpu OUT=/tmp/gpu_out bash bench/gpu_session.sh: a dry run on a CPU
-# (tiny models, an epoch of 1,000 images).
+# (tiny models, one epoch at batch 1,000).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?OUT: where the results go}
@@ -65,10 +65,10 @@ log "fastest step: sd_impl=$SD_IMPL unroll=$UNROLL XLA_FLAGS='$FLAGS'; $EPOCHS e
 log "4. the paper's (18,18,18) run, $EPOCHS epochs"
 rm -rf /tmp/rvm_gpu_run  # a fresh run, not the resumption of an earlier one
 EXTRA="--config.model.sd_impl=$SD_IMPL --config.model.unroll=$UNROLL"
-if [ "$TINY" = 1 ]; then  # (1,2,2) on 1,000 training images
-  EXTRA="$EXTRA --config.model.blocks_per_level=(1,2,2) --config.data.holdout=49000"
+if [ "$TINY" = 1 ]; then  # (1,2,2), an epoch of 50 steps
+  EXTRA="$EXTRA --config.model.blocks_per_level=(1,2,2) --config.batch_size=1000"
 fi
 XLA_FLAGS="$FLAGS${XLA_FLAGS:+ $XLA_FLAGS}" EXTRA="$EXTRA" EPOCHS=$EPOCHS DATA=/tmp/c10 OUT="$OUT" \
-  WORKDIR=/tmp/rvm_gpu_run timeout -s TERM $((RUN_S + 30)) results/cifar10_gpu/run.sh \
+  WORKDIR=/tmp/rvm_gpu_run timeout -k 20 -s TERM $((RUN_S + 30)) results/cifar10_gpu/run.sh \
   || log "run exit status $?"
 log "done in $(($(date +%s) - start)) s; files: $(ls "$OUT" | tr '\n' ' ')"

@@ -18,8 +18,12 @@ mkdir -p "$OUT"
 python3 -m experiments.train --config=experiments/configs/cifar10.py:"$VARIANT" \
   --config.model.dtype=bfloat16 --config.num_epochs="$EPOCHS" --config.data.source=binary \
   --config.data.binary_dir="$DATA" ${EXTRA:-} --workdir="$WORKDIR" --alsologtostderr \
-  > "$OUT/train.log" 2>&1
+  > "$OUT/train.log" 2>&1 &
+# A SIGTERM (a time limit's) reaches the run, which saves a checkpoint and exits 75.
+trap 'kill -TERM $!' TERM
+wait $!
 status=$?
+if [ $status -gt 128 ]; then wait $!; status=$?; fi  # woken by the trap: wait for the run
 # What the run wrote, also when it was stopped early (SIGTERM: a checkpoint, exit 75).
 for f in config.json metrics.jsonl results.json; do
   if [ -f "$WORKDIR/$f" ]; then cp "$WORKDIR/$f" "$OUT/"; fi
