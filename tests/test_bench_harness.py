@@ -225,7 +225,7 @@ def test_gpu_targets_and_projection_from_step_times():
 @pytest.mark.parametrize(
     "section, label",
     [
-        ("stochastic_depth", "rvm on"),
+        ("stochastic_depth", "rvm on / compact"),
         ("eval", "rvm evaluate"),
         ("stochastic_depth", "torch eager channels_last on"),
         ("eval", "torch eager channels_last no_grad"),
