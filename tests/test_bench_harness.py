@@ -148,6 +148,16 @@ def test_gpu_plan_compares_bfloat16_and_shares_runs_between_sections(monkeypatch
         run.child_env({"platform": "tpu"})
 
 
+def test_xla_gpu_section_measures_every_flag_set_of_rvm_train_xla():
+    """The plan (which imports no JAX) copies the flag sets; they must stay the same."""
+    from rvm.train import xla
+
+    copied = {name: flags for name, (flags, _) in plan.XLA_GPU_VARIANTS.items()}
+    assert copied == {k: v for k, v in xla.GPU_FLAG_SETS.items() if v}
+    assert xla.gpu_xla_flags() == xla.GPU_FLAGS
+    assert xla.gpu_xla_flags("--xla_dump_to=x").endswith(" --xla_dump_to=x")  # the caller's win
+
+
 def _timed(spec, step_s):
     return {"ok": True, "spec": spec, "step_s": step_s, "windows_s": [step_s], "first_call_s": 9.0}
 

@@ -14,6 +14,9 @@ DATA=${DATA:-data/cifar10}
 OUT=${OUT:-results/cifar10_gpu/$VARIANT}
 WORKDIR=${WORKDIR:-workdirs/gpu_$VARIANT}
 mkdir -p "$OUT"
+# rvm's XLA:GPU flags (rvm.train.xla.GPU_FLAGS) first, so the caller's XLA_FLAGS win.
+XLA_FLAGS=$(python3 -c "from rvm.train import xla; import sys; print(xla.gpu_xla_flags(sys.argv[1]))" "${XLA_FLAGS:-}")
+export XLA_FLAGS
 # shellcheck disable=SC2086  # EXTRA is a list of flags
 python3 -m experiments.train --config=experiments/configs/cifar10.py:"$VARIANT" \
   --config.model.dtype=bfloat16 --config.num_epochs="$EPOCHS" --config.data.source=binary \

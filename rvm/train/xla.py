@@ -65,8 +65,8 @@ GPU_FLAG_SETS = {
     # autotuner's choice of convolution algorithms is worth to the step.
     "autotuning off": "--xla_gpu_autotune_level=0",
 }
-# What GPU runs use (`gpu_xla_flags`): the measured choice goes here, with a comment
-# naming the result file and section that chose it.
+# What GPU runs use (`gpu_xla_flags`, which results/cifar10_gpu/run.sh puts in XLA_FLAGS):
+# the measured choice goes here, with a comment naming the result file and section.
 GPU_FLAGS = GPU_FLAG_SETS["XLA defaults"]
 
 
