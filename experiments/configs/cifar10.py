@@ -93,6 +93,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.final_death_rate = 0.5
     config.model.dtype = "float32"
     config.model.unroll = False  # True inlines every block instead of nn.scan (benchmarks)
+    config.model.sd_impl = "auto"  # how stochastic depth runs: rvm.models.stochastic_depth.SD_IMPLS
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 0.1

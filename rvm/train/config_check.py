@@ -15,6 +15,7 @@ import ml_collections
 from rvm.errors import ConfigError
 from rvm.models import cbm, sharing
 from rvm.models.recurrent import NORMS
+from rvm.models.stochastic_depth import SD_IMPLS
 from rvm.train import image_quality
 from rvm.train.clips import HANDOVERS
 from rvm.train.optim import OPTIMIZERS
@@ -37,6 +38,7 @@ RESUME_SAFE = frozenset(
         "data.binary_dir",
         "data.tfds_data_dir",
         "model.unroll",
+        "model.sd_impl",
     }
 )
 
@@ -144,6 +146,8 @@ def _validate_image(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from e
     for field in ("data.flip", "data.crop", "model.stochastic_depth"):
         _bool(config, field)
+    if "sd_impl" in config.model:  # configs written before the field run "auto"
+        _choice(config, "model.sd_impl", SD_IMPLS)
     for field in ("pull_start", "pull_end"):
         _positive(config, f"optim.{field}")
     _choice(config, "data.normalization", ("feature", "channel"))
