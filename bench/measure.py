@@ -28,6 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from bench import hlo
 from bench.plan import NUM_CLASSES
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -122,6 +123,7 @@ def rvm_config(spec: dict):
     config.model.stochastic_depth = spec["stochastic_depth"]
     config.model.unroll = bool(spec.get("unroll"))
     config.model.dtype = _dtype(spec)
+    config.model.sd_impl = spec.get("sd_impl", "auto")
     return config
 
 
@@ -131,10 +133,11 @@ def rvm_train(spec: dict) -> dict:
     `"stages": true` traces, lowers and compiles the step ahead of time and times each.
     """
 
+    dump = hlo.dump_to(spec)
     import jax
 
     from rvm.data import load_images
-    from rvm.models import sharing
+    from rvm.models import sharing, stochastic_depth
     from rvm.train import loop
     from rvm.train import sharding as shd
 
@@ -178,6 +181,8 @@ def rvm_train(spec: dict) -> dict:
         "params": sharing.count_params(box["state"].params),
         "baseline_rss_mb": baseline,
         "device_peak_mb": _device_peak_mb(jax),
+        "sd_impl": stochastic_depth.sd_impl_for(config.model.sd_impl),
+        **hlo.counted(dump),
     }
 
 
@@ -249,6 +254,40 @@ def rvm_processes(spec: dict) -> dict:
         "images_per_s": n * run["batch"] / statistics.median(windows),
         "processes_rss_mb": sum(r["max_rss_mb"] for r in results),
         "device_peak_mb": None if None in peaks else sum(peaks),
+    }
+
+
+def rvm_loop(spec: dict) -> dict:
+    """`rvm.train.loop.train_and_evaluate` itself on synthetic images, `epochs` epochs of
+    `epoch_steps` steps, the `test_images` evaluated after each epoch and a checkpoint
+    written, as in a real run. A window is one epoch after the first (which compiles):
+    its seconds per step from the loop's own `images_per_sec` in metrics.jsonl (the
+    epoch's wall time, evaluation included)."""
+    import tempfile
+    from pathlib import Path
+
+    from rvm.models import stochastic_depth
+    from rvm.train import loop
+
+    config = rvm_config(spec)
+    config.data.synthetic_train = spec["epoch_steps"] * spec["batch"]
+    config.data.synthetic_test = spec["test_images"]
+    config.eval_batch_size = min(1000, spec["test_images"])
+    config.num_epochs = spec["epochs"]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rvm_loop_") as workdir:
+        loop.train_and_evaluate(config, workdir, max_steps=spec["epochs"] * spec["epoch_steps"])
+        wall = time.perf_counter() - start
+        lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(line) for line in lines]
+    windows = [spec["batch"] / e["images_per_sec"] for e in epochs[1:]]
+    return {
+        "first_call_s": spec["batch"] / epochs[0]["images_per_sec"] * spec["epoch_steps"],
+        "windows_s": windows,
+        "step_s": statistics.median(windows),
+        "loop_wall_s": wall,
+        "eval_s": [e.get("eval_sec", float("nan")) for e in epochs],
+        "sd_impl": stochastic_depth.sd_impl_for(config.model.sd_impl),
     }
 
 
@@ -532,6 +571,7 @@ def matmul(spec: dict) -> dict:
 
 KINDS = {
     "rvm_train": rvm_train,
+    "rvm_loop": rvm_loop,
     "rvm_eval": rvm_eval,
     "rvm_pack": rvm_pack,
     "rvm_processes": rvm_processes,

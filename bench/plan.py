@@ -25,10 +25,24 @@ MEASUREMENTS = (
     "xla_cpu",  # rvm's step under XLA:CPU's default options against rvm's
     "convs",  # one 3x3 conv per level: rvm under both option sets, and PyTorch
     "malloc",  # rvm and PyTorch steps under glibc's default malloc against huge pages
+    "loop",  # the real training loop against the benchmark's step
     "packed",  # K runs of one variant in one step (rvm.train.pack) against K runs apart
 )
-# On a GPU: what its targets need, in the order run (a run cut short keeps the targets).
-GPU_MEASUREMENTS = ("ceiling", "stochastic_depth", "eval", "train", "packed")
+# On a GPU: what its targets need, in the order run (a run cut short keeps the open
+# questions; `train`, `eval` and `ceiling` were measured on an H200 before).
+GPU_MEASUREMENTS = ("stochastic_depth", "loop", "xla_gpu", "ceiling", "eval", "train", "packed")
+# How training can execute stochastic depth (`rvm.models.stochastic_depth.SD_IMPLS` less "auto").
+SD_IMPLS = ("cond", "masked", "compact")
+# XLA:GPU flag sets of `rvm.train.xla.GPU_FLAG_SETS` (copied: this module imports no JAX),
+# each with the stochastic-depth strategies it can change.
+XLA_GPU_VARIANTS = {
+    "command buffers with loops and conditionals": (
+        "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL --xla_gpu_graph_min_graph_size=1",
+        SD_IMPLS,
+    ),
+    "latency-hiding scheduler": ("--xla_gpu_enable_latency_hiding_scheduler=true", ("masked",)),
+    "autotuning off": ("--xla_gpu_autotune_level=0", ("masked",)),
+}
 # How a pack's runs share a step (`rvm.train.pack.STRATEGIES`), and K processes at once.
 PACK_HOWS = ("vmap", "map", "loop", "processes")
 LEVELS = ((32, 16), (16, 32), (8, 64))  # (size, channels) of the three levels' convs
@@ -107,6 +121,22 @@ def rvm(s: Settings, blocks, sharing="nonshared", sd=False, **extra) -> dict:
         "unroll": False,
         "batch": s.batch,
         **_timing(s),
+        **extra,
+    }
+
+
+def loop(s: Settings, **extra) -> dict:
+    """The real loop on the large model, stochastic depth on, as `rvm(s, s.large, sd=True)`:
+    on a GPU epochs of CIFAR-10's size with its 10,000 test images evaluated after each;
+    on the CPU (and with tiny models) epochs of twice a timed window."""
+    gpu = s.platform == "gpu"
+    cifar = gpu and tuple(s.large) == Settings().large  # the real model, not --tiny's
+    return {
+        **rvm(s, s.large, sd=True, **(BF16 if gpu else {})),
+        "kind": "rvm_loop",
+        "epochs": 3,
+        "epoch_steps": TRAIN_IMAGES // s.batch if cifar else 2 * s.steps,
+        "test_images": TEST_IMAGES if cifar else s.eval_batch,
         **extra,
     }
 
@@ -250,8 +280,12 @@ def plan(s: Settings) -> dict[str, dict[str, dict]]:
             for impl, make in (("rvm", rvm), ("torch eager channels_last", twin))
             for malloc, extra in (("huge pages", {}), ("glibc default", {"malloc": "default"}))
         },
+        "loop": {"rvm loop": loop(s), "rvm step": rvm(s, s.large, sd=True)},
         "packed": packed_plan(s),
     }
+    sections["stochastic_depth"].update(
+        {f"rvm on / {impl}": rvm(s, s.large, sd=True, sd_impl=impl) for impl in SD_IMPLS[1:]}
+    )
     assert set(sections) == set(MEASUREMENTS)
     return sections
 
@@ -304,6 +338,16 @@ TARGET_PACKS = {
 }
 
 
+def xla_gpu_runs() -> list[tuple[str, str, dict]]:
+    """(name, strategy, spec fields) of section `xla_gpu`, in the order run."""
+    flag_sets = [
+        (name, impl, {"xla_flags": flags, "count_command_buffers": True})
+        for name, (flags, impls_) in XLA_GPU_VARIANTS.items()
+        for impl in impls_
+    ]
+    return [*flag_sets[:3], ("blocks unrolled", "masked", {"unroll": True}), *flag_sets[3:]]
+
+
 def gpu_plan(s: Settings) -> dict[str, dict[str, dict]]:
     """The GPU's sections: rvm in bfloat16 against PyTorch under bfloat16 autocast."""
     eval_timing = {**_timing(s), "steps": 1}
@@ -320,11 +364,22 @@ def gpu_plan(s: Settings) -> dict[str, dict[str, dict]]:
             for dtype in ("float32", "bfloat16")
             for lib in ("torch", "jax")
         },
+        # Strategy by strategy; `rvm off` and PyTorch's off first, for the targets.
         "stochastic_depth": {
-            "rvm on": rvm(s, s.large, sd=True, **BF16),
             "rvm off": rvm(s, s.large, **BF16),
-            "torch eager channels_last on": twin(s, s.large, stochastic_depth=True, **BF16),
             "torch eager channels_last off": twin(s, s.large, **BF16),
+            **{
+                f"rvm on / {impl}": rvm(s, s.large, sd=True, sd_impl=impl, **BF16)
+                for impl in SD_IMPLS
+            },
+            "torch eager channels_last on": twin(s, s.large, stochastic_depth=True, **BF16),
+        },
+        # Compared with the step of `stochastic_depth` whose strategy it ran ("auto").
+        "loop": {"rvm loop": loop(s)},
+        # Command buffers first (the open question), then unrolled blocks, then the rest.
+        "xla_gpu": {
+            f"{name} / {impl}": rvm(s, s.large, sd=True, sd_impl=impl, **BF16, **extra)
+            for name, impl, extra in xla_gpu_runs()
         },
         "eval": {
             "rvm evaluate": {
@@ -340,5 +395,4 @@ def gpu_plan(s: Settings) -> dict[str, dict[str, dict]]:
         "train": train_plan(s),
         "packed": packed_plan(s),
     }
-    assert tuple(sections) == GPU_MEASUREMENTS
-    return sections
+    return {name: sections[name] for name in GPU_MEASUREMENTS}

@@ -43,19 +43,24 @@ from rvm.train import hugepages  # the standard library only: no JAX in this pro
 
 
 def child_env(spec: dict) -> dict[str, str]:
-    """The parent's environment on the spec's platform, uncached, with its XLA host devices.
+    """The parent's environment on the spec's platform, uncached, with its XLA host devices
+    and the spec's `xla_flags` after the parent's XLA_FLAGS.
 
     On the CPU every child, rvm's or PyTorch's, runs with glibc's malloc on huge
     pages, as `experiments.train` does (`rvm.train.hugepages`), unless the spec
     says `"malloc": "default"`. On a GPU host it sees one GPU, the first visible one.
+    The repository comes first on PYTHONPATH, the caller's path after it (where a
+    GPU host may have installed what rvm needs).
     """
     platform, malloc = spec.get("platform", "cpu"), spec.get("malloc", "hugepages")
     if platform not in ("cpu", "gpu"):
         raise ValueError(f"platform={platform!r}: 'cpu' or 'gpu'")
     if malloc not in ("hugepages", "default"):
         raise ValueError(f"malloc={malloc!r}: 'hugepages' or 'default'")
-    env = dict(os.environ, JAX_PLATFORMS="cpu" if platform == "cpu" else "cuda")
-    env["PYTHONPATH"] = str(REPO)
+    # A caller's JAX_PLATFORMS=cpu runs the GPU plan's JAX children on the CPU: a dry run.
+    dry = os.environ.get("JAX_PLATFORMS") == "cpu"
+    env = dict(os.environ, JAX_PLATFORMS="cpu" if platform == "cpu" or dry else "cuda")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     if platform == "gpu":
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
     if platform == "cpu" and malloc == "hugepages":
@@ -69,6 +74,7 @@ def child_env(spec: dict) -> dict[str, str]:
     ]
     if spec.get("devices", 1) > 1:
         flags.append(f"--xla_force_host_platform_device_count={spec['devices']}")
+    flags += spec.get("xla_flags", "").split()
     env["XLA_FLAGS"] = " ".join(flags)
     return env
 
@@ -297,8 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(
             f"unknown measurement(s) {sorted(unknown)} on {s.platform}; known: {', '.join(known)}"
         )
-    if "train" in selected or "eval" in selected:
-        selected = tuple(dict.fromkeys(("ceiling", *selected)))  # the FLOP fractions need it
+    if ("train" in selected or "eval" in selected) and "ceiling" not in selected:
+        selected = ("ceiling", *selected)  # the FLOP fractions need it
     name = "tiny" if args.tiny else "quick" if args.quick else s.platform
     name = f"{name}_gpu" if s.platform == "gpu" and name != "gpu" else name
     out = Path(args.out) if args.out else REPO / "bench" / "results" / name

@@ -9,11 +9,12 @@ import json
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import launcher
 from rvm.models import cbm, sharing
-from rvm.train import video_task
+from rvm.train import console, video_task
 from rvm.train.config_check import task_of, validate
 
 config_flags.DEFINE_config_file("config", None, "Config file, with :variant.", lock_config=True)
@@ -69,7 +70,10 @@ def describe_video(config) -> dict:
 
 def main(argv):
     del argv
-    print(json.dumps(describe(flags.FLAGS.config)))
+    console.install(verbose=logging.get_verbosity() >= logging.DEBUG)
+    with launcher.user_errors():
+        validate(flags.FLAGS.config)
+        print(json.dumps(describe(flags.FLAGS.config)))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,51 @@
-"""What a launcher does before any work: restart on huge pages unless `--nohugepages`.
+"""What every launcher does around its work: restart on huge pages unless `--nohugepages`,
+keep the console to rvm's own lines, and turn a user error into one line.
 
 XLA:CPU runs faster with glibc's malloc on transparent huge pages
-(`rvm.train.hugepages`); glibc reads that setting only when a process starts.
-Importing this module defines the `--hugepages` flag.
+(`rvm.train.hugepages`); glibc reads that setting only when a process starts. The
+libraries' INFO messages (orbax logs a hundred lines per checkpoint) are hidden unless
+`--verbosity=1`. An error the user can fix (`rvm.errors.UserError`: a bad config value,
+missing data, an unusable workdir) prints `error: <message>` and exits with status 2;
+`--traceback` shows its traceback instead. Importing this module defines the flags.
 """
 
-from absl import flags
+from __future__ import annotations
 
-from rvm.train import hugepages
+import contextlib
+import sys
+from collections.abc import Iterator
+
+from absl import flags, logging
+
+from rvm.errors import USER_ERROR_EXIT_CODE, UserError
+from rvm.train import console, hugepages
 
 HUGEPAGES = flags.DEFINE_bool(
     "hugepages", True, "Restart with glibc.malloc.hugetlb=1 first (Linux; faster on the CPU)."
 )
+TRACEBACK = flags.DEFINE_bool(
+    "traceback", False, "Show the traceback of an error the user can fix, not just its message."
+)
 
 
 def start() -> None:
-    """Restarts the process on huge pages (see `rvm.train.hugepages.reexec`) if the flag says so."""
+    """Restarts the process on huge pages (see `rvm.train.hugepages.reexec`) if the flag says
+    so, then quietens the libraries unless `--verbosity` is 1 or more."""
     if HUGEPAGES.value:
         hugepages.reexec()
+    console.install(verbose=logging.get_verbosity() >= logging.DEBUG)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Prints a `UserError` as `error: <message>` and exits with status 2 (unless
+    `--traceback`); every other exception propagates with its traceback."""
+    try:
+        yield
+    except UserError as e:
+        if TRACEBACK.value:
+            raise
+        console.clear_status()
+        message = " ".join(line.strip() for line in str(e).splitlines())  # one line, always
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT_CODE)

@@ -11,16 +11,20 @@ each ablation point on the first 1000 test images only, for a quicker look.
 `--binary_dir` (or `--tfds_data_dir`) says where CIFAR-10 is when the runs' own
 `data.binary_dir`, relative to where they were trained, does not lead to it from here.
 
+It shows which run it is analysing; the libraries' INFO log only with `--verbosity=1`.
 Like `experiments.train`, it first restarts itself with glibc's malloc on huge pages
 (`experiments.launcher`; `--nohugepages` keeps the process as started), which
 speeds up its evaluations on the CPU.
 """
+
+from pathlib import Path
 
 from absl import app, flags
 
 from experiments import launcher
 from experiments.configs import cifar10
 from rvm.analysis.report import Options, write_report
+from rvm.train import console
 
 flags.DEFINE_multi_string("runs", None, "Run directories (repeat the flag or list them).")
 flags.DEFINE_string("out", None, "Folder for the tables, figures and report.md.")
@@ -40,6 +44,14 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     launcher.start()
+    with launcher.user_errors():
+        written = report([*FLAGS.runs, *argv[1:]])
+    console.clear_status()
+    print(f"wrote {len(written)} files to {FLAGS.out}; open {written[-1]}")
+
+
+def report(runs: list[str]) -> list[Path]:
+    """Writes the report of `runs` as the flags ask; returns its files, report.md last."""
     options = Options(
         analyses=FLAGS.analyses,
         level=FLAGS.level,
@@ -52,8 +64,7 @@ def main(argv):
         binary_dir=FLAGS.binary_dir,
         tfds_data_dir=FLAGS.tfds_data_dir,
     )
-    written = write_report([*FLAGS.runs, *argv[1:]], FLAGS.out, cifar10.paper(), options)
-    print(f"wrote {len(written)} files; open {written[-1]}")
+    return write_report(runs, FLAGS.out, cifar10.paper(), options)
 
 
 if __name__ == "__main__":

@@ -3,18 +3,27 @@ r"""Trains one run: `python -m experiments.train --config=FILE.py:VARIANT --work
 Overrides: `--config.model.sharing=raw`, `--config.num_epochs=10`, ... Restarting
 the same command on the same workdir resumes from the latest checkpoint.
 
-On Linux the launcher first restarts itself with glibc's malloc on transparent
-huge pages (`rvm.train.hugepages`), which speeds up XLA:CPU training;
+The console shows rvm's own lines only (`--verbosity=1` adds the libraries' log), a
+progress line per log period and a line per epoch, then where the results went. An
+error the user can fix prints one line and exits with status 2 (`--traceback` for
+the traceback). On Linux the launcher first restarts itself with glibc's malloc on
+transparent huge pages (`rvm.train.hugepages`), which speeds up XLA:CPU training;
 `--nohugepages` keeps the process as started.
 """
 
+from __future__ import annotations
+
 import sys
+from pathlib import Path
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import launcher
+from rvm.train import metrics
+from rvm.train import workdir as guard
+from rvm.train.config_check import validate
 from rvm.train.loop import PREEMPTED_EXIT_CODE, Preempted, train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "Config file, with :variant.", lock_config=True)
@@ -26,15 +35,21 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    launcher.start()
-    if FLAGS.multihost:
-        jax.distributed.initialize()
-    logging.info("JAX devices: %s", jax.devices())
-    try:
-        train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except Preempted as e:
-        logging.warning("%s; exiting with %d so the run can be requeued", e, PREEMPTED_EXIT_CODE)
-        sys.exit(PREEMPTED_EXIT_CODE)
+    with launcher.user_errors():
+        validate(FLAGS.config)  # first: a bad value costs no restart and leaves no workdir
+        launcher.start()
+        if FLAGS.multihost:
+            jax.distributed.initialize()
+        logging.info("devices: %s", ", ".join(map(str, jax.devices())))
+        workdir = Path(FLAGS.workdir)
+        guard.create(workdir)
+        try:
+            results = train_and_evaluate(FLAGS.config, workdir)
+        except Preempted as e:
+            logging.warning("%s; exiting with %d to be requeued", e, PREEMPTED_EXIT_CODE)
+            sys.exit(PREEMPTED_EXIT_CODE)
+    if jax.process_index() == 0:
+        print("\n".join(metrics.summary(results, workdir)), flush=True)
 
 
 if __name__ == "__main__":

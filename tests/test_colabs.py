@@ -11,6 +11,7 @@ one CPU device: the suite's 8 simulated devices would only slow the tiny runs do
 import json
 import os
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -93,3 +94,37 @@ def test_runs_top_to_bottom_in_smoke_mode(path, jupyter_path, tmp_path, monkeypa
     ran = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in ran), f"{path.name}: some cells did not run"
     assert not [o for c in ran for o in c.outputs if o.output_type == "error"]
+
+
+def _install_cell(path: Path) -> str:
+    nb = nbformat.read(path, as_version=4)
+    return next(c.source for c in nb.cells if c.cell_type == "code")
+
+
+def test_install_cells_are_one_and_say_in_one_line_when_they_cannot_install(tmp_path):
+    cells = {_install_cell(p) for p in NOTEBOOKS}
+    assert len(cells) == 1, "the notebooks' install cells differ"
+    cell = cells.pop()
+    assert "# @param" in cell and "YOUR_ORG" not in cell
+
+    def run(source: str) -> subprocess.CompletedProcess:
+        # As on a fresh runtime: `import rvm` fails; pip may not reach any index.
+        code = re.sub(r'^RVM_SOURCE = ".*?"', f"RVM_SOURCE = {source!r}", cell, flags=re.M)
+        env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+        script = "import sys\nsys.modules['rvm'] = None\n" + code
+        return subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    nothing = run(str(tmp_path / "rvm-*"))
+    assert nothing.stdout.splitlines() == [
+        f"rvm is not installed and nothing matches RVM_SOURCE={str(tmp_path / 'rvm-*')!r}: build "
+        "a wheel (python -m build in a checkout of rvm), upload dist/rvm-*.whl to /content, rerun."
+    ]
+    (tmp_path / "rvm-0.1.0.tar.gz").write_bytes(b"not an sdist")
+    (tmp_path / "rvm-0.1.0-py3-none-any.whl").write_bytes(b"not a wheel")
+    broken = run(str(tmp_path / "rvm-*"))
+    wheel = str(tmp_path / "rvm-0.1.0-py3-none-any.whl")
+    assert broken.stdout.splitlines() == [
+        f"could not install rvm from {wheel!r} (pip's message above); fix RVM_SOURCE."
+    ]

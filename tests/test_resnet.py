@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from rvm.models import sharing
+from rvm.models import sharing, stochastic_depth
 from rvm.models.resnet import ResNet, death_rates
 
 
@@ -322,3 +322,88 @@ def test_blocks_branch_only_under_stochastic_depth_or_a_mask():
     assert has_cond(model, masks=[jnp.ones(2), jnp.ones(1), jnp.ones(1)])
     cfg.stochastic_depth = True
     assert has_cond(sharing.build_model(cfg, 10))
+
+
+def test_sd_strategies_equal_cond_in_outputs_gradients_and_statistics():
+    """`masked` and `compact` run the draws `cond` runs: the same logits bit for bit, a
+    dropped block's BatchNorm statistics untouched, the other statistics and the
+    gradients equal to float32 rounding (XLA fuses the reductions differently under
+    each). The draws must drop some blocks and keep others."""
+    cfg = model_config((2, 4, 4), "nonshared", "all", sd=True)
+    cfg.final_death_rate = 0.9
+    model = sharing.build_model(cfg, 10)
+    variables = init(model, X)
+
+    def step(impl, sd=True):
+        def loss(params):
+            logits, new = model.clone(sd_impl=impl, final_death_rate=0.9 * sd).apply(
+                {**variables, "params": params},
+                X,
+                train=True,
+                rngs={"dropout": jax.random.key(0)},
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(logits**2), (logits, new["batch_stats"])
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+    (_, (logits, stats)), grads = step("cond")
+    (_, (all_run, _)), _ = step("cond", sd=False)
+    assert not np.allclose(logits, all_run, atol=1e-3)
+    # Per scanned block: were its statistics updated (it ran) or kept as they were (dropped)?
+    levels = lambda s: [s[f"level{i}"]["blocks"]["block"]["residual"] for i in (1, 2, 3)]
+    updated = lambda s: np.concatenate(
+        [
+            np.any(new["bn1"]["mean"] != old["bn1"]["mean"], axis=1)
+            for new, old in zip(levels(s), levels(variables["batch_stats"]))
+        ]
+    )
+    ran = updated(stats)
+    assert ran.any() and not ran.all(), ran
+    kernel_grads = levels(grads)[2]["conv1"]["kernel"].reshape(3, -1)
+    np.testing.assert_array_equal(np.any(kernel_grads != 0, axis=1), ran[-3:])
+
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    for impl in ("masked", "compact"):
+        (_, (other_logits, other_stats)), other_grads = step(impl)
+        np.testing.assert_array_equal(other_logits, logits)
+        np.testing.assert_array_equal(updated(other_stats), ran)
+        jax.tree.map(close, other_stats, stats)
+        jax.tree.map(close, other_grads, grads)
+
+
+def test_sd_strategies_branch_as_designed_and_auto_follows_the_platform():
+    """`masked` has no conditional; `compact` one switch per level; `auto` is `cond` on a CPU."""
+    cfg = model_config((2, 3, 3), "nonshared", "all", sd=True)
+    model = sharing.build_model(cfg, 10)
+    variables = init(model, X)
+
+    def conds(impl):
+        apply = lambda v: model.clone(sd_impl=impl).apply(
+            v, X, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+        )
+        return str(jax.make_jaxpr(apply)(variables)).count("cond[")
+
+    assert conds("cond") == 2 + 3  # two padding blocks, one scanned body per level
+    assert conds("masked") == 0
+    assert conds("compact") == 3
+    assert conds("auto") == conds("cond")  # the tests run on the CPU
+    assert stochastic_depth.sd_impl_for("auto", "cpu") == "cond"
+    assert stochastic_depth.sd_impl_for("auto", "gpu") == stochastic_depth.SD_AUTO_DEFAULT
+    with pytest.raises(ValueError, match="model.sd_impl='skip' is not one of auto, cond"):
+        stochastic_depth.sd_impl_for("skip")
+
+
+def test_sd_buckets_hold_every_count_and_shorten_the_expected_scan():
+    survival = 1.0 - death_rates((18, 18, 18), 0.5)[2][1:]
+    lengths = stochastic_depth.sd_buckets(survival)
+    assert lengths[-1] == 17 and len(lengths) <= stochastic_depth.SD_BUCKETS
+    assert list(lengths) == sorted(set(lengths))
+    pmf = np.ones(1)
+    for p in survival:
+        pmf = np.convolve(pmf, [1 - p, p])
+    expected = lambda ls: sum(q * min(n for n in ls if n >= k) for k, q in enumerate(pmf))
+    assert expected(lengths) < 0.8 * 17  # the 17 blocks survive 58% on average
+    for other in ((17,), (8, 12, 17), (10, 12, 14, 17)):  # no other choice does better
+        assert expected(lengths) <= expected(other) + 1e-9
+    assert stochastic_depth.sd_buckets(np.ones(5)) == (5,)

@@ -32,6 +32,7 @@ from rvm.analysis.runs import (
     require_checkpoint,
 )
 from rvm.data import load_images
+from rvm.train import console
 from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE
 
 METHODS = ("nonshared", "relaxed", "raw", "minimal")  # the paper's row order
@@ -320,10 +321,12 @@ def _analyses(groups, names, out: Path, options: Options, written: list[Path]) -
     ]
     done: dict[Path, dict | None] = {}
     data_cache: dict[str, object] = {}
+    total = len({info.workdir for g in groups for _, info in _analysed(g)})
     for g in groups:
         abl_curves, time_curves = [], []
         for label, info in _analysed(g):
             if info.workdir not in done:
+                console.status(f"run {len(done) + 1} of {total}: {names[info.workdir]}")
                 done[info.workdir] = _analyse_run(
                     info, names[info.workdir], out, options, data_cache
                 )
@@ -380,6 +383,7 @@ def _analyse_run(info: RunInfo, name: str, out: Path, options: Options, data_cac
     if key not in data_cache:
         data_cache[key] = load_images(data_config)
     run = load_run(info.workdir, data=data_cache[key])
+    console.status(f"{name}: linear separability, trajectories, ablations")
     sep = trajectories.linear_separability(
         run,
         num_examples=options.separability_examples,
@@ -403,6 +407,7 @@ def _analyse_run(info: RunInfo, name: str, out: Path, options: Options, data_cac
     files = [traj, sep_path, *readout.write_records(abl, out / f"ablation_{name}")]
     times = None
     if run.level_is_shared(options.level):
+        console.status(f"{name}: readout time up to {options.max_factor}x the trained depth")
         times = readout.readout_time_curve(
             run, options.level, max_factor=options.max_factor, num_examples=options.readout_examples
         )

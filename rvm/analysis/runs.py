@@ -22,6 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rvm.data import ImageData, eval_batches, load_images, normalization_stats, normalize
+from rvm.errors import UserError
 from rvm.models import sharing
 from rvm.train import image_task, loop, metrics, xla
 from rvm.train import sharding as shd
@@ -30,7 +31,7 @@ from rvm.train.checkpoint import Checkpoints
 LEVEL_NAMES = ("lower", "middle", "upper")
 
 
-class NotARunError(FileNotFoundError):
+class NotARunError(UserError, FileNotFoundError):
     """The directory is not a run directory, or it holds no checkpoint to analyse."""
 
 

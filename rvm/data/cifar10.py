@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from rvm.errors import ConfigError, DataError, UserError
+
 LAYOUT_DIR = "cifar-10-batches-bin"
 TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
 TEST_FILE = "test_batch.bin"
@@ -26,7 +28,7 @@ SOURCES = ("tfds", "binary", "synthetic", "auto")
 BINARY_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     """The requested data source holds no usable CIFAR-10 (the message says where it looked)."""
 
 
@@ -53,14 +55,14 @@ class ImageData:
             if images is None and labels is None and split == "val":
                 continue
             if images is None or labels is None:
-                raise ValueError(f"{self.name}: {split} split has images or labels but not both")
+                raise DataError(f"{self.name}: {split} split has images or labels but not both")
             if images.dtype != np.uint8 or images.ndim != 4:
-                raise ValueError(
+                raise DataError(
                     f"{self.name}: {split}_images must be uint8 NHWC, got "
                     f"{images.dtype} with shape {images.shape}"
                 )
             if labels.dtype != np.int32 or labels.shape != images.shape[:1]:
-                raise ValueError(
+                raise DataError(
                     f"{self.name}: {split}_labels must be int32 of shape {images.shape[:1]}, "
                     f"got {labels.dtype} {labels.shape}"
                 )
@@ -89,17 +91,17 @@ def load_images(config: Mapping[str, Any]) -> ImageData:
     elif source == "auto":
         data = _load_auto(config.get("tfds_data_dir"), config.get("binary_dir"))
     else:
-        raise ValueError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
+        raise ConfigError(f"data.source={source!r} is not one of {', '.join(SOURCES)}")
     return hold_out(data, config.get("holdout", 0), config.get("holdout_seed", 0))
 
 
 def hold_out(data: ImageData, holdout: int, seed: int) -> ImageData:
     """Moves `holdout` training images, chosen by `seed` alone, into the validation split."""
     if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)):
-        raise ValueError(f"data.holdout={holdout!r} must be a non-negative integer")
+        raise ConfigError(f"data.holdout={holdout!r} must be a non-negative integer")
     n = len(data.train_labels)
     if not 0 <= holdout < n:
-        raise ValueError(f"data.holdout={holdout} must be in [0, {n}) for {n} training images")
+        raise ConfigError(f"data.holdout={holdout} must be in [0, {n}) for {n} training images")
     if holdout == 0:
         return data
     perm = np.random.default_rng(seed).permutation(n)
@@ -151,18 +153,16 @@ def _load_binary(directory: str | Path, records_per_file: int) -> ImageData:
 def _read_batch_file(path: Path, records_per_file: int) -> tuple[np.ndarray, np.ndarray]:
     """One `*.bin` file as (uint8 NHWC images, int32 labels), checked before it is trusted."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (expected {_expected_size(records_per_file)})")
+        raise DataNotFoundError(f"{path}: missing (expected {_expected_size(records_per_file)})")
     size = path.stat().st_size
     if size != records_per_file * RECORD_BYTES:
         whole = "" if size % RECORD_BYTES else f" = {size // RECORD_BYTES} records"
-        raise ValueError(
-            f"{path}: {size} bytes{whole}, expected {_expected_size(records_per_file)}"
-        )
+        raise DataError(f"{path}: {size} bytes{whole}, expected {_expected_size(records_per_file)}")
     records = np.fromfile(path, dtype=np.uint8).reshape(records_per_file, RECORD_BYTES)
     labels = records[:, 0].astype(np.int32)
     bad = np.flatnonzero(labels >= NUM_CLASSES)
     if bad.size:
-        raise ValueError(
+        raise DataError(
             f"{path}: record {bad[0]} has label {labels[bad[0]]}, outside [0, {NUM_CLASSES - 1}] "
             f"({bad.size} such records); not a CIFAR-10 file"
         )
@@ -200,7 +200,7 @@ def _layout_problem(directory: Path) -> str:
 def _required_dir(config: Mapping[str, Any]) -> str:
     directory = config.get("binary_dir")
     if not directory:
-        raise ValueError("data.source='binary' needs data.binary_dir (the folder of the archive)")
+        raise ConfigError("data.source='binary' needs data.binary_dir (the folder of the archive)")
     return directory
 
 
@@ -282,7 +282,7 @@ def _read_source(source, where: str) -> tuple[np.ndarray, np.ndarray]:
     images = np.stack([e["image"] for e in examples]).astype(np.uint8)
     labels = np.asarray([e["label"] for e in examples], np.int32)
     if images.shape[1:] != IMAGE_SHAPE or np.any((labels < 0) | (labels >= NUM_CLASSES)):
-        raise ValueError(f"{where}: images {images.shape[1:]} or labels do not look like CIFAR-10")
+        raise DataError(f"{where}: images {images.shape[1:]} or labels do not look like CIFAR-10")
     return images, labels
 
 

@@ -8,8 +8,10 @@ conv kernels unless shared) are stacked along the scan axis. In a raw-shared
 level the two conv kernels are parameters of the level and are broadcast to
 every iteration, which makes the level a recurrent network with readout time `n`.
 
-Stochastic depth drops a whole block with `nn.cond`, so a dropped block costs no
-convolutions; at evaluation the residual is scaled by its survival probability.
+Stochastic depth draws one keep/drop per block per mini-batch; at evaluation
+the residual is scaled by its survival probability. How training executes the
+draws (`nn.cond` per block, masked, or the survivors compacted) is `sd_impl`,
+`rvm.models.stochastic_depth`.
 Without stochastic depth or a mask the blocks run unconditionally: a cond costs
 even when nothing is skipped (for the backward pass XLA keeps, zero-filled, the
 residuals of both branches, stacked over the scan).
@@ -27,6 +29,7 @@ import numpy as np
 
 from rvm.models.conv import Conv3x3
 from rvm.models.norm import BatchNorm
+from rvm.models.stochastic_depth import gathered, keep_stats, sd_buckets, sd_impl_for
 
 Array = jax.Array
 
@@ -71,7 +74,9 @@ class Block(nn.Module):
 
     `scale` multiplies the residual (the survival probability at evaluation).
     When `run` is traced the block sits under `nn.cond`, so a skipped block does
-    no work. Its output is ReLU(shortcut + scale * residual).
+    no work; with `masked` it always runs and its residual is multiplied by `run`.
+    Its output is ReLU(shortcut + scale * residual); inputs are ReLU outputs, so a
+    masked block equals the shortcut where it is dropped.
     """
 
     features: int
@@ -90,11 +95,13 @@ class Block(nn.Module):
     def _skip(self, x):
         return shortcut(x, self.features, self.strides).astype(self.dtype)
 
-    def __call__(self, x, train: bool, kernels=None, run=True, scale=1.0) -> Array:
+    def __call__(self, x, train: bool, kernels=None, run=True, scale=1.0, masked=False) -> Array:
         if self.is_initializing() or run is True:
             return self._run(x, train, kernels, scale)
         if run is False:
             return self._skip(x)
+        if masked:  # the caller keeps a dropped block's statistics (`keep_stats`)
+            return self._run(x, train, kernels, jnp.where(run, scale, 0.0))
         return nn.cond(
             run,
             lambda mdl, x, k, s: mdl._run(x, train, k, s),
@@ -113,13 +120,17 @@ class ScanStep(nn.Module):
     train: bool
     keep_activations: bool
     dtype: Any = jnp.float32
+    masked: bool = False
 
     @nn.compact
     def __call__(self, x, step, kernels):
         run, scale = step  # None: every block runs, residual unscaled (static, no cond)
         run = True if run is None else run
         scale = 1.0 if scale is None else scale
-        x = Block(self.features, 1, self.dtype, name="block")(x, self.train, kernels, run, scale)
+        block = keep_stats(Block, run) if self.masked else Block
+        x = block(self.features, 1, self.dtype, name="block")(
+            x, self.train, kernels, run, scale, self.masked
+        )
         return x, (x if self.keep_activations else None)
 
 
@@ -142,17 +153,23 @@ class Level(nn.Module):
     keep_activations: bool = False
     unroll: bool = False
     dtype: Any = jnp.float32
+    sd_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool, rates: np.ndarray, mask=None, iterations=None):
         stochastic = train and bool(np.any(rates > 0))
+        # How a traced keep/drop runs in training; evaluation masks always branch.
+        impl = sd_impl_for(self.sd_impl)
+        impl = impl if train and not self.is_initializing() else "cond"
         if self.downsample:
             pad_rate, rates = rates[0], rates[1:]
             run = True
             if stochastic and pad_rate > 0:
                 run = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - pad_rate)
             scale = 1.0 if train else 1.0 - float(pad_rate)
-            x = Block(self.features, 2, self.dtype, name="pad")(x, train, None, run, scale)
+            masked = impl != "cond" and run is not True
+            block = keep_stats(Block, run) if masked else Block
+            x = block(self.features, 2, self.dtype, name="pad")(x, train, None, run, scale, masked)
         inputs = x
 
         length = self.num_blocks if iterations is None else int(iterations)
@@ -183,7 +200,22 @@ class Level(nn.Module):
                 self.param("conv2_kernel", Conv3x3.kernel_init, shape(self.features)),
             )
 
-        scan = nn.scan(
+        impl = impl if run is not None else "cond"
+        if impl == "compact" and not self.keep_activations:  # stacked outputs need every slot
+            return self._compact(x, run, kernels, 1.0 - rates[index]), (inputs, None)
+
+        scan = self._scan(length)
+        if length != self.num_blocks:
+            gather = lambda tree: jax.tree.map(lambda v: v[index], tree)
+            scan = nn.map_variables(scan, ("params", "batch_stats"), trans_in_fn=gather)
+        masked = impl != "cond"
+        x, acts = scan(
+            self.features, train, self.keep_activations, self.dtype, masked, name="blocks"
+        )(x, (run, scale), kernels)
+        return x, (inputs, acts)
+
+    def _scan(self, length: int):
+        return nn.scan(
             ScanStep,
             variable_axes={"params": 0, "batch_stats": 0},
             split_rngs={"params": True},  # stochastic depth draws outside the scan
@@ -191,13 +223,28 @@ class Level(nn.Module):
             length=length,
             unroll=length if self.unroll else 1,
         )
-        if length != self.num_blocks:
-            gather = lambda tree: jax.tree.map(lambda v: v[index], tree)
-            scan = nn.map_variables(scan, ("params", "batch_stats"), trans_in_fn=gather)
-        x, acts = scan(self.features, train, self.keep_activations, self.dtype, name="blocks")(
-            x, (run, scale), kernels
-        )
-        return x, (inputs, acts)
+
+    def _compact(self, x, run, kernels, survival: np.ndarray) -> Array:
+        """Training under `compact`: the survivors, in block order, through the shortest
+        bucket's scan that holds them; its spare slots hold dropped blocks, masked."""
+        lengths = sd_buckets(survival)
+        order = jnp.argsort(~run, stable=True)  # survivors first, each group in block order
+        survivors = jnp.sum(run)
+
+        def bucket(length: int):
+            def run_bucket(level, x, kernels):
+                if length == 0:
+                    return x
+                slots = order[:length]
+                live = jnp.arange(length) < survivors
+                scan = gathered(level._scan(length), slots)
+                blocks = scan(level.features, True, False, level.dtype, True, name="blocks")
+                return blocks(x, (live, None), kernels)[0]
+
+            return run_bucket
+
+        which = jnp.searchsorted(jnp.asarray(lengths), survivors)  # the shortest that holds
+        return nn.switch(which, [bucket(n) for n in lengths], self, x, kernels)
 
 
 class ResNet(nn.Module):
@@ -220,6 +267,7 @@ class ResNet(nn.Module):
     keep_activations: bool = False
     unroll: bool = False  # inline every block (one body per block), for comparisons
     dtype: Any = jnp.float32
+    sd_impl: str = "auto"  # how training executes stochastic depth: SD_IMPLS
 
     @nn.compact
     def __call__(
@@ -266,6 +314,7 @@ class ResNet(nn.Module):
                 self.keep_activations,
                 self.unroll,
                 self.dtype,
+                self.sd_impl,
                 name=f"level{i + 1}",
             )(x, train, rates[i], masks[i], iterations[i])
             activations.append(acts)

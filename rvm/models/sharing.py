@@ -92,6 +92,7 @@ def build_model(
         keep_activations=keep_activations,
         unroll=cfg.unroll,
         dtype=jnp.dtype(cfg.dtype),
+        sd_impl=cfg.get("sd_impl", "auto"),
     )
 
 

@@ -10,6 +10,9 @@ is an error, not damage: nothing is moved.
 
 from __future__ import annotations
 
+import contextlib
+import logging as std_logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,34 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from rvm.errors import UserError
 
-class CheckpointError(RuntimeError):
+# Status codes of tensorstore's I/O errors, which orbax raises as ValueError: a full or
+# read-only disk, a vanished directory. Other ValueErrors are bugs and propagate.
+_IO_STATUS = re.compile(r"^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|NOT_FOUND|UNAVAILABLE|DATA_LOSS):")
+
+
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint, or one could not be written."""
+
+
+class _OrbaxErrors(std_logging.Filter):
+    """Orbax's writer threads log the error that the save then raises; the exception
+    alone tells it (its cause keeps orbax's message)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno < std_logging.ERROR or "/orbax/" not in record.pathname
+
+
+@contextlib.contextmanager
+def _orbax_errors_raised_not_logged():
+    logger = std_logging.getLogger("absl")  # orbax logs through absl
+    quiet = _OrbaxErrors()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class Checkpoints:
@@ -43,13 +71,27 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any) -> None:
+        """Writes checkpoint `step`; a write that fails (full disk, say) leaves no partial
+        directory behind and raises CheckpointError, the earlier checkpoints intact."""
         try:
-            self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
-            self.manager.wait_until_finished()
-        except OSError as e:
+            with _orbax_errors_raised_not_logged():
+                self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                self.manager.wait_until_finished()
+        except (OSError, ValueError) as e:
+            if isinstance(e, ValueError) and not _IO_STATUS.match(str(e)):
+                raise
+            if jax.process_index() == 0:
+                for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(partial, ignore_errors=True)
+            reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+            if "No space left on device" in str(e):
+                reason = "no space left on device (free some space there"
+            else:
+                reason += " (fix that"
             raise CheckpointError(
-                f"could not write the checkpoint of step {step} to {self.directory}: {e}; "
-                "earlier checkpoints are untouched"
+                f"could not write the checkpoint of step {step} in workdir {self.workdir}: "
+                f"{reason}, then run the same command to resume); earlier checkpoints are "
+                "untouched"
             ) from e
 
     def restore(self, target: Any, step: int | None = None) -> Any:
@@ -71,13 +113,13 @@ class Checkpoints:
             differing = sorted(
                 k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k)
             )
-            lines = [
-                f"  {k}: saved {saved.get(k)}, expected {wanted.get(k)}" for k in differing[:10]
-            ]
+            shown = "; ".join(
+                f"{k}: saved {saved.get(k)}, expected {wanted.get(k)}" for k in differing[:3]
+            )
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} holds another state than this run "
-                f"builds ({len(differing)} arrays differ; the code or config changed its "
-                "parameters or optimiser):\n" + "\n".join(lines)
+                f"builds ({len(differing)} arrays differ, e.g. {shown}): the code or config "
+                "changed its parameters or optimiser; pick another --workdir"
             )
 
     def restore_latest_usable(self, target: Any) -> Any | None:

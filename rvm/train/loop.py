@@ -227,7 +227,14 @@ def _train(
     if primary:
         metrics.truncate_jsonl(workdir / "metrics.jsonl", after_step=int(state.step))
         metrics.write_json(workdir / "config.json", config.to_dict())
-    writer = metrics.MetricWriter(workdir, total_steps, enabled=primary)
+    writer = metrics.MetricWriter(
+        workdir,
+        total_steps,
+        enabled=primary,
+        steps_per_epoch=steps_per_epoch,
+        batch_size=config.batch_size,
+        unit=task.unit,
+    )
     first_step = int(state.step)
     if first_step == 0:
         logging.info("Parameters: %d (%s)", num_params, task.summary)

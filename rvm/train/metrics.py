@@ -1,6 +1,6 @@
 """Run records in the workdir: `metrics.jsonl` (one line per epoch), `config.json`,
-`results.json`, TensorBoard summaries when `tensorboardX` is installed, and a
-progress line with an ETA on the log."""
+`results.json`, TensorBoard summaries (`WORKDIR/tensorboard`), and the run's progress
+and per-epoch lines on the console (`rvm.train.console`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 from absl import logging
+from tensorboardX import SummaryWriter
+
+from rvm.train import console
 
 
 def plain(value: Any) -> Any:
@@ -66,50 +69,107 @@ def write_json(path: str | Path, value: Any) -> None:
     _replace(path, json.dumps(plain(value), indent=2, sort_keys=True) + "\n")
 
 
-def _duration(seconds: float) -> str:
-    return (
-        time.strftime("%H:%M:%S", time.gmtime(seconds))
-        if seconds < 86400
-        else (f"{seconds / 3600:.0f}h")
-    )
+def summary(results: dict, workdir: str | Path) -> list[str]:
+    """The lines a launcher prints after a run: its final numbers and where its records are."""
+    workdir = Path(workdir)
+    if not results.get("finished"):
+        return [f"stopped at step {results['step']}; run the same command again to resume"]
+    numbers = [
+        label.format(results[key])
+        for key, label in (
+            ("test_error", "test error {:.2f}%"),
+            ("consolidated_test_error", "after consolidation {:.2f}%"),
+            ("test_mse", "test MSE {:.4f}"),
+            ("test_psnr", "PSNR {:.2f}"),
+            ("test_ssim", "SSIM {:.3f}"),
+        )
+        if key in results
+    ]
+    numbers.append(f"{results['params']:,} parameters")
+    if "params_consolidated" in results:
+        numbers[-1] += f" ({results['params_consolidated']:,} consolidated)"
+    return [
+        "done: " + ", ".join(numbers),
+        f"  results      {workdir / 'results.json'}",
+        f"  per epoch    {workdir / 'metrics.jsonl'}",
+        f"  checkpoints  {workdir / 'checkpoints'}",
+        f"  tensorboard  tensorboard --logdir {workdir / 'tensorboard'}",
+    ]
+
+
+# The epoch line's numbers, in this order, as (record key, label, format).
+_EPOCH_FIELDS = (
+    ("train_loss", "train loss", "{:.3f}"),
+    ("train_error", "error", "{:.1f}%"),
+    ("val_error", "val error", "{:.1f}%"),
+    ("test_error", "test error", "{:.1f}%"),
+    ("test_mse", "test mse", "{:.4f}"),
+    ("test_psnr", "psnr", "{:.1f}"),
+)
 
 
 class MetricWriter:
-    """Appends epoch records and logs progress; with `enabled=False` (a process other
-    than the first of a multi-process run) it does nothing."""
+    """Appends epoch records (`metrics.jsonl`, TensorBoard) and shows progress on the
+    console: a live bar on a terminal, short lines elsewhere. With `enabled=False` (a
+    process other than the first of a multi-process run) it does nothing.
 
-    def __init__(self, workdir: str | Path, total_steps: int, enabled: bool = True):
+    `steps_per_epoch`, `batch_size` and `unit` (all optional) let the progress line show
+    the epoch and the examples per second.
+    """
+
+    def __init__(
+        self,
+        workdir: str | Path,
+        total_steps: int,
+        enabled: bool = True,
+        *,
+        steps_per_epoch: int | None = None,
+        batch_size: int | None = None,
+        unit: str = "examples",
+    ):
         self.path = Path(workdir) / "metrics.jsonl"
         self.total_steps = total_steps
         self.enabled = enabled
-        self.start = time.time()
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_size = batch_size
+        self.unit = unit
+        self.start = self.last_time = self.epoch_time = time.time()
+        self.last_step: int | None = None
         self.tb = None
-        if not enabled:
-            return
-        try:
-            from tensorboardX import SummaryWriter
-
+        if enabled:
             self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
-        except ImportError:
-            pass
+
+    def _epochs(self) -> int:
+        return -(-self.total_steps // self.steps_per_epoch)
+
+    def _where(self, step: int) -> str:
+        if not self.steps_per_epoch:
+            return f"step {step}/{self.total_steps}"
+        epoch = (step - 1) // self.steps_per_epoch + 1
+        return f"epoch {epoch}/{self._epochs()} step {step}/{self.total_steps}"
+
+    def _eta(self, step: int, first_step: int) -> str:
+        elapsed = time.time() - self.start
+        return console.duration(elapsed / max(step - first_step, 1) * (self.total_steps - step))
 
     def progress(self, step: int, first_step: int, step_metrics: dict[str, Any]) -> None:
-        """A log line between epochs: where the run is and when it should end."""
+        """The status line between epochs: where the run is, its loss, speed and ETA."""
         if not self.enabled:
             return
-        elapsed = time.time() - self.start
-        eta = elapsed / max(step - first_step, 1) * (self.total_steps - step)
-        logging.info(
-            "step %d/%d loss=%.4g | %.2f steps/s | ETA %s",
-            step,
-            self.total_steps,
-            float(step_metrics["loss"]),
-            (step - first_step) / max(elapsed, 1e-9),
-            _duration(eta),
-        )
+        now = time.time()
+        since = first_step if self.last_step is None else self.last_step
+        parts = [self._where(step), f"loss {float(step_metrics['loss']):.4g}"]
+        if self.batch_size and step > since:
+            rate = (step - since) * self.batch_size / max(now - self.last_time, 1e-9)
+            parts.append(f"{rate:.0f} {self.unit}/s")
+        parts.append(f"ETA {self._eta(step, first_step)}")
+        self.last_step, self.last_time = step, now
+        text = "  ".join(parts)
+        console.status(f"{console.bar(step / self.total_steps)} {text}" if console.live() else text)
 
     def write(self, step: int, first_step: int, record: dict[str, Any]) -> None:
-        """Appends one record and logs progress; `first_step` is where this process began."""
+        """Appends one epoch's record and prints its short line; `first_step` is where this
+        process began."""
         if not self.enabled:
             return
         record = plain(record)
@@ -123,19 +183,37 @@ class MetricWriter:
                     for k, v in value.items():
                         self.tb.add_scalar(f"{key}/{k}", v, step)
             self.tb.flush()
-        elapsed = time.time() - self.start
-        done = max(step - first_step, 1)
-        eta = elapsed / done * (self.total_steps - step)
-        shown = {k: v for k, v in record.items() if isinstance(v, float)}
-        logging.info(
-            "step %d/%d (%.1f%%) %s | ETA %s",
-            step,
-            self.total_steps,
-            100.0 * step / self.total_steps,
-            " ".join(f"{k}={v:.4g}" for k, v in sorted(shown.items())),
-            _duration(eta),
-        )
+        now = time.time()
+        line = self._epoch_line(step, first_step, record, seconds=now - self.epoch_time)
+        # The next speed is the training's alone, without this evaluation and checkpoint.
+        self.epoch_time = self.last_time = now
+        self.last_step = step
+        console.clear_status()
+        logging.info("%s", line)
+
+    def _epoch_line(self, step: int, first_step: int, record: dict, seconds: float) -> str:
+        """`epoch 2/3  train loss 1.135  error 44.2%  test error 48.4%  ...  8.5 s  ETA 0:17`"""
+        epoch = record.get("epoch")
+        if epoch is None:
+            parts = [f"step {step}/{self.total_steps}"]
+        else:
+            parts = [
+                f"epoch {epoch}/{self._epochs()}" if self.steps_per_epoch else f"epoch {epoch}"
+            ]
+        parts += [
+            f"{label} {fmt.format(record[key])}"
+            for key, label, fmt in _EPOCH_FIELDS
+            if isinstance(record.get(key), (int, float))
+        ]
+        angles = record.get("max_angle")  # relaxed runs: per kernel set
+        if isinstance(angles, dict) and angles:
+            parts.append(f"max angle {max(angles.values()):.1f} deg")
+        parts.append(f"{seconds:.1f} s")
+        if step < self.total_steps:
+            parts.append(f"ETA {self._eta(step, first_step)}")
+        return "  ".join(parts)
 
     def close(self) -> None:
+        console.clear_status()
         if self.tb is not None:
             self.tb.close()

@@ -16,6 +16,7 @@ from typing import Any
 import ml_collections
 import optax
 
+from rvm.errors import ConfigError
 from rvm.train.relaxation import exponential_pull, relaxation
 
 OPTIMIZERS = ("sgd", "adam")  # `optim.name`; a config without it uses SGD
@@ -25,7 +26,7 @@ def learning_rate(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Sch
     """`cfg.learning_rate`, multiplied by `cfg.lr_decay` at each fraction in `cfg.lr_boundaries`."""
     steps = [int(round(f * total_steps)) for f in cfg.lr_boundaries]
     if len(set(steps)) != len(steps):
-        raise ValueError(
+        raise ConfigError(
             f"optim.lr_boundaries={tuple(cfg.lr_boundaries)!r} fall on the same steps {steps} "
             f"of {total_steps}: a decay would be lost"
         )
@@ -48,7 +49,7 @@ def make_optimizer(
     elif name == "sgd":
         chain.append(optax.sgd(schedule, momentum=cfg.momentum, nesterov=cfg.nesterov))
     else:
-        raise ValueError(f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}")
+        raise ConfigError(f"optim.name={name!r} is not one of {', '.join(OPTIMIZERS)}")
     return optax.chain(*chain)
 
 

@@ -6,6 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from rvm.errors import ConfigError
+
 
 def data_mesh(devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
@@ -24,4 +26,4 @@ def batch(mesh: Mesh) -> NamedSharding:
 def check_divisible(batch_size: int, mesh: Mesh, field: str) -> None:
     n = mesh.devices.size
     if batch_size % n:
-        raise ValueError(f"{field}={batch_size} is not divisible by the {n} devices of the mesh")
+        raise ConfigError(f"{field}={batch_size} is not divisible by the {n} devices of the mesh")

@@ -9,9 +9,25 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from rvm.errors import UserError, WorkdirError
 
-class WorkdirBusyError(RuntimeError):
+
+class WorkdirBusyError(UserError, RuntimeError):
     """Another live process trains in this workdir."""
+
+
+def create(workdir: Path) -> None:
+    """Makes the workdir (and its parents) or says in one line why it cannot be made."""
+    for path in (workdir, *workdir.absolute().parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == workdir else f"is under {path}, which is a file"
+            raise WorkdirError(f"workdir {workdir} {where}; pick another --workdir")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WorkdirError(
+            f"workdir {workdir} cannot be created: {e.strerror or e}; pick another --workdir"
+        ) from e
 
 
 @contextlib.contextmanager
@@ -22,7 +38,13 @@ def exclusive(workdir: Path) -> Iterator[None]:
     process dies however it dies: a killed run never blocks its own restart.
     """
     path = workdir / ".lock"
-    with path.open("a+") as f:
+    try:
+        f = path.open("a+")
+    except OSError as e:
+        raise WorkdirError(
+            f"workdir {workdir} is not writable: {e.strerror or e}; pick another --workdir"
+        ) from e
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -49,10 +71,12 @@ def check_writable(workdir: Path, needed_bytes: int) -> None:
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise OSError(f"workdir {workdir} is not writable: {e.strerror or e}") from e
+        raise WorkdirError(
+            f"workdir {workdir} is not writable: {e.strerror or e}; pick another --workdir"
+        ) from e
     free = shutil.disk_usage(workdir).free
     if free < needed_bytes:
-        raise OSError(
+        raise WorkdirError(
             f"workdir {workdir} has {free / 2**20:.1f} MiB free; checkpoints need about "
-            f"{needed_bytes / 2**20:.1f} MiB"
+            f"{needed_bytes / 2**20:.1f} MiB (free some space or pick another --workdir)"
         )

@@ -1,4 +1,5 @@
-"""XLA:CPU compile options: convolutions on their fastest path, one-off functions compiled fast.
+"""XLA compile options: convolutions on their fastest path, one-off functions compiled fast,
+and the XLA:GPU flag sets the benchmark measures.
 
 XLA:CPU hands convolutions to YNNPACK by default. For these networks' 3x3
 convolutions (16-64 channels, 8x8 to 32x32 maps, batch 128) its own Eigen
@@ -13,6 +14,12 @@ A function that runs once, such as the initialisation of a run's state, is bette
 compiled fast than compiled to run fast: `ONCE_OPTIONS` skip LLVM's optimisation of
 its kernels (`bench/results/cpu.md`, section `compile`, column `init`, times
 `build_run`, which compiles the initialisation this way).
+
+On a GPU the step is bound by kernel launches and host synchronisation, not
+arithmetic (bench/README.md). `GPU_FLAG_SETS` are the process-wide XLA_FLAGS
+worth measuring against that (section `xla_gpu` of `python bench/run.py
+--platform gpu`, each in a process of its own); `GPU_FLAGS` is what a GPU run
+should use, XLA's defaults until a measurement says otherwise.
 """
 
 from __future__ import annotations
@@ -38,6 +45,34 @@ ONCE_OPTIONS = {
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
 }
+
+
+# XLA:GPU runs a conditional by copying its predicate to the host and waiting, and a
+# while loop the same way per iteration unless its trip count is static. CUDA-graph
+# command buffers can hold conditionals and loops and evaluate them on the device;
+# XLA leaves both out of command buffers by default, and turns only sequences of at
+# least `xla_gpu_graph_min_graph_size` commands (default 5) into graphs.
+_COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+GPU_FLAG_SETS = {
+    "XLA defaults": "",
+    "command buffers with loops and conditionals": (
+        f"{_COMMAND_BUFFERS} --xla_gpu_graph_min_graph_size=1"
+    ),
+    # Overlaps independent work (in the step: the optimiser's updates, parameter
+    # gathers) with the convolutions instead of the default scheduler's order.
+    "latency-hiding scheduler": "--xla_gpu_enable_latency_hiding_scheduler=true",
+    # Autotuning off: the first cuDNN algorithm, compiled fast; says what the
+    # autotuner's choice of convolution algorithms is worth to the step.
+    "autotuning off": "--xla_gpu_autotune_level=0",
+}
+# What GPU runs use (`gpu_xla_flags`, which results/cifar10_gpu/run.sh puts in XLA_FLAGS):
+# the measured choice goes here, with a comment naming the result file and section.
+GPU_FLAGS = GPU_FLAG_SETS["XLA defaults"]
+
+
+def gpu_xla_flags(existing: str = "") -> str:
+    """`GPU_FLAGS` followed by `existing` XLA_FLAGS (later flags win, so the caller's do)."""
+    return " ".join(f for f in (GPU_FLAGS, existing) if f)
 
 
 def compiler_options(platform: str | None = None, *, once: bool = False) -> dict[str, Any] | None:
