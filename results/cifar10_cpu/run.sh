@@ -3,8 +3,11 @@
 # CIFAR-10 at CPU scale, seeds 0 and 1: 10 epochs each (the paper's schedule compressed:
 # learning-rate drops at epochs 5 and 7.5, relaxation pull 1e-4 -> 1e-1 over the 10
 # epochs). Needs CIFAR-10 in the official binary layout under data/cifar10 (see
-# README). Rerunning resumes from the checkpoints; VARIANTS="all3_raw" or SEEDS=1
-# trains only the runs named.
+# README). The seeds of a variant train as one pack (`config.seeds`, one process and
+# one compilation; on the CPU each run is bit for bit the run of its seed trained
+# alone), in workdirs/cpu_<variant>/seed_<s>. Rerunning resumes from the checkpoints;
+# VARIANTS="all3_raw" trains only the variants named, SEEDS="1" only those seeds (a
+# pack's seed list is fixed: another list needs another workdir, here its own name).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # One XLA device: on this 2-core VM, two host devices deadlocked in an all-reduce when
@@ -12,21 +15,25 @@ cd "$(dirname "$0")/../.."
 EPOCHS=${EPOCHS:-10}
 ALL="all3_nonshared all3_relaxed all3_raw all3_minimal"
 ALL_SEEDS="0 1"
+SEEDS=${SEEDS:-$ALL_SEEDS}
 name() { if [ "$2" = 0 ]; then echo "$1"; else echo "$1_seed$2"; fi; }
-for seed in ${SEEDS:-$ALL_SEEDS}; do
-  for variant in ${VARIANTS:-$ALL}; do
+pack="($(echo $SEEDS | tr ' ' ','),)"  # "0 1" -> (0,1,)
+suffix=$([ "$SEEDS" = "$ALL_SEEDS" ] && echo "" || echo "_seeds$(echo $SEEDS | tr ' ' '_')")
+for variant in ${VARIANTS:-$ALL}; do
+  workdir="workdirs/cpu_$variant$suffix"
+  python -m experiments.train \
+    --config=experiments/configs/cifar10.py:$variant --config.seeds="$pack" \
+    --config.num_epochs="$EPOCHS" --config.data.source=binary \
+    --workdir="$workdir" --alsologtostderr
+  for seed in $SEEDS; do
     run=$(name "$variant" "$seed")
-    python -m experiments.train \
-      --config=experiments/configs/cifar10.py:$variant --config.seed="$seed" \
-      --config.num_epochs="$EPOCHS" --config.data.source=binary \
-      --workdir="workdirs/cpu_$run" --alsologtostderr
     mkdir -p "results/cifar10_cpu/$run"
-    cp workdirs/cpu_$run/{config.json,metrics.jsonl,results.json} "results/cifar10_cpu/$run/"
+    cp $workdir/seed_$seed/{config.json,metrics.jsonl,results.json} "results/cifar10_cpu/$run/"
     # The final checkpoint (~1.5 MB) too, so the report can be rebuilt from the repository alone.
-    last=$(ls workdirs/cpu_$run/checkpoints | sort -n | tail -1)
+    last=$(ls $workdir/seed_$seed/checkpoints | sort -n | tail -1)
     rm -rf "results/cifar10_cpu/$run/checkpoints"
     mkdir -p "results/cifar10_cpu/$run/checkpoints"
-    cp -r "workdirs/cpu_$run/checkpoints/$last" "results/cifar10_cpu/$run/checkpoints/"
+    cp -r "$workdir/seed_$seed/checkpoints/$last" "results/cifar10_cpu/$run/checkpoints/"
   done
 done
 # Tables (mean and spread over the seeds), curves, ablations, trajectories and angles of
