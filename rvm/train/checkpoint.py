@@ -109,13 +109,15 @@ class Checkpoints:
         An unreadable tree description is left to `restore` (damage)."""
         try:
             metadata = self.manager.item_metadata(step)
-            saved = {k: metadata[k].tree for k in target if k in metadata.keys()}
+            present = set(metadata.keys())
+            saved = {k: metadata[k].tree for k in target if k in present}
         except Exception:  # orbax/tensorstore raise many kinds for damaged files
             return
-        if saved.keys() != target.keys():
+        missing = {*target, RECORDS} - present
+        if missing:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} lacks the "
-                f"{', '.join(sorted(target.keys() - saved.keys()))} of a resumable run "
+                f"{', '.join(sorted(missing))} of a resumable run "
                 "(written by an older rvm: it can be analysed, not resumed)"
             )
         saved, wanted = _arrays(saved), _arrays(target)

@@ -274,10 +274,11 @@ def _train(
                 _fetched(sums)  # a non-finite state is never saved
                 if step not in ckpts.all_steps():  # not already saved at an epoch's end
                     save(step)
+            saved = step in ckpts.all_steps()
             ckpts.close()
             raise Preempted(
                 f"{signals.received or 'SIGTERM'} at step {step}; "
-                f"checkpoint of that step in {ckpts.directory}"
+                + (f"checkpoint of that step in {ckpts.directory}" if saved else "nothing to save")
             )
         state, sums = run.epoch_step(state, sums, task.train_data)
         done = step + 1
