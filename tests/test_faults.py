@@ -171,6 +171,22 @@ def _stepping_with(monkeypatch, act) -> None:
     monkeypatch.setattr(loop, "build_run", build)
 
 
+def test_the_host_reads_the_device_only_at_log_points_epoch_ends_and_stops(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.log_every_steps = 3  # epochs of 8 steps
+    dispatched, reads = [], []  # the steps queued, and how many were at each read
+    _stepping_with(monkeypatch, dispatched.append)
+    fetched = loop._fetched
+
+    def fetching(sums):
+        reads.append(len(dispatched))
+        return fetched(sums)
+
+    monkeypatch.setattr(loop, "_fetched", fetching)
+    loop.train_and_evaluate(config, tmp_path, max_steps=11)
+    assert reads == [3, 6, 8, 9, 11]
+
+
 def test_a_signal_at_start_up_stops_cleanly_and_a_second_ctrl_c_stops_at_once(
     tmp_path, monkeypatch
 ):

@@ -150,8 +150,9 @@ def test_smoke_run_writes_metrics_results_and_consolidates(tmp_path):
 
 
 @pytest.mark.parametrize("devices", [1, 8])
-def test_sum_over_split_counts_every_example_once(devices):
-    """Padded last batch weighted out, batches placed over the mesh, float64 totals."""
+def test_sum_over_split_counts_every_example_once(devices, monkeypatch):
+    """Padded last batch weighted out, batches placed over the mesh, all dispatched before
+    one fetch, float64 totals."""
     x = np.arange(1, 11, dtype=np.float32)  # 10 examples, batches of 8: the last padded
     y = np.arange(10, dtype=np.int32) % 3
     mesh = shd.data_mesh(jax.devices()[:devices])
@@ -161,8 +162,15 @@ def test_sum_over_split_counts_every_example_once(devices):
         seen.append(xb.sharding.num_devices)
         return {"n": weight.sum(), "x": (xb * weight).sum(), "y": (yb * weight).sum()}
 
+    device_get, fetched_after = jax.device_get, []
+
+    def fetch(tree):  # the device is given every batch before the host waits for any
+        fetched_after.append(len(seen))
+        return device_get(tree)
+
+    monkeypatch.setattr(jax, "device_get", fetch)
     totals = sum_over_split(batch_sums, x, y, 8, mesh)
-    assert seen == [devices, devices]
+    assert seen == [devices, devices] and fetched_after == [2]
     assert {k: float(v) for k, v in totals.items()} == {"n": 10.0, "x": 55.0, "y": 9.0}
     assert totals["x"].dtype == np.float64
 
