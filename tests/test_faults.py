@@ -535,7 +535,9 @@ def test_records_are_rebuilt_from_the_checkpoints(tmp_path, caplog):
     assert len(metrics.read_jsonl(tmp_path / "metrics.jsonl")) == 1
     with caplog.at_level("WARNING"):
         loop.train_and_evaluate(config, tmp_path, max_steps=17)
-    assert "1 lost record(s) rewritten from its checkpoint" in caplog.text
+    assert f"{tmp_path}/metrics.jsonl: 1 lost record(s) rewritten from checkpoint 16" in (
+        caplog.text
+    )
     assert (tmp_path / "metrics.jsonl").read_text() == lines
 
 

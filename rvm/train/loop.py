@@ -253,7 +253,12 @@ def _train(
         # redone; lines lost before it (a torn last line) are written again.
         lost = metrics.restore_jsonl(workdir / "metrics.jsonl", records)
         if lost:
-            logging.warning("metrics.jsonl: %d lost record(s) rewritten from its checkpoint", lost)
+            logging.warning(
+                "%s: %d lost record(s) rewritten from checkpoint %d",
+                workdir / "metrics.jsonl",
+                lost,
+                resumed.step,
+            )
         metrics.write_json(workdir / "config.json", config.to_dict())
     writer = metrics.MetricWriter(workdir, total_steps, enabled=primary)
     first_step = int(state.step)
