@@ -126,6 +126,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_parameters(uninter
         np.testing.assert_array_equal(a, b)
     epochs = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line]
     assert len(epochs) == 3  # epochs redone after a kill are not logged twice
+    assert untimed_records(tmp_path) == untimed_records(uninterrupted)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
