@@ -173,6 +173,7 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
         compiler_options=xla.compiler_options(platform, once=True),
     )
     state = init_fn(jax.random.PRNGKey(config.seed))
+    step_options = xla.compiler_options(platform)
     step_kwargs = dict(
         get_batch=task.get_batch,
         loss_fn=task.loss_fn,
@@ -185,14 +186,14 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
         in_shardings=(replicated, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
-        compiler_options=xla.compiler_options(platform),
+        compiler_options=step_options,
     )
     epoch_step_fn = jax.jit(
         partial(epoch_step, steps_per_epoch=steps_per_epoch, **step_kwargs),
         in_shardings=(replicated, replicated, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0, 1),
-        compiler_options=xla.compiler_options(platform),
+        compiler_options=step_options,
     )
     step_metrics = jax.eval_shape(step_fn, state, task.train_data)[1]
     sums = jax.jit(partial(epoch.zeros, step_metrics), out_shardings=replicated)()
