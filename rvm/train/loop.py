@@ -30,6 +30,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from rvm.errors import ConfigError, UserError
 from rvm.models import sharing
 from rvm.train import checkpoint, epoch, image_task, metrics, optim, video_task, xla
 from rvm.train import sharding as shd
@@ -135,7 +136,7 @@ def _task_and_optimizer(
     task = TASK_MODULES[task_of(config)].make_task(config, data, mesh)
     steps_per_epoch = task.num_train // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size={config.batch_size} exceeds the {task.num_train} training {task.unit}"
         )
     total_steps = config.num_epochs * steps_per_epoch
@@ -333,11 +334,10 @@ def _train(
         results.update(best_val_epoch=best["epoch"], test_error_at_best_val=best["test_error"])
     if primary:
         metrics.write_json(workdir / "results.json", results)
-    logging.info("Results: %s", results)
     return results
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UserError, FloatingPointError):
     """The loss went non-finite; the last checkpoint written is still a good one."""
 
 
