@@ -19,7 +19,7 @@ speeds up its evaluations on the CPU.
 from absl import app, flags
 
 from experiments import launcher
-from experiments.configs import cifar10
+from rvm.analysis.paper import PAPER
 from rvm.analysis.report import Options, write_report
 
 flags.DEFINE_multi_string("runs", None, "Run directories (repeat the flag or list them).")
@@ -52,7 +52,7 @@ def main(argv):
         binary_dir=FLAGS.binary_dir,
         tfds_data_dir=FLAGS.tfds_data_dir,
     )
-    written = write_report([*FLAGS.runs, *argv[1:]], FLAGS.out, cifar10.paper(), options)
+    written = write_report([*FLAGS.runs, *argv[1:]], FLAGS.out, PAPER, options)
     print(f"wrote {len(written)} files; open {written[-1]}")
 
 
