@@ -168,6 +168,22 @@ def test_readout_time_at_trained_depth_equals_plain_evaluation(loaded):
         readout.readout_time_curve(loaded["nonshared"])
 
 
+def test_recalibrated_readout_time_runs_each_length_with_statistics_of_its_own(loaded):
+    run = loaded["relaxed"]
+    n = run.info.scanned_blocks(1)
+    curve = readout.readout_time_curve(run, recalibrate=True)
+    stale = readout.readout_time_curve(run)
+    assert curve[-1]["loss"] != pytest.approx(stale[-1]["loss"], rel=1e-4)
+    # Each point is the network of that readout time with statistics re-estimated for it.
+    for t in (n, 2 * n):
+        iterations = (None, t, None)
+        fresh = run.recalibrated(iterations=iterations)
+        exact = run.evaluate(iterations=iterations, variables=fresh)
+        assert curve[t - 1]["loss"] == pytest.approx(exact["loss"], rel=1e-4)
+    bn1 = fresh["batch_stats"]["level2"]["blocks"]["block"]["residual"]["bn1"]["var"]
+    assert bn1.shape[0] == 2 * n  # one set of statistics per iteration
+
+
 def test_pca_2d_shapes_and_normalised_mean():
     rng = np.random.default_rng(0)
     drift = np.arange(5)[None, :, None] * rng.normal(size=(1, 1, 40)) * 10
@@ -259,10 +275,13 @@ def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
         f"curves_{slug}.png",
         f"figure3_ablation_{slug}.png",
         f"readout_time_{slug}.png",
+        f"readout_time_{slug}_recalibrated.png",
         "angles.png",
         "report.md",
         "readout_time_relaxed.json",
         "readout_time_relaxed.csv",
+        "readout_time_relaxed_recalibrated.json",
+        "readout_time_relaxed_recalibrated.csv",
     }
     for mode in run_dirs:
         expected |= {f"trajectories_{mode}.png", f"separability_{mode}.json"}
@@ -277,8 +296,14 @@ def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
     assert "| Relaxed |" in table and "| Non-shared |" in table
     results = json.loads((run_dirs["relaxed"] / "results.json").read_text())
     before, after = results["test_error"], results["consolidated_test_error"]
-    assert f"| {before:.2f} | {after:.2f} | {after - before:+.2f} |" in md  # consolidation table
-    assert len(angles.angle_history(runs.read_run_info(run_dirs["relaxed"]).metrics)[1]) == 6
+    fresh = results["consolidated_recalibrated_test_error"]
+    # The consolidation table: before, before re-estimated (from the checkpoint), after with
+    # the trained and with re-estimated statistics.
+    assert re.search(rf"\| {before:.2f} \| [0-9.]+ \| {after:.2f} \| {fresh:.2f} \|", md)
+    assert "with the trained statistics" in table
+    for key in ("max_angle", "max_pairwise_angle"):
+        history = angles.angle_history(runs.read_run_info(run_dirs["relaxed"]).metrics, key)
+        assert len(history[1]) == 6
 
 
 def test_report_reads_cifar10_where_it_is_told(run_dirs, monkeypatch, tmp_path):
