@@ -13,7 +13,8 @@ synthetic data that trains in under a minute on a laptop CPU.
 Hardware and time: the paper's runs are 500 epochs at batch 128. On a 2-core CPU
 VM, (3,4,4) trained at a median 418-451 images/s non-shared, 375-480 relaxed, 477-482
 raw and 867-996 minimal (evaluation included), 8-22 minutes for 10 epochs
-(results/cifar10_cpu/run.sh, two seeds; 23.3-28.5% test error after 10 epochs);
+(results/cifar10_cpu/run.sh, two seeds; 23.3-26.9% test error after 10 epochs, relaxed
+runs consolidated with re-estimated BatchNorm statistics);
 (18,18,18) needs a GPU. GPU wall time has not been measured
 with this code yet; `python bench/run.py` (`--platform gpu` on a GPU) measures
 throughput on the machine at hand and projects the wall time of a 500-epoch
