@@ -119,14 +119,17 @@ def recalibration_batches(
     batch_size: int,
     num_images: int = RECALIBRATION_IMAGES,
     seed: int = 0,
-) -> list[jax.Array]:
+) -> list[np.ndarray]:
     """`num_images` training images (a fixed random choice, no augmentation), normalised,
-    in batches of `batch_size` (fewer images if the split is smaller)."""
+    in batches of `batch_size` (fewer images if the split is smaller). Host arrays: the
+    same in every process, so a multi-process run may pass them to a jitted function."""
     order = np.random.default_rng(seed).permutation(len(images_u8))
     batch_size = min(batch_size, len(order))
     chosen = order[: max(num_images // batch_size, 1) * batch_size]
+    mean, std = (np.asarray(s, np.float32) for s in stats)
+    images = np.asarray(images_u8)
     return [
-        pipeline.normalize(jnp.asarray(images_u8[idx], jnp.float32), *stats)
+        pipeline.normalize(images[idx].astype(np.float32), mean, std)
         for idx in np.split(chosen, len(chosen) // batch_size)
     ]
 
