@@ -139,6 +139,16 @@ def test_smoke_run_writes_metrics_results_and_consolidates(tmp_path):
     assert set(lines[0]["max_angle"]) == {
         f"level{i}/blocks/block/residual/conv{j}/kernel" for i in (1, 2, 3) for j in (1, 2)
     }
+    # Level 1's two members lie on either side of their mean: the pair is further apart
+    # than either is from the mean. Levels 2 and 3 scan one block: a set of one.
+    for name, angle in lines[0]["max_angle"].items():
+        pairwise = lines[0]["max_pairwise_angle"][name]
+        assert pairwise > angle > 0.01 if name.startswith("level1") else pairwise == 0.0
+    # The final record and the results carry the consolidated errors, stale and recalibrated.
+    final = {k: results[k] for k in lines[-1] if k.startswith("consolidated")}
+    assert set(final) == {"consolidated_test_error", "consolidated_recalibrated_test_error"}
+    assert final == {k: lines[-1][k] for k in final}
+    assert "consolidated_test_error" not in lines[0]
     assert all(0.0 <= r["val_error"] <= 100.0 for r in lines)
     epoch_s = lambda r: 6 * config.batch_size / r["images_per_sec"]  # evaluation included
     assert all(0.0 < r["eval_sec"] < epoch_s(r) for r in lines)
