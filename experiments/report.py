@@ -22,7 +22,7 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments import launcher
-from experiments.configs import cifar10
+from rvm.analysis.paper import PAPER
 from rvm.analysis.report import Options, write_report
 from rvm.train import console
 
@@ -64,7 +64,7 @@ def report(runs: list[str]) -> list[Path]:
         binary_dir=FLAGS.binary_dir,
         tfds_data_dir=FLAGS.tfds_data_dir,
     )
-    return write_report(runs, FLAGS.out, cifar10.paper(), options)
+    return write_report(runs, FLAGS.out, PAPER, options)
 
 
 if __name__ == "__main__":

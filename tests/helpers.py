@@ -1,10 +1,13 @@
 """Helpers shared by several test modules (pytest puts this folder on `sys.path`)."""
 
 import functools
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rvm.train import metrics
 
 
 def random_variables(module, *args, seed=0, scale=0.5, **kwargs):
@@ -31,3 +34,11 @@ def set_field(config, field: str, value) -> None:
         node = node[section]
     with node.ignore_type():
         node[name] = value
+
+
+def untimed_records(workdir) -> list[dict]:
+    """A run's `metrics.jsonl` without its timing fields (`*_per_sec`, `eval_sec`), which
+    two runs of the same steps never share."""
+    timing = lambda k: k.endswith("_per_sec") or k == "eval_sec"
+    records = metrics.read_jsonl(Path(workdir) / "metrics.jsonl")
+    return [{k: v for k, v in r.items() if not timing(k)} for r in records]

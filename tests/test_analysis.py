@@ -14,6 +14,7 @@ import pytest
 
 from experiments.configs import cifar10
 from rvm.analysis import angles, readout, report, runs, trajectories
+from rvm.analysis.paper import PAPER
 from rvm.data import load_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +168,22 @@ def test_readout_time_at_trained_depth_equals_plain_evaluation(loaded):
         readout.readout_time_curve(loaded["nonshared"])
 
 
+def test_recalibrated_readout_time_runs_each_length_with_statistics_of_its_own(loaded):
+    run = loaded["relaxed"]
+    n = run.info.scanned_blocks(1)
+    curve = readout.readout_time_curve(run, recalibrate=True)
+    stale = readout.readout_time_curve(run)
+    assert curve[-1]["loss"] != pytest.approx(stale[-1]["loss"], rel=1e-4)
+    # Each point is the network of that readout time with statistics re-estimated for it.
+    for t in (n, 2 * n):
+        iterations = (None, t, None)
+        fresh = run.recalibrated(iterations=iterations)
+        exact = run.evaluate(iterations=iterations, variables=fresh)
+        assert curve[t - 1]["loss"] == pytest.approx(exact["loss"], rel=1e-4)
+    bn1 = fresh["batch_stats"]["level2"]["blocks"]["block"]["residual"]["bn1"]["var"]
+    assert bn1.shape[0] == 2 * n  # one set of statistics per iteration
+
+
 def test_pca_2d_shapes_and_normalised_mean():
     rng = np.random.default_rng(0)
     drift = np.arange(5)[None, :, None] * rng.normal(size=(1, 1, 40)) * 10
@@ -214,10 +231,10 @@ def test_tables_group_seeds_and_mark_missing_rows(tmp_path):
         results = {"finished": True, "params": 1, "params_consolidated": 2, "test_error": 99.0}
         results["consolidated_test_error"] = err
         infos.append(runs.RunInfo(tmp_path / f"r{i}", config, [], results))
-    groups = report.group_runs(infos, cifar10.paper())
+    groups = report.group_runs(infos, PAPER)
     # The non-shared run serves Table 1 (and would serve Table 2) whatever its scope.
     assert [g.paper_table for g in groups] == [1]
-    text = report.table_markdown(groups[0], cifar10.paper())
+    text = report.table_markdown(groups[0], PAPER)
     assert "| Relaxed | 2 | 7.50 ± 0.71 | 500 | 1437098 | 6.67 | 2 (0,1) |" in text
     assert "| Non-shared | 1 | 99.00 | 500 |" in text
     assert "| Raw | - | no run | - | 1437098 | 7.78 | 0 |" in text
@@ -230,19 +247,19 @@ def test_tables_group_seeds_and_mark_missing_rows(tmp_path):
     binary.seed, binary.data.source = 3, "binary"
     pairs = (("s", synthetic), ("b", binary))
     more = [runs.RunInfo(tmp_path / n, c, [], results) for n, c in pairs]
-    rows = report.group_runs([*infos, *more], cifar10.paper())[0].rows
+    rows = report.group_runs([*infos, *more], PAPER)[0].rows
     assert sorted(len(r.runs) for r in rows if r.method == "relaxed") == [1, 3]
     # One run given twice under two names (a workdir and its copy) is not a second seed.
     copy = runs.RunInfo(tmp_path / "copy", infos[0].config, [], results)
     with pytest.raises(ValueError, match=r"same seed \[0\]; give one of them"):
-        report.group_runs([*infos, copy], cifar10.paper())
+        report.group_runs([*infos, copy], PAPER)
 
 
 def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
     del loaded  # restored first, so the report reuses the compiled evaluations
     options = report.Options(trajectory_examples=32, separability_examples=64, separability_folds=3)
     written = report.write_report(
-        [run_dirs["relaxed"], run_dirs["nonshared"]], tmp_path, cifar10.paper(), options
+        [run_dirs["relaxed"], run_dirs["nonshared"]], tmp_path, PAPER, options
     )
     names = {p.name for p in written}
     md = (tmp_path / "report.md").read_text()
@@ -258,10 +275,13 @@ def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
         f"curves_{slug}.png",
         f"figure3_ablation_{slug}.png",
         f"readout_time_{slug}.png",
+        f"readout_time_{slug}_recalibrated.png",
         "angles.png",
         "report.md",
         "readout_time_relaxed.json",
         "readout_time_relaxed.csv",
+        "readout_time_relaxed_recalibrated.json",
+        "readout_time_relaxed_recalibrated.csv",
     }
     for mode in run_dirs:
         expected |= {f"trajectories_{mode}.png", f"separability_{mode}.json"}
@@ -276,8 +296,14 @@ def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
     assert "| Relaxed |" in table and "| Non-shared |" in table
     results = json.loads((run_dirs["relaxed"] / "results.json").read_text())
     before, after = results["test_error"], results["consolidated_test_error"]
-    assert f"| {before:.2f} | {after:.2f} | {after - before:+.2f} |" in md  # consolidation table
-    assert len(angles.angle_history(runs.read_run_info(run_dirs["relaxed"]).metrics)[1]) == 6
+    fresh = results["consolidated_recalibrated_test_error"]
+    # The consolidation table: before, before re-estimated (from the checkpoint), after with
+    # the trained and with re-estimated statistics.
+    assert re.search(rf"\| {before:.2f} \| [0-9.]+ \| {after:.2f} \| {fresh:.2f} \|", md)
+    assert "with the trained statistics" in table
+    for key in ("max_angle", "max_pairwise_angle"):
+        history = angles.angle_history(runs.read_run_info(run_dirs["relaxed"]).metrics, key)
+        assert len(history[1]) == 6
 
 
 def test_report_reads_cifar10_where_it_is_told(run_dirs, monkeypatch, tmp_path):
@@ -303,7 +329,7 @@ def test_report_reads_cifar10_where_it_is_told(run_dirs, monkeypatch, tmp_path):
         separability_examples=40,
         separability_folds=2,
     )
-    written = report.write_report([run], tmp_path / "out", cifar10.paper(), options)
+    written = report.write_report([run], tmp_path / "out", PAPER, options)
     assert any(p.name == "trajectories_run.png" for p in written)
     assert len(asked) == 1 and asked[0]["binary_dir"] == "/elsewhere/cifar10"
     assert asked[0]["source"] == "binary"
@@ -316,5 +342,5 @@ def test_a_run_without_checkpoints_is_skipped_without_reading_its_data(run_dirs,
     config = json.loads((run / "config.json").read_text())
     config["data"].update(source="binary", binary_dir=str(tmp_path / "nowhere"))
     (run / "config.json").write_text(json.dumps(config))
-    report.write_report([run], tmp_path / "out", cifar10.paper(), report.Options())
+    report.write_report([run], tmp_path / "out", PAPER, report.Options())
     assert "`run` skipped: it has no checkpoint" in (tmp_path / "out" / "report.md").read_text()

@@ -1,6 +1,8 @@
 """Runs that die and bad input: kill anywhere and resume exactly, preemption, damaged
 checkpoints, non-finite losses, shared workdirs, full disks, bad configs."""
 
+import dataclasses
+import itertools
 import json
 import os
 import random
@@ -15,8 +17,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
-from helpers import set_field
+from helpers import set_field, untimed_records
 
 from experiments.configs import cifar10
 from rvm.data import load_images
@@ -123,25 +126,100 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_parameters(uninter
         np.testing.assert_array_equal(a, b)
     epochs = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if line]
     assert len(epochs) == 3  # epochs redone after a kill are not logged twice
+    assert untimed_records(tmp_path) == untimed_records(uninterrupted)
 
 
-def test_sigterm_saves_and_exits_with_the_requeue_code(uninterrupted, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_exits_with_the_requeue_code_and_loses_nothing(
+    uninterrupted, tmp_path, signum
+):
+    """SIGTERM (a scheduler) or Ctrl-C, wherever it lands: the run saves the step it
+    stopped at, exits with 75, and its restart ends as the uninterrupted run did."""
     proc = launch(tmp_path)
     first_epoch_logged = lambda: (tmp_path / "metrics.jsonl").exists()
     deadline = time.time() + 300
     while proc.poll() is None and not first_epoch_logged() and time.time() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == loop.PREEMPTED_EXIT_CODE, err[-2000:]
-    assert "SIGTERM at step" in err
-    saved = Checkpoints(tmp_path).latest_step()
-    assert saved is not None and saved >= 8
+    step = int(re.search(rf"{signum.name} at step (\d+)", err).group(1))
+    assert Checkpoints(tmp_path).latest_step() == step
     proc = launch(tmp_path)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
+    results = lambda workdir: json.loads((workdir / "results.json").read_text())
+    assert results(tmp_path) == results(uninterrupted)
+    assert untimed_records(tmp_path) == untimed_records(uninterrupted)
     for a, b in zip(final_params(uninterrupted), final_params(tmp_path), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def _stepping_with(monkeypatch, act) -> None:
+    """Makes the loop call `act(i)` before its i-th step (from 0) in this process."""
+    build_run = loop.build_run
+
+    def build(*args):
+        run = build_run(*args)
+        calls = itertools.count()
+
+        def epoch_step(*step_args):
+            act(next(calls))
+            return run.epoch_step(*step_args)
+
+        return dataclasses.replace(run, epoch_step=epoch_step)
+
+    monkeypatch.setattr(loop, "build_run", build)
+
+
+def test_the_host_reads_the_device_only_at_log_points_epoch_ends_and_stops(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.log_every_steps = 3  # epochs of 8 steps
+    dispatched, reads = [], []  # the steps queued, and how many were at each read
+    _stepping_with(monkeypatch, dispatched.append)
+    fetched = loop._fetched
+
+    def fetching(sums):
+        reads.append(len(dispatched))
+        return fetched(sums)
+
+    monkeypatch.setattr(loop, "_fetched", fetching)
+    loop.train_and_evaluate(config, tmp_path, max_steps=11)
+    assert reads == [3, 6, 8, 9, 11]
+
+
+def test_a_signal_at_start_up_stops_cleanly_and_a_second_ctrl_c_stops_at_once(
+    tmp_path, monkeypatch
+):
+    config = tiny_config()
+    run = tmp_path / "run"
+    loop.train_and_evaluate(config, run, max_steps=12)
+    before = Checkpoints(run).all_steps(), (run / "metrics.jsonl").read_text()
+    load_data = loop.load_data
+
+    def load_after_sigterm(config):
+        os.kill(os.getpid(), signal.SIGTERM)  # while the data loads
+        return load_data(config)
+
+    monkeypatch.setattr(loop, "load_data", load_after_sigterm)
+    with pytest.raises(loop.Preempted, match="SIGTERM at step 12"):
+        loop.train_and_evaluate(config, run)
+    assert (Checkpoints(run).all_steps(), (run / "metrics.jsonl").read_text()) == before
+    monkeypatch.undo()
+
+    def ctrl_c_twice(i):
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    _stepping_with(monkeypatch, ctrl_c_twice)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train_and_evaluate(config, run)
+    assert (Checkpoints(run).all_steps(), (run / "metrics.jsonl").read_text()) == before
+    with pytest.raises(KeyboardInterrupt):  # before a first checkpoint: nothing left behind
+        loop.train_and_evaluate(config, tmp_path / "fresh")
+    assert not (tmp_path / "fresh").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 # The tiny run in a process of its own: alone (argv: workdir, tests dir) or as one of
@@ -191,7 +269,8 @@ def _pair(workdir: Path) -> list[subprocess.Popen]:
 def test_two_processes_train_one_run_together(tmp_path):
     """Two processes of one device each train the run of one process with two devices,
     to the bit, through a preemption: SIGTERM to one of them stops both after the same
-    step, with its checkpoint. The first process alone writes the run's records."""
+    step, with its checkpoint, and the records are those of the run that was not stopped,
+    wherever the signal landed. The first process alone writes the run's records."""
     together, alone = tmp_path / "together", tmp_path / "alone"
     procs = _pair(together)
     deadline = time.time() + 300
@@ -214,9 +293,7 @@ def test_two_processes_train_one_run_together(tmp_path):
     assert Checkpoints(together).all_steps()[-2:] == [16, 24]
     records = metrics.read_jsonl(together / "metrics.jsonl")
     assert [r["step"] for r in records] == [8, 16, 24]  # written once, not once per process
-    assert [r["train_loss"] for r in records] == [
-        r["train_loss"] for r in metrics.read_jsonl(alone / "metrics.jsonl")
-    ]
+    assert untimed_records(together) == untimed_records(alone)
     for a, b in zip(final_params(together), final_params(alone), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -253,13 +330,27 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
 def test_a_checkpoint_of_another_state_is_refused_and_left_in_place(tmp_path):
     """A changed parameter tree (new code) is not damage: nothing is moved aside."""
     ckpts = Checkpoints(tmp_path)
-    ckpts.save(1, {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)})
+    sums, records = {"loss": jnp.ones(())}, {"config": {}, "records": []}
+    ckpts.save(1, {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}, sums, records)
     other = {"w": jnp.ones((3, 4)), "b": jnp.zeros(2), "extra": jnp.zeros(1)}
     with pytest.raises(CheckpointError, match=r"2 arrays differ[\s\S]*w: saved \(\(3, 2\)"):
-        ckpts.restore_latest_usable(other)
+        ckpts.restore_latest_usable(other, sums)
     assert ckpts.all_steps() == [1] and not (tmp_path / "damaged_checkpoints").exists()
-    restored = ckpts.restore_latest_usable({"w": jnp.zeros((3, 2)), "b": jnp.ones(2)})
-    np.testing.assert_array_equal(restored["w"], np.ones((3, 2)))
+    restored = ckpts.restore_latest_usable({"w": jnp.zeros((3, 2)), "b": jnp.ones(2)}, sums)
+    np.testing.assert_array_equal(restored.state["w"], np.ones((3, 2)))
+    assert restored.records == records
+
+
+def test_a_checkpoint_without_the_epoch_and_records_is_analysed_not_resumed(tmp_path):
+    """Checkpoints of the train state alone (older rvm) still restore their state."""
+    state = {"w": jnp.ones((3, 2))}
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+        manager.save(4, args=ocp.args.StandardSave(state))
+    ckpts = Checkpoints(tmp_path)
+    np.testing.assert_array_equal(ckpts.restore(state, 4)["w"], np.ones((3, 2)))
+    with pytest.raises(CheckpointError, match="lacks the epoch, records of a resumable run"):
+        ckpts.restore_latest_usable(state, {"loss": jnp.ones(())})
+    assert ckpts.all_steps() == [4] and not (tmp_path / "damaged_checkpoints").exists()
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
@@ -417,10 +508,55 @@ def test_a_torn_last_record_is_dropped_and_a_damaged_one_before_it_is_not(tmp_pa
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"ste')  # killed while appending
     assert metrics.read_jsonl(path) == [{"step": 1}, {"step": 2}]
-    metrics.truncate_jsonl(path, after_step=2)  # resuming from step 2 cleans it up
-    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
-    metrics.truncate_jsonl(path, after_step=1)
-    assert path.read_text() == '{"step": 1}\n' and not list(tmp_path.glob("*.partial"))
     path.write_text('{"ste\n{"step": 2}\n')
     with pytest.raises(json.JSONDecodeError):
         metrics.read_jsonl(path)
+
+
+def test_records_are_rebuilt_from_the_checkpoints(tmp_path, caplog):
+    """A torn config.json or a torn last line of metrics.jsonl, as a kill mid-write (or a
+    hand edit) leaves them, is rewritten from the newest checkpoint's copy."""
+    config = tiny_config()
+    loop.train_and_evaluate(config, tmp_path, max_steps=16)
+    config_text = (tmp_path / "config.json").read_text()
+    lines = (tmp_path / "metrics.jsonl").read_text()
+    assert len(lines.splitlines()) == 2
+    (tmp_path / "config.json").write_text(config_text[: len(config_text) // 2])
+    changed = tiny_config()
+    changed.model.sharing = "nonshared"
+    # Resuming is still checked against the run's config: the checkpoint's.
+    with caplog.at_level("WARNING"), pytest.raises(ValueError, match="model.sharing: saved"):
+        loop.train_and_evaluate(changed, tmp_path)
+    assert f"{tmp_path}/config.json is missing or not JSON; rebuilt from checkpoint 16" in (
+        caplog.text
+    )
+    assert (tmp_path / "config.json").read_text() == config_text
+
+    (tmp_path / "metrics.jsonl").write_text(lines[: -len(lines.splitlines()[-1]) // 2])
+    assert len(metrics.read_jsonl(tmp_path / "metrics.jsonl")) == 1
+    with caplog.at_level("WARNING"):
+        loop.train_and_evaluate(config, tmp_path, max_steps=17)
+    assert f"{tmp_path}/metrics.jsonl: 1 lost record(s) rewritten from checkpoint 16" in (
+        caplog.text
+    )
+    assert (tmp_path / "metrics.jsonl").read_text() == lines
+
+
+def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path):
+    config = tiny_config()
+    config.data.source = "binary"
+    config.data.binary_dir = str(tmp_path / "no_data")
+    with pytest.raises(FileNotFoundError):
+        loop.train_and_evaluate(config, tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "notes.txt").write_text("mine")
+    with pytest.raises(FileNotFoundError):
+        loop.train_and_evaluate(config, tmp_path / "old")
+    assert os.listdir(tmp_path / "old") == ["notes.txt"]
+    # A loss non-finite from the first steps, before any checkpoint.
+    config = tiny_config()
+    config.optim.learning_rate = 1e30
+    with pytest.raises(loop.NonFiniteError, match="at step [1-8];"):
+        loop.train_and_evaluate(config, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()

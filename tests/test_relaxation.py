@@ -48,7 +48,7 @@ def test_update_equals_grad_of_explicit_penalty(seed):
 
 
 def test_schedule_is_exponential_between_its_ends():
-    pull = rx.exponential_pull(1e-4, 1e-1, 1000)
+    pull = rx.exponential_pull(1e-4, 1e-1, 1001)
     np.testing.assert_allclose(pull(0), 1e-4, rtol=1e-6)
     np.testing.assert_allclose(pull(1000), 1e-1, rtol=1e-5)
     np.testing.assert_allclose(pull(500), np.sqrt(1e-4 * 1e-1), rtol=1e-5)
@@ -60,9 +60,15 @@ def test_schedule_counts_steps_inside_a_chain():
     tx = optax.chain(rx.relaxation(rx.exponential_pull(1e-4, 1e-1, 10), mask), optax.sgd(0.1))
     state = tx.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
+    pulls = []
     for _ in range(10):
         _, state = tx.update(zeros, state, params)
-    np.testing.assert_allclose(state[0].pull, rx.exponential_pull(1e-4, 1e-1, 10)(9), rtol=1e-6)
+        pulls.append(float(state[0].pull))
+    # A ten-step run's first update uses exactly pull_start, its last exactly pull_end.
+    assert pulls[0] != pulls[-1]
+    assert pulls[0] == np.float32(1e-4)
+    assert pulls[-1] == np.float32(1e-1)
+    assert all(a < b for a, b in zip(pulls, pulls[1:]))
 
 
 def test_bad_pull_schedule_is_rejected():
@@ -86,3 +92,22 @@ def test_angle_matches_a_known_rotation():
     # The mean bisects the two members: each is 0.5 degrees from it.
     angles = rx.max_angles({"w": members}, {"w": True})
     np.testing.assert_allclose(angles["w"], 0.5, rtol=1e-4)
+
+
+def test_pairwise_angle_matches_a_known_rotation():
+    base = jnp.array([1.0, 0.0, 0.0])
+    theta = np.radians(0.5)
+    third = jnp.array([np.cos(theta), np.sin(theta), 0.0]) * 3.0  # the norm must not matter
+    members = jnp.stack([base, jnp.array([np.cos(2 * theta), np.sin(2 * theta), 0.0]), third])
+    pairwise = rx.max_pairwise_angles({"w": members}, {"w": True})["w"]
+    to_mean = rx.max_angles({"w": members}, {"w": True})["w"]
+    # The outer members are 1 degree apart, each within 0.5 degrees of the mean.
+    assert to_mean < 0.75
+    np.testing.assert_allclose(pairwise, 1.0, rtol=1e-4)
+
+
+def test_pairwise_angle_resolves_tiny_angles():
+    theta = np.radians(1e-3)
+    members = jnp.array([[1.0, 0.0], [np.cos(theta), np.sin(theta)]])
+    pairwise = rx.max_pairwise_angles({"w": members}, {"w": True})["w"]
+    np.testing.assert_allclose(pairwise, 1e-3, rtol=1e-3)

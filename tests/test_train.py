@@ -5,11 +5,12 @@ import json
 import jax
 import numpy as np
 import pytest
+from helpers import untimed_records
 
 from experiments.configs import cifar10
 from rvm.data import load_images
 from rvm.models import sharing
-from rvm.train import loop, xla
+from rvm.train import epoch, loop, xla
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
 from rvm.train.task import sum_over_split
@@ -138,6 +139,16 @@ def test_smoke_run_writes_metrics_results_and_consolidates(tmp_path):
     assert set(lines[0]["max_angle"]) == {
         f"level{i}/blocks/block/residual/conv{j}/kernel" for i in (1, 2, 3) for j in (1, 2)
     }
+    # Level 1's two members lie on either side of their mean: the pair is further apart
+    # than either is from the mean. Levels 2 and 3 scan one block: a set of one.
+    for name, angle in lines[0]["max_angle"].items():
+        pairwise = lines[0]["max_pairwise_angle"][name]
+        assert pairwise > angle > 0.01 if name.startswith("level1") else pairwise == 0.0
+    # The final record and the results carry the consolidated errors, stale and recalibrated.
+    final = {k: results[k] for k in lines[-1] if k.startswith("consolidated")}
+    assert set(final) == {"consolidated_test_error", "consolidated_recalibrated_test_error"}
+    assert final == {k: lines[-1][k] for k in final}
+    assert "consolidated_test_error" not in lines[0]
     assert all(0.0 <= r["val_error"] <= 100.0 for r in lines)
     epoch_s = lambda r: 6 * config.batch_size / r["images_per_sec"]  # evaluation included
     assert all(0.0 < r["eval_sec"] < epoch_s(r) for r in lines)
@@ -149,8 +160,9 @@ def test_smoke_run_writes_metrics_results_and_consolidates(tmp_path):
 
 
 @pytest.mark.parametrize("devices", [1, 8])
-def test_sum_over_split_counts_every_example_once(devices):
-    """Padded last batch weighted out, batches placed over the mesh, float64 totals."""
+def test_sum_over_split_counts_every_example_once(devices, monkeypatch):
+    """Padded last batch weighted out, batches placed over the mesh, all dispatched before
+    one fetch, float64 totals."""
     x = np.arange(1, 11, dtype=np.float32)  # 10 examples, batches of 8: the last padded
     y = np.arange(10, dtype=np.int32) % 3
     mesh = shd.data_mesh(jax.devices()[:devices])
@@ -160,8 +172,15 @@ def test_sum_over_split_counts_every_example_once(devices):
         seen.append(xb.sharding.num_devices)
         return {"n": weight.sum(), "x": (xb * weight).sum(), "y": (yb * weight).sum()}
 
+    device_get, fetched_after = jax.device_get, []
+
+    def fetch(tree):  # the device is given every batch before the host waits for any
+        fetched_after.append(len(seen))
+        return device_get(tree)
+
+    monkeypatch.setattr(jax, "device_get", fetch)
     totals = sum_over_split(batch_sums, x, y, 8, mesh)
-    assert seen == [devices, devices]
+    assert seen == [devices, devices] and fetched_after == [2]
     assert {k: float(v) for k, v in totals.items()} == {"n": 10.0, "x": 55.0, "y": 9.0}
     assert totals["x"].dtype == np.float64
 
@@ -181,3 +200,56 @@ def test_every_paper_config_builds(variant):
     model = sharing.build_model(config.model, 10)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jax.numpy.zeros((2, 32, 32, 3))))
     assert sharing.count_params(shapes["params"]) > 100_000 or variant == "smoke"
+
+
+def test_epoch_sums_give_the_means_of_the_steps_taken():
+    """On device, over steps crossing an epoch's end: the means `np.mean` gives over the
+    steps taken, skipped ones left out and counted, and the optimiser's last values."""
+    rng = np.random.default_rng(0)
+    steps = [
+        {
+            "loss": np.float32(rng.uniform(1, 3)),
+            "error": np.float32(rng.uniform()),
+            "learning_rate": np.float32(0.1 / (i + 1)),
+            "skipped": np.float32(i in (5, 6)),
+        }
+        for i in range(8)
+    ]
+    steps[5]["loss"] = np.float32(np.nan)  # a skipped step's loss must not spread
+    add = jax.jit(epoch.add, static_argnums=3)
+    sums = epoch.zeros(steps[0])
+    for i, m in enumerate(steps):
+        sums = add(sums, m, i, 4)  # epochs of 4 steps: the second holds steps 4..7
+    record = epoch.record(jax.device_get(sums), skipping=True)
+    taken = [m for m in steps[4:] if not m["skipped"]]
+    assert len(taken) == 2 and taken[0]["loss"] != taken[1]["loss"]
+    np.testing.assert_allclose(record["train_loss"], np.mean([m["loss"] for m in taken]), 1e-6)
+    np.testing.assert_allclose(
+        record["train_error"], 100 * np.mean([m["error"] for m in taken]), 1e-6
+    )
+    assert record["learning_rate"] == pytest.approx(0.1 / 8)
+    assert (record["train_steps"], record["skipped"]) == (4, 2)
+    assert int(sums.nonfinite_step) == 0  # skipped, so not an error
+
+    steps[5]["skipped"] = np.float32(0)  # not skipping: the first non-finite step is kept
+    steps[6]["loss"] = np.float32(np.inf)
+    for i, m in enumerate(steps):
+        sums = add(sums, m, i, 4)
+    assert int(sums.nonfinite_step) == 6 and np.isnan(sums.nonfinite_loss)
+
+
+def test_a_run_stopped_mid_epoch_writes_the_records_of_an_uninterrupted_one(tmp_path):
+    config = tiny_config("relaxed", num_epochs=2)  # 8 steps an epoch
+    config.log_every_steps = 2
+    straight = loop.train_and_evaluate(config, tmp_path / "straight")
+    assert loop.train_and_evaluate(config, tmp_path / "split", max_steps=11)["step"] == 11
+    # The stopped epoch's first three steps travel in the checkpoint; a record over the
+    # steps before or after the stop alone would differ from the epoch's.
+    run = loop.build_run(config, load_images(config.data), shd.data_mesh())
+    stopped = Checkpoints(tmp_path / "split").restore_latest_usable(run.state, run.epoch_sums)
+    assert stopped.step == 11 and int(stopped.epoch.steps) == 3
+    records = untimed_records(tmp_path / "straight")
+    assert float(stopped.epoch.sums["loss"]) / 3 != pytest.approx(records[1]["train_loss"])
+    assert loop.train_and_evaluate(config, tmp_path / "split") == straight
+    assert untimed_records(tmp_path / "split") == records
+    assert [r["train_steps"] for r in records] == [8, 8]

@@ -8,6 +8,11 @@ early. Three ablations probe how a level spreads its work over its blocks:
   single         each block off alone: how much any one block matters.
 For a raw-shared level (or the consolidated relaxed one) the recurrence can also
 run *longer* than trained: `readout_time_curve` evaluates readout times 1..2N.
+
+Every analysis can keep the trained BatchNorm statistics or (`recalibrate=True`)
+re-estimate them for each network it evaluates (`LoadedRun.recalibrated`): an
+ablated level or one run past its depth feeds its blocks, and the levels above it,
+inputs whose statistics the trained ones do not describe.
 """
 
 from __future__ import annotations
@@ -61,6 +66,7 @@ def ablations(
     *,
     consolidated: bool | None = None,
     num_examples: int | None = None,
+    recalibrate: bool = False,
 ) -> list[dict]:
     """Test error at every ablation point of `level` (default: the middle level).
 
@@ -77,8 +83,11 @@ def ablations(
         key = tuple(mask.tolist())
         if key not in cache:
             masks[level] = mask
+            fresh = None
+            if recalibrate:
+                fresh = run.recalibrated(list(masks), consolidated=consolidated)
             cache[key] = run.evaluate(
-                list(masks), consolidated=consolidated, num_examples=num_examples
+                list(masks), consolidated=consolidated, num_examples=num_examples, variables=fresh
             )
         off = [int(i) for i in np.flatnonzero(mask == 0)]
         records.append(
@@ -100,14 +109,17 @@ def readout_time_curve(
     max_factor: int = 2,
     consolidated: bool | None = None,
     num_examples: int | None = None,
+    recalibrate: bool = False,
 ) -> list[dict]:
     """Test error for readout times 1..max_factor*N of a raw-shared level of N blocks.
 
-    Iterations past N reuse the last block's per-block variables (BatchNorm,
-    biases), as `rvm.models.resnet.Level` defines. Every readout time runs the same
-    program: the level scanned for max_factor*N iterations, those past the readout
-    time masked off (a masked-off block is the identity), so the evaluation compiles
-    once rather than once per readout time.
+    Iterations past N reuse the last block's per-block variables (biases, and the
+    BatchNorm statistics unless `recalibrate`), as `rvm.models.resnet.Level`
+    defines. With `recalibrate` every readout time gets statistics re-estimated for
+    it, each extra iteration its own. Every readout time runs the same program: the
+    level scanned for max_factor*N iterations, those past the readout time masked
+    off (a masked-off block is the identity), so the evaluation compiles once rather
+    than once per readout time.
     """
     if not run.level_is_shared(level, consolidated):
         raise ValueError(
@@ -123,11 +135,15 @@ def readout_time_curve(
     records = []
     for t in range(1, longest + 1):
         masks[level] = (np.arange(longest) < t).astype(np.float32)
+        fresh = None
+        if recalibrate:
+            fresh = run.recalibrated(list(masks), tuple(iterations), consolidated=consolidated)
         result = run.evaluate(
             list(masks),
             iterations=tuple(iterations),
             consolidated=consolidated,
             num_examples=num_examples,
+            variables=fresh,
         )
         records.append({"iterations": t, "trained": n, **result})
     return records

@@ -23,6 +23,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from rvm.analysis import angles, readout, trajectories
+from rvm.analysis.paper import EPOCHS as PAPER_EPOCHS
+from rvm.analysis.paper import Paper
 from rvm.analysis.runs import (
     LEVEL_NAMES,
     NotARunError,
@@ -34,22 +36,11 @@ from rvm.analysis.runs import (
 from rvm.data import load_images
 from rvm.train import console
 from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE
+from rvm.train.image_task import RECALIBRATION_IMAGES
 
 METHODS = ("nonshared", "relaxed", "raw", "minimal")  # the paper's row order
 METHOD_NAMES = {"nonshared": "Non-shared", "relaxed": "Relaxed", "raw": "Raw", "minimal": "Minimal"}
 _NOT_A_DIFFERENCE = RESUME_SAFE | {"seed"}  # fields that do not make another experiment
-PAPER_EPOCHS = 500
-
-
-@dataclasses.dataclass(frozen=True)
-class Paper:
-    """The paper's published numbers and which configs each table covers, as
-    `experiments/configs/cifar10.py`'s `paper()` gives them."""
-
-    test_error: dict  # (scope, depth) -> method -> error (%)
-    tables: dict  # table number -> (scope, depth)
-    depths: dict  # depth name -> blocks_per_level
-    params: dict  # table number -> method -> parameter count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,6 +155,32 @@ def _rows(members: Sequence[RunInfo]) -> list[Row]:
     return sorted(rows, key=lambda r: (order.get(r.method, len(order)), r.label))
 
 
+CONSOLIDATION_NOTE = (
+    "Angles per set: solid, the largest angle between a member and the set mean "
+    "(`max_angle`); dotted, the largest angle between two members (`max_pairwise_angle`, "
+    "logged by runs trained after it was added; for others the final value is computed "
+    "from the checkpoint). Test errors: 'trained stats' evaluates with the BatchNorm "
+    "statistics the run trained (for the consolidated network they describe the "
+    "unaveraged kernels' activations); 're-estimated' first replaces every BatchNorm's "
+    f"statistics by the exact mean and variance of its inputs over {RECALIBRATION_IMAGES} "
+    "fixed training images (no augmentation), in the network evaluated "
+    "(`rvm.models.recalibrate`). Runs whose results.json predates these numbers get them "
+    "from their checkpoint here."
+)
+READOUT_STATISTICS = {  # the readout-time curves, and how their statistics were obtained
+    "trained": "BatchNorm statistics as trained: iterations past the trained depth reuse the "
+    "last block's statistics.",
+    "recalibrated": "BatchNorm statistics re-estimated for every readout time (exact mean "
+    f"and variance over {RECALIBRATION_IMAGES} fixed training images, no augmentation), each "
+    "extra iteration its own.",
+}
+_NOTES = {  # what the table says of an error's source (`RunInfo.final_test_error`)
+    "final": "",
+    "consolidated": "after consolidation, trained BatchNorm statistics",
+    "consolidated, recalibrated": "after consolidation, BatchNorm statistics re-estimated",
+}
+
+
 def _mean_sd(values: Sequence[float]) -> str:
     """Mean ± the sample standard deviation (n - 1) over seeds."""
     sd = f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else ""
@@ -186,8 +203,10 @@ def table_markdown(group: Group, paper: Paper) -> str:
         for info in row.runs:
             err, source = info.final_test_error()
             errors += [] if err is None else [err]
-            notes.add("after consolidation" if source == "consolidated" else "")
-            notes.add("" if source in ("final", "consolidated") else f"{info.name}: {source}")
+            notes.add(_NOTES.get(source, f"{info.name}: {source}"))
+            if source == "consolidated, recalibrated":
+                stale = (info.results or {}).get("consolidated_test_error")
+                notes.add(f"{info.name}: {stale:.2f} with the trained statistics")
             if "test_error_at_best_val" in (r := info.results or {}):
                 notes.add(f"{info.name}: {r['test_error_at_best_val']:.2f} at best val")
         notes.discard("")
@@ -261,6 +280,9 @@ def write_report(
     infos = [read_run_info(d) for d in dict.fromkeys(Path(d).resolve() for d in run_dirs)]
     if not infos:
         raise ValueError("no run directories given")
+    data_cache: dict[str, object] = {}
+    if options.analyses:
+        infos = [_with_consolidation_extras(i, options, data_cache) for i in infos]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = _unique_names(infos)
@@ -288,14 +310,14 @@ def write_report(
         md += [f"![{g.title}]({written[-1].name})", ""]
 
     if options.analyses:
-        md += _analyses(groups, names, out, options, written)
+        md += _analyses(groups, names, out, options, written, data_cache)
 
     relaxed = [i for i in infos if i.sharing == "relaxed" and angles.angle_history(i.metrics)[1]]
     if relaxed:
         path = angles.plot_angles([(i.label, i.metrics) for i in relaxed], out / "angles.png")
         written.append(path)
         md += ["## Relaxed sharing: angles and consolidation", "", f"![angles]({path.name})", ""]
-        md += [angles.consolidation_table(relaxed)]
+        md += [CONSOLIDATION_NOTE, "", angles.consolidation_table(relaxed)]
 
     linked = "\n".join(md)
     data = [p.name for p in written if f"]({p.name})" not in linked]
@@ -305,7 +327,9 @@ def write_report(
     return [*written, report]
 
 
-def _analyses(groups, names, out: Path, options: Options, written: list[Path]) -> list[str]:
+def _analyses(
+    groups, names, out: Path, options: Options, written: list[Path], data_cache: dict
+) -> list[str]:
     """Figure 3, readout time, Figures 4-5 and separability; appends files to `written`.
 
     Each run is restored and analysed once, even when it sits in two tables (a
@@ -320,7 +344,6 @@ def _analyses(groups, names, out: Path, options: Options, written: list[Path]) -
         + (f" First {options.readout_examples} test images." if options.readout_examples else ""),
     ]
     done: dict[Path, dict | None] = {}
-    data_cache: dict[str, object] = {}
     total = len({info.workdir for g in groups for _, info in _analysed(g)})
     for g in groups:
         abl_curves, time_curves = [], []
@@ -344,9 +367,11 @@ def _analyses(groups, names, out: Path, options: Options, written: list[Path]) -
             written.append(readout.plot_ablations(abl_curves, path, level=options.level))
             md += ["", f"### {g.title}", "", f"![ablations]({path.name})"]
         if time_curves:
-            path = out / f"readout_time_{g.slug}.png"
-            written.append(readout.plot_readout_time(time_curves, path, level=options.level))
-            md += ["", f"![readout time]({path.name})"]
+            for stats, note in READOUT_STATISTICS.items():
+                path = out / f"readout_time_{g.slug}{'_recalibrated' * (stats != 'trained')}.png"
+                curves = [(label, times[stats]) for label, times in time_curves]
+                written.append(readout.plot_readout_time(curves, path, level=options.level))
+                md += ["", f"Readout time, {note}", "", f"![readout time]({path.name})"]
     analysed = [(w, r) for w, r in done.items() if r is not None]
     if not analysed:
         return md + [""]
@@ -371,8 +396,8 @@ def _analyses(groups, names, out: Path, options: Options, written: list[Path]) -
     return md + [""]
 
 
-def _analyse_run(info: RunInfo, name: str, out: Path, options: Options, data_cache: dict):
-    """Restores one run and writes its per-run files; None when it has no checkpoint."""
+def _restore(info: RunInfo, options: Options, data_cache: dict):
+    """The run restored from its newest checkpoint; None when it has none."""
     where = {"binary_dir": options.binary_dir, "tfds_data_dir": options.tfds_data_dir}
     data_config = {**info.config.data.to_dict(), **{k: v for k, v in where.items() if v}}
     key = json.dumps(data_config, sort_keys=True)
@@ -382,7 +407,26 @@ def _analyse_run(info: RunInfo, name: str, out: Path, options: Options, data_cac
         return None
     if key not in data_cache:
         data_cache[key] = load_images(data_config)
-    run = load_run(info.workdir, data=data_cache[key])
+    return load_run(info.workdir, data=data_cache[key])
+
+
+def _with_consolidation_extras(info: RunInfo, options: Options, data_cache: dict) -> RunInfo:
+    """A finished relaxed run with `angles.consolidation_extras` added to its results
+    where its results.json (written before they existed) lacks them."""
+    extras = ("recalibrated_test_error", "final_max_pairwise_angle")
+    if info.sharing != "relaxed" or not info.finished or all(k in info.results for k in extras):
+        return info
+    run = _restore(info, options, data_cache)
+    if run is None:
+        return info
+    return dataclasses.replace(info, results={**angles.consolidation_extras(run), **info.results})
+
+
+def _analyse_run(info: RunInfo, name: str, out: Path, options: Options, data_cache: dict):
+    """Restores one run and writes its per-run files; None when it has no checkpoint."""
+    run = _restore(info, options, data_cache)
+    if run is None:
+        return None
     console.status(f"{name}: linear separability, trajectories, ablations")
     sep = trajectories.linear_separability(
         run,
@@ -408,10 +452,17 @@ def _analyse_run(info: RunInfo, name: str, out: Path, options: Options, data_cac
     times = None
     if run.level_is_shared(options.level):
         console.status(f"{name}: readout time up to {options.max_factor}x the trained depth")
-        times = readout.readout_time_curve(
-            run, options.level, max_factor=options.max_factor, num_examples=options.readout_examples
-        )
-        files.extend(readout.write_records(times, out / f"readout_time_{name}"))
+        times = {}
+        for stats in ("trained", "recalibrated"):
+            times[stats] = readout.readout_time_curve(
+                run,
+                options.level,
+                max_factor=options.max_factor,
+                num_examples=options.readout_examples,
+                recalibrate=stats == "recalibrated",
+            )
+            stem = f"readout_time_{name}" + ("_recalibrated" if stats == "recalibrated" else "")
+            files.extend(readout.write_records(times[stats], out / stem))
     return {
         "label": info.label,
         "ablation": abl,

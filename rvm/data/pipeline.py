@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rvm.errors import ConfigError
+
 # A feature constant over the training set has std 0 (exactly, for uint8 data summed in
 # float32); any genuinely varying uint8 feature has std >= ~1/sqrt(N), far above this.
 _MIN_STD = 1e-4
@@ -54,7 +56,7 @@ def batch_indices(seed, step, num_examples: int, batch_size: int) -> jax.Array:
     """
     steps_per_epoch = num_examples // batch_size
     if steps_per_epoch < 1:
-        raise ValueError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
+        raise ConfigError(f"batch_size={batch_size} exceeds the {num_examples} training examples")
     is_typed_key = hasattr(seed, "dtype") and jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key)
     # A typed key is a scalar too, so only integer scalars count as seeds.
     key = seed if is_typed_key or jnp.ndim(seed) > 0 else jax.random.key(seed)

@@ -143,7 +143,9 @@ class Level(nn.Module):
       iterations: evaluation only; run this many non-padding iterations instead
         of `num_blocks`. Iterations past the trained count reuse the last block's
         per-block variables (biases, BatchNorm) and survival probability, so the
-        shared recurrence simply continues with its final normalisation.
+        shared recurrence continues with its final normalisation; BatchNorm
+        statistics already stacked to `iterations` (`rvm.models.recalibrate`) are
+        used as they are, one set per iteration.
     """
 
     features: int
@@ -206,8 +208,13 @@ class Level(nn.Module):
 
         scan = self._scan(length)
         if length != self.num_blocks:
-            gather = lambda tree: jax.tree.map(lambda v: v[index], tree)
-            scan = nn.map_variables(scan, ("params", "batch_stats"), trans_in_fn=gather)
+            # Only statistics can already have the readout length (and then be
+            # re-estimated in place, hence mutable): params never grow.
+            gather = lambda tree: jax.tree.map(
+                lambda v: v if v.shape[0] == length else v[index], tree
+            )
+            scan = nn.map_variables(scan, "params", trans_in_fn=gather)
+            scan = nn.map_variables(scan, "batch_stats", trans_in_fn=gather, mutable=True)
         masked = impl != "cond"
         x, acts = scan(
             self.features, train, self.keep_activations, self.dtype, masked, name="blocks"

@@ -1,4 +1,6 @@
-"""Orbax checkpoints of the train state in `WORKDIR/checkpoints`.
+"""Orbax checkpoints of a run in `WORKDIR/checkpoints`: its train state, the sums of the
+epoch in progress (`rvm.train.epoch`) and its records (config and `metrics.jsonl` lines),
+so that a stop anywhere resumes exactly and the workdir's records can be rebuilt.
 
 Orbax writes each step into a temporary directory and renames it when complete,
 so a run killed mid-write never sees a partial checkpoint as the latest. A
@@ -15,7 +17,7 @@ import logging as std_logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -52,15 +54,32 @@ def _orbax_errors_raised_not_logged():
         logger.removeFilter(quiet)
 
 
+# The train state is orbax's default item, so that checkpoints from before the epoch
+# sums and records travelled with it still restore their state (for analyses).
+STATE, EPOCH, RECORDS = "default", "epoch", "records"
+
+
+class Restored(NamedTuple):
+    step: int
+    state: Any
+    epoch: Any  # the sums of the epoch in progress
+    records: dict[str, Any]  # {"config": the run's config, "records": its metrics.jsonl lines}
+
+
 class Checkpoints:
     def __init__(self, workdir: str | Path, keep: int = 3):
         self.workdir = Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
-            item_handlers=ocp.StandardCheckpointHandler(),
+            item_handlers={
+                STATE: ocp.StandardCheckpointHandler(),
+                EPOCH: ocp.StandardCheckpointHandler(),
+                RECORDS: ocp.JsonCheckpointHandler(),
+            },
+            # Created by the first save, so that a start that fails before it leaves none.
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False
+                max_to_keep=keep, create=False, enable_async_checkpointing=False
             ),
         )
 
@@ -70,12 +89,20 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any) -> None:
-        """Writes checkpoint `step`; a write that fails (full disk, say) leaves no partial
-        directory behind and raises CheckpointError, the earlier checkpoints intact."""
+    def save(self, step: int, state: Any, epoch: Any, records: dict[str, Any]) -> None:
+        """Writes the checkpoint of `step`: the train state, the epoch's sums and the run's
+        records (JSON: its config and metrics.jsonl lines up to `step`). A write that fails
+        (full disk, say) leaves no partial directory behind and raises CheckpointError, the
+        earlier checkpoints intact."""
+        items = {
+            STATE: ocp.args.StandardSave(state),
+            EPOCH: ocp.args.StandardSave(epoch),
+            RECORDS: ocp.args.JsonSave(records),
+        }
         try:
+            self.directory.mkdir(parents=True, exist_ok=True)
             with _orbax_errors_raised_not_logged():
-                self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+                self.manager.save(step, args=ocp.args.Composite(**items), force=True)
                 self.manager.wait_until_finished()
         except (OSError, ValueError) as e:
             if isinstance(e, ValueError) and not _IO_STATUS.match(str(e)):
@@ -95,19 +122,46 @@ class Checkpoints:
             ) from e
 
     def restore(self, target: Any, step: int | None = None) -> Any:
-        """Restores into the structure, dtypes and shardings of `target` (arrays or shapes)."""
+        """The train state, restored into the structure, dtypes and shardings of `target`
+        (arrays or shapes)."""
         step = self.latest_step() if step is None else step
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return self._restore(step, {STATE: _abstract(target)})[STATE]
 
-    def _check_matches(self, target: Any, step: int) -> None:
-        """Raises if checkpoint `step` holds another tree of arrays than `target`.
+    def _restore(self, step: int, items: dict[str, Any]) -> Any:
+        """The `items` of checkpoint `step`: JSON ones given as None, others as shapes."""
+        args = {
+            k: ocp.args.JsonRestore() if v is None else ocp.args.StandardRestore(v)
+            for k, v in items.items()
+        }
+        return self.manager.restore(step, args=ocp.args.Composite(**args))
+
+    def newest_records(self) -> tuple[int, dict[str, Any]] | None:
+        """The step and records of the newest checkpoint whose records read, if any."""
+        for step in reversed(self.all_steps()):
+            try:
+                return step, self._restore(step, {RECORDS: None})[RECORDS]
+            except Exception:  # damage is for `restore_latest_usable` to deal with
+                continue
+        return None
+
+    def _check_matches(self, target: dict[str, Any], step: int) -> None:
+        """Raises if checkpoint `step` holds other items or another tree of arrays than
+        `target` (items by name).
 
         An unreadable tree description is left to `restore` (damage)."""
         try:
-            saved = self.manager.item_metadata(step).tree
+            metadata = self.manager.item_metadata(step)
+            present = set(metadata.keys())
+            saved = {k: metadata[k].tree for k in target if k in present}
         except Exception:  # orbax/tensorstore raise many kinds for damaged files
             return
+        missing = {*target, RECORDS} - present
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} lacks the "
+                f"{', '.join(sorted(missing))} of a resumable run "
+                "(written by an older rvm: it can be analysed, not resumed)"
+            )
         saved, wanted = _arrays(saved), _arrays(target)
         if saved != wanted:
             differing = sorted(
@@ -122,12 +176,14 @@ class Checkpoints:
                 "changed its parameters or optimiser; pick another --workdir"
             )
 
-    def restore_latest_usable(self, target: Any) -> Any | None:
-        """The newest checkpoint that restores; None if there are none at all.
+    def restore_latest_usable(self, state: Any, epoch: Any) -> Restored | None:
+        """The newest checkpoint that restores into the trees of `state` and `epoch`; None
+        if there are none at all.
 
         Refuses (CheckpointError) when the workdir has damaged checkpoints and no other,
-        or when a checkpoint holds another state than `target`.
+        or when a checkpoint holds another state than `state`.
         """
+        target = {STATE: _abstract(state), EPOCH: _abstract(epoch)}
         steps = self.all_steps()
         if not steps and any((self.workdir / "damaged_checkpoints").glob("*")):
             raise CheckpointError(
@@ -137,7 +193,8 @@ class Checkpoints:
         for step in reversed(steps):
             self._check_matches(target, step)
             try:
-                return self.restore(target, step)
+                items = self._restore(step, {**target, RECORDS: None})
+                return Restored(step, items[STATE], items[EPOCH], items[RECORDS])
             except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
                 aside = self.workdir / "damaged_checkpoints" / str(step)
                 logging.warning(
@@ -163,6 +220,10 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
 def _arrays(tree: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -8,18 +8,20 @@ clip's per-frame class probabilities on the overlap towards the previous clip's
 (held fixed).
 
 Which state clip k+1 starts from (`handover`):
-* "overlap_start" (default): the state clip k had reached at frame s_{k+1}, i.e.
-  after frames [s_k, s_{k+1}), before the overlap. Chained from a zero state at
-  frame 0, every clip then starts from exactly the state of one uninterrupted
-  pass, no frame is read twice, and only gradients are truncated. Consequence:
-  on the overlap both clips compute the same function of the same state and
-  frames, so with a deterministic forward pass (no dropout; Temporal Dropout
-  and per-frame batch statistics do not change the forward pass) the coherence
-  loss is identically zero, in value and in gradient. It only acts when the two
-  passes differ (stochastic layers, or predictions made with other parameters).
-* "clip_end": the state at the end of clip k, as in the authors' released code;
-  the overlapping frames are then read a second time by a state that has already
-  seen them, the two predictions differ, and the coherence loss is informative.
+* "clip_end" (default): the state at the end of clip k, as in the authors' released
+  code; the overlapping frames are then read a second time by a state that has
+  already seen them, the two predictions differ, and the coherence loss acts.
+* "overlap_start": the state clip k had reached at frame s_{k+1}, i.e. after frames
+  [s_k, s_{k+1}), before the overlap. Chained from a zero state at frame 0, every
+  clip then starts from exactly the state of one uninterrupted pass and only
+  gradients are truncated. On the overlap both clips then compute the same function
+  of the same state and frames, so with a deterministic forward pass (Temporal
+  Dropout and per-frame batch statistics do not change it) the coherence loss is
+  identically zero, in value and in gradient: a control, not a training scheme.
+
+Either way a clip starting at frame s runs with time index s (the carry's `t`, which
+per-time-step BatchNorm reads), as in an uninterrupted pass and at evaluation; the
+state handed over at a clip's end would otherwise carry the index of that end.
 
 Shapes stay static under `jit`: every clip runs on a window of `max_len` frames
 with a validity mask (padding frames neither count in the loss nor move the
@@ -121,14 +123,15 @@ def run_clips(
     rng: Array,
     train: bool,
     remat: bool = True,
-    handover: str = "overlap_start",
+    handover: str = "clip_end",
     collect_carries: bool = False,
 ) -> ClipOutputs:
     """Run `model` clip after clip, each from the detached state handed over by the last.
 
     Clip k hands over its state before frame s_{k+1} ("overlap_start", offset
     s_{k+1} - s_k inside the clip) or after its last frame ("clip_end", offset
-    = its length). `collect_carries` also returns the state each clip started from.
+    = its length), and clip k starts at time index s_k. `collect_carries` also returns
+    the state each clip started from.
     """
     if handover not in HANDOVERS:
         raise ValueError(f"handover must be one of {HANDOVERS}, got {handover!r}")
@@ -148,6 +151,7 @@ def run_clips(
     def clip(state: tuple, xs: tuple) -> tuple[tuple, tuple]:
         carry, stats = state
         start, length, at, key = xs
+        carry = at_time(carry, start)
         # unused clips may start past the end; dynamic_slice clamps them (they are masked)
         x = jax.lax.dynamic_slice_in_dim(frames, start, window, axis=1)
         valid = jnp.arange(window) < length
@@ -171,6 +175,13 @@ def run_clips(
     xs = (schedule.starts, schedule.lengths, at, keys)
     (_, stats), (logits, valid, carries) = jax.lax.scan(body, (carry0, batch_stats), xs)
     return ClipOutputs(logits, valid, carries, stats)
+
+
+def at_time(carry: Any, t: Array) -> Any:
+    """The carry with its step counters (every carry's leading `t`, an integer scalar;
+    `rvm.models.recurrent`) set to `t`."""
+    is_counter = lambda v: jnp.ndim(v) == 0 and jnp.issubdtype(jnp.result_type(v), jnp.integer)
+    return jax.tree.map(lambda v: jnp.asarray(t, jnp.result_type(v)) if is_counter(v) else v, carry)
 
 
 def coherence_terms(curr_probs: Array, prev_probs: Array, mask: Array) -> tuple[Array, Array]:
@@ -260,7 +271,7 @@ def _scheduled_loss_fn(
     window: Callable[[int], int],
     coherence_weight: float,
     remat: bool,
-    handover: str = "overlap_start",
+    handover: str = "clip_end",
 ) -> LossFn:
     def loss_fn(params, batch_stats, batch, rng, train: bool):
         frames, labels = batch
@@ -294,13 +305,13 @@ def make_overlap_loss_fn(
     max_len: int,
     max_overlap: int | None = None,
     coherence_weight: float = 1.0,
-    handover: str = "overlap_start",
+    handover: str = "clip_end",
     remat: bool = True,
 ) -> LossFn:
     """(i) Overlap coherence training: task loss + coherence_weight * coherence loss.
 
-    See the module docstring for `handover`: with "overlap_start" and a
-    deterministic model the coherence term is zero; "clip_end" is the authors' code.
+    See the module docstring for `handover`: "clip_end" is the authors' code; with
+    "overlap_start" and a deterministic model the coherence term is zero.
     """
 
     def schedule(rng: Array, steps: int) -> Schedule:

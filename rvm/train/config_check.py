@@ -287,12 +287,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume(config: ml_collections.ConfigDict, workdir: str | Path) -> None:
-    """Refuses to resume a run whose saved config differs in a field that matters."""
-    path = Path(workdir) / "config.json"
-    if not path.exists():
-        return
-    saved = _flatten(json.loads(path.read_text()))
+def check_resume(
+    config: ml_collections.ConfigDict, workdir: str | Path, saved: dict | None = None
+) -> None:
+    """Refuses to resume a run whose saved config (`saved`, else the workdir's
+    config.json) differs in a field that matters."""
+    if saved is None:
+        path = Path(workdir) / "config.json"
+        if not path.exists():
+            return
+        saved = json.loads(path.read_text())
+    saved = _flatten(saved)
     current = _flatten(json.loads(config.to_json()))
     same_images = {saved.get("data.source"), current.get("data.source")} <= CIFAR10_SOURCES
     differing = sorted(

@@ -4,7 +4,8 @@ The whole training split sits on every device as uint8; a step gathers its batch
 by index, augments and normalises it inside the jitted step, then constrains it
 to be sharded over the `data` mesh axis. `make_task` assembles these for the
 training loop (`task.Task`), with the relaxed-sharing extras: kernel angles after
-each epoch and the consolidated network's error at the end.
+each epoch and the consolidated network's error at the end, with the BatchNorm
+statistics it was trained with and with statistics re-estimated for it.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from flax import struct
 
 from rvm.data import ImageData, load_images, pipeline
 from rvm.models import sharing as weight_sharing
+from rvm.models.recalibrate import recalibrate
 from rvm.train import sharding, xla
-from rvm.train.relaxation import max_angles
+from rvm.train.relaxation import max_angles, max_pairwise_angles
 from rvm.train.state import TrainState
 from rvm.train.task import Task, sum_over_split
 
@@ -108,6 +110,31 @@ def evaluate(
     return {"error": 100.0 * float(wrong) / n, "loss": float(total_loss) / n}
 
 
+# Training images that re-estimate BatchNorm statistics (`rvm.models.recalibrate`).
+RECALIBRATION_IMAGES = 2048
+
+
+def recalibration_batches(
+    images_u8: np.ndarray,
+    stats: tuple[Any, Any],
+    batch_size: int,
+    num_images: int = RECALIBRATION_IMAGES,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """`num_images` training images (a fixed random choice, no augmentation), normalised,
+    in batches of `batch_size` (fewer images if the split is smaller). Host arrays: the
+    same in every process, so a multi-process run may pass them to a jitted function."""
+    order = np.random.default_rng(seed).permutation(len(images_u8))
+    batch_size = min(batch_size, len(order))
+    chosen = order[: max(num_images // batch_size, 1) * batch_size]
+    mean, std = (np.asarray(s, np.float32) for s in stats)
+    images = np.asarray(images_u8)
+    return [
+        pipeline.normalize(images[idx].astype(np.float32), mean, std)
+        for idx in np.split(chosen, len(chosen) // batch_size)
+    ]
+
+
 def load_data(config: ml_collections.ConfigDict) -> ImageData:
     """CIFAR-10 or synthetic images, as `config.data` says."""
     return load_images(config.data)
@@ -121,6 +148,31 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
     mask_fn = partial(weight_sharing.set_mask, scope=config.model.scope) if relaxed else None
     score = partial(evaluate, stats=stats, batch_size=config.eval_batch_size, mesh=mesh)
 
+    last_step = config.num_epochs * (len(data.train_labels) // config.batch_size)
+    done: dict[int, dict] = {}  # the consolidated numbers, computed once per step
+
+    def consolidated(state: TrainState) -> dict:
+        step = int(state.step)
+        if step not in done:
+            merged = {
+                **state.variables,
+                "params": weight_sharing.consolidate(state.params, config.model.scope),
+            }
+            raw = weight_sharing.build_model(config.model, data.num_classes, consolidated=True)
+            # Averaged kernels change every block's activations: statistics of their own.
+            batches = recalibration_batches(data.train_images, stats, config.batch_size)
+            fresh = recalibrate(raw, merged, batches)
+            done[step] = {
+                "params_consolidated": weight_sharing.count_params(merged["params"]),
+                "consolidated_test_error": score(raw, merged, data.test_images, data.test_labels)[
+                    "error"
+                ],
+                "consolidated_recalibrated_test_error": score(
+                    raw, fresh, data.test_images, data.test_labels
+                )["error"],
+            }
+        return done[step]
+
     def epoch_metrics(state: TrainState) -> dict:
         test = score(model, state.variables, data.test_images, data.test_labels)
         record = {"test_error": test["error"], "test_loss": test["loss"]}
@@ -129,21 +181,17 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
             record["val_error"] = val["error"]
         if mask_fn is not None:
             record["max_angle"] = max_angles(state.params, mask_fn(state.params))
+            record["max_pairwise_angle"] = max_pairwise_angles(state.params, mask_fn(state.params))
+            if int(state.step) == last_step:  # the final record carries the final numbers
+                errors = consolidated(state)
+                record.update({k: v for k, v in errors.items() if k.endswith("test_error")})
         return record
 
     def final_results(state: TrainState) -> dict:
         test = score(model, state.variables, data.test_images, data.test_labels)
         results = {"test_error": test["error"]}
         if relaxed:
-            merged = {
-                **state.variables,
-                "params": weight_sharing.consolidate(state.params, config.model.scope),
-            }
-            raw = weight_sharing.build_model(config.model, data.num_classes, consolidated=True)
-            results["params_consolidated"] = weight_sharing.count_params(merged["params"])
-            results["consolidated_test_error"] = score(
-                raw, merged, data.test_images, data.test_labels
-            )["error"]
+            results.update(consolidated(state))
         return results
 
     return Task(

@@ -57,12 +57,17 @@ def _replace(path: str | Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def truncate_jsonl(path: str | Path, after_step: int) -> None:
-    """Drops records past `after_step`: epochs a killed run logged but did not checkpoint."""
-    records, lines = _read_jsonl(path)
-    kept = [r for r in records if r.get("step", 0) <= after_step]
-    if len(kept) != lines:  # records past the step, or a torn last line
-        _replace(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+def restore_jsonl(path: str | Path, records: list[dict]) -> int:
+    """Makes `path` hold exactly `records`, those of the checkpoint a run resumes from:
+    drops what a killed run logged after it (and a torn last line) and writes again
+    lines that were lost. Returns how many of `records` the file lacked."""
+    path = Path(path)
+    text = "".join(json.dumps(plain(r), sort_keys=True) + "\n" for r in records)
+    old = path.read_text() if path.exists() else ""
+    if old == text:
+        return 0
+    _replace(path, text)
+    return len(set(text.splitlines()) - set(old.splitlines()))
 
 
 def write_json(path: str | Path, value: Any) -> None:

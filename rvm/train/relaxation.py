@@ -19,16 +19,20 @@ import optax
 
 
 def exponential_pull(start: float, end: float, total_steps: int) -> optax.Schedule:
-    """`start` at step 0, growing exponentially to `end` at `total_steps` (held after)."""
+    """Exactly `start` at step 0 and `end` at step `total_steps - 1`, the run's last
+    update (the schedule is read with the count of updates already made); exponential
+    between, held at `end` after. A one-step run uses `start`."""
     if not (start > 0 and end > 0):
         raise ValueError(f"relaxation pull ends must be positive, got start={start}, end={end}")
     if total_steps < 1:
         raise ValueError(f"relaxation schedule needs total_steps >= 1, got {total_steps}")
-    log_ratio = jnp.log(end / start)
+    last = max(total_steps - 1, 1)
 
     def schedule(step):
-        frac = jnp.clip(jnp.asarray(step, jnp.float32) / total_steps, 0.0, 1.0)
-        return start * jnp.exp(frac * log_ratio)
+        frac = jnp.clip(jnp.asarray(step, jnp.float32) / last, 0.0, 1.0)
+        # The ends exactly, not start * exp(log(end / start)) rounded in float32.
+        value = start * jnp.exp(frac * jnp.log(end / start))
+        return jnp.where(frac >= 1.0, end, jnp.where(frac <= 0.0, start, value))
 
     return schedule
 
@@ -52,21 +56,42 @@ def penalty(params: Any, mask: Any) -> jax.Array:
     return sum((jnp.sum(jnp.square(d)) for d in devs), jnp.zeros((), jnp.float32))
 
 
-def max_angles(params: Any, mask: Any) -> dict[str, jax.Array]:
-    """For each set, the largest angle (degrees) between a member and the set mean."""
-    angles = {}
+def _set_members(params: Any, mask: Any):
+    """(set name, members flattened to [n, size]) for every set leaf of `mask`."""
     for path, w in jax.tree_util.tree_leaves_with_path(
         jax.tree.map(lambda w, m: w if m else None, params, mask)
     ):
-        flat = w.reshape(w.shape[0], -1)
+        yield "/".join(str(getattr(k, "key", k)) for k in path), w.reshape(w.shape[0], -1)
+
+
+def max_angles(params: Any, mask: Any) -> dict[str, jax.Array]:
+    """For each set, the largest angle (degrees) between a member and the set mean."""
+    angles = {}
+    for name, flat in _set_members(params, mask):
         unit = jnp.mean(flat, axis=0)
         unit = unit / (jnp.linalg.norm(unit) + 1e-30)
         along = flat @ unit
         across = jnp.linalg.norm(flat - along[:, None] * unit, axis=1)
         # atan2 of the two components stays accurate for tiny angles, where arccos of a
         # cosine near 1 loses most of its digits in float32.
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
         angles[name] = jnp.max(jnp.degrees(jnp.arctan2(across, along)))
+    return angles
+
+
+def max_pairwise_angles(params: Any, mask: Any) -> dict[str, jax.Array]:
+    """For each set, the largest angle (degrees) between two of its members.
+
+    Up to twice `max_angles` (two members on opposite sides of the mean): a criterion
+    such as "the members are within 1 degree of each other" is read here.
+    """
+    angles = {}
+    for name, flat in _set_members(params, mask):
+        unit = flat / (jnp.linalg.norm(flat, axis=1, keepdims=True) + 1e-30)
+        # 2 atan2(|u - v|, |u + v|) is the angle between unit vectors u and v, accurate
+        # where arccos of their dot product is not (angles near 0).
+        diff = jnp.linalg.norm(unit[:, None] - unit[None], axis=-1)
+        total = jnp.linalg.norm(unit[:, None] + unit[None], axis=-1)
+        angles[name] = jnp.max(jnp.degrees(2.0 * jnp.arctan2(diff, total)))
     return angles
 
 

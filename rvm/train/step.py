@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rvm.train import epoch
 from rvm.train.optim import relaxation_state
 from rvm.train.state import TrainState
 
@@ -72,3 +73,13 @@ def train_step(
         )
         metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
+
+
+def epoch_step(
+    state: TrainState, sums: epoch.EpochSums, data: Any, *, steps_per_epoch: int, **step_kwargs
+) -> tuple[TrainState, epoch.EpochSums]:
+    """`train_step` (with `step_kwargs`) adding its metrics to the epoch's sums on device,
+    so that the loop need not fetch anything per step."""
+    step = state.step
+    state, metrics = train_step(state, data, **step_kwargs)
+    return state, epoch.add(sums, metrics, step, steps_per_epoch)
