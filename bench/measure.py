@@ -194,26 +194,26 @@ def _device_peak_mb(jax) -> float | None:
 
 
 def rvm_pack(spec: dict) -> dict:
-    """`pack` runs of one variant trained as one pack (`rvm.train.pack`) under `strategy`."""
+    """`pack` runs of one variant trained as one pack under `strategy`: the loop's step of
+    `rvm.train.loop.build_pack` (which also sums each run's epoch metrics on device)."""
     import jax
 
     from rvm.data import load_images
-    from rvm.train import loop, pack
+    from rvm.train import loop
 
     config = rvm_config(spec)
-    k, strategy = spec["pack"], spec["strategy"]
-    config.seeds, config.pack_strategy = tuple(range(k)), strategy
+    k = spec["pack"]
+    config.seeds, config.pack_strategy = tuple(range(k)), spec["strategy"]
     data = load_images(config.data)
     baseline = _rss_mb()
-    mesh = pack.pack_mesh(k, strategy, jax.devices())
-    run = loop.build_run(config, data, mesh)
-    packed = pack.packed(config, run.task, run.tx, run.total_steps, mesh, k, strategy)
-    # Copies of one fresh state: the speed does not depend on the values.
-    box = {"states": packed.join([jax.tree.map(jax.numpy.copy, run.state) for _ in range(k)])}
+    runs = loop.build_pack(config, data)
+    box = {"states": runs.states, "sums": runs.sums}
 
     def step():
-        box["states"], metrics = packed.step(box["states"], run.train_data)
-        return box["states"], metrics
+        box["states"], box["sums"] = runs.epoch_step(
+            box["states"], box["sums"], runs.run.train_data
+        )
+        return box["states"]
 
     result = _time_windows(step, jax.block_until_ready, spec)
     return {

@@ -49,7 +49,11 @@ def main(argv):
             logging.warning("%s; exiting with %d to be requeued", e, PREEMPTED_EXIT_CODE)
             sys.exit(PREEMPTED_EXIT_CODE)
     if jax.process_index() == 0:
-        print("\n".join(metrics.summary(results, workdir)), flush=True)
+        # A pack's results hold each seed's, in its own directory.
+        runs = results.get("runs", {})
+        parts = [metrics.summary(r, workdir / f"seed_{s}") for s, r in runs.items()]
+        for lines in parts or [metrics.summary(results, workdir)]:
+            print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,22 @@
 """Packs of runs (`config.seeds`): each seed of a pack is the run of that seed trained alone."""
 
+import dataclasses
+import itertools
+import json
+import os
+import signal
+
 import jax
 import numpy as np
 import pytest
 from helpers import set_field
-from test_faults import tiny_config
+from test_faults import _damage, tiny_config
 
+from rvm.analysis.runs import read_run_info, require_checkpoint
 from rvm.data import load_images
-from rvm.train import loop, pack
+from rvm.train import epoch, loop, metrics, pack
 from rvm.train import sharding as shd
+from rvm.train.checkpoint import Checkpoints
 from rvm.train.config_check import validate
 
 STEPS = 3
@@ -20,21 +28,15 @@ def leaves(tree) -> list[np.ndarray]:
 
 
 def train_pack(config, data, devices, seeds, strategy, steps=STEPS):
-    """`steps` steps of a pack of `seeds` on `devices`: each run's state and metrics."""
-    mesh = pack.pack_mesh(len(seeds), strategy, devices)
-    run = loop.build_run(config, data, mesh)  # the task, optimiser and init of a run alone
-    p = pack.packed(config, run.task, run.tx, run.total_steps, mesh, len(seeds), strategy)
-    fresh = []
-    for seed in seeds:
-        config.seed = seed
-        fresh.append(loop.build_run(config, data, mesh).state)
-    states, history = p.join(fresh), []
+    """`steps` steps of the loop's step for a pack of `seeds` on `devices`: each run's
+    state and epoch means."""
+    config.seeds, config.pack_strategy = tuple(seeds), strategy
+    runs = loop.build_pack(config, data, pack.pack_mesh(len(seeds), strategy, devices))
+    states, sums = runs.states, runs.sums
     for _ in range(steps):
-        states, metrics = p.step(states, run.train_data)
-        history.append(jax.device_get(metrics))
-    runs = [jax.device_get(s) for s in p.runs(states)]
-    per_run = lambda i: {k: [float(m[k][i]) for m in history] for k in history[0]}
-    return runs, [per_run(i) for i in range(len(seeds))]
+        states, sums = runs.epoch_step(states, sums, runs.run.train_data)
+    means = [epoch.means(s) for s in runs.runs(jax.device_get(sums))]
+    return [jax.device_get(s) for s in runs.runs(states)], means
 
 
 @pytest.fixture(scope="module")
@@ -44,24 +46,23 @@ def data():
 
 @pytest.fixture(scope="module")
 def alone(data):
-    """Each seed trained alone on one device with the run's own step: states, metrics."""
+    """Each seed trained alone on one device with the loop's step: state, epoch means."""
     out = []
     for seed in SEEDS:
         config = tiny_config()
         config.seed = seed
         run = loop.build_run(config, data, shd.data_mesh(jax.devices()[:1]))
-        state, history = run.state, []
+        state, sums = run.state, run.epoch_sums
         for _ in range(STEPS):
-            state, metrics = run.step_fn(state, run.train_data)
-            history.append(jax.device_get(metrics))
-        out.append((jax.device_get(state), {k: [float(m[k]) for m in history] for k in history[0]}))
+            state, sums = run.epoch_step(state, sums, run.train_data)
+        out.append((jax.device_get(state), epoch.means(jax.device_get(sums))))
     return out
 
 
 def test_the_seeds_of_a_pack_really_differ(alone):
     (a, ma), (b, mb) = alone
     assert all(not np.array_equal(x, y) for x, y in zip(leaves(a.params), leaves(b.params)))
-    assert ma["loss"] != mb["loss"]
+    assert ma["loss"] != mb["loss"] and ma["error"] != mb["error"]
 
 
 def test_a_looped_pack_is_bitwise_each_run_alone(alone, data):
@@ -89,6 +90,7 @@ def test_a_pack_compiled_as_one_program_matches_each_run_alone(alone, data, stra
             np.testing.assert_allclose(y, x, rtol=PARAMS_RTOL, atol=PARAMS_ATOL)
         for x, y in zip(leaves(state.batch_stats), leaves(got.batch_stats), strict=True):
             np.testing.assert_allclose(y, x, rtol=STATS_RTOL)
+        assert got_m.keys() == m.keys()
         for k in m:
             np.testing.assert_allclose(got_m[k], m[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -103,6 +105,7 @@ def test_a_pack_on_eight_devices_spreads_its_runs_and_trains_each_as_alone(alone
     for (state, m), got, got_m in zip(alone, runs, metrics, strict=True):
         for x, y in zip(leaves(state.params), leaves(got.params), strict=True):
             np.testing.assert_allclose(y, x, rtol=PARAMS_RTOL, atol=PARAMS_ATOL)
+        assert got_m.keys() == m.keys()
         for k in m:
             np.testing.assert_allclose(got_m[k], m[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -148,3 +151,140 @@ def test_a_config_without_seeds_trains_its_seed():
     set_field(config, "pack_strategy", "pmap")
     with pytest.raises(ValueError, match="pack_strategy='pmap' is not one of auto, vmap"):
         validate(config)
+
+
+# --- The loop: a pack of two tiny runs against the two trained alone ---------------------
+
+TIMING = ("eval_sec", "images_per_sec")
+
+
+def e2e_config(**fields):
+    config = tiny_config()
+    config.num_epochs = 2  # 16 steps
+    for k, v in fields.items():
+        config[k] = v
+    return config
+
+
+def final_state(workdir):
+    restored = Checkpoints(workdir).restore(
+        loop.state_shapes(e2e_config(), load_images(e2e_config().data))
+    )
+    return leaves(restored)
+
+
+def untimed(workdir):
+    return [
+        {k: v for k, v in r.items() if k not in TIMING}
+        for r in metrics.read_jsonl(workdir / "metrics.jsonl")
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The pack of seeds 0 and 1 in one workdir, and each seed trained alone in another."""
+    root = tmp_path_factory.mktemp("e2e")
+    packed = loop.train_and_evaluate(e2e_config(seeds=SEEDS), root / "pack")
+    for seed in SEEDS:
+        loop.train_and_evaluate(e2e_config(seed=seed), root / f"alone_{seed}")
+    return root, packed
+
+
+def test_each_seed_of_a_pack_is_its_run_trained_alone(trained):
+    root, packed = trained
+    assert packed["finished"] and sorted(packed["runs"]) == list(SEEDS)
+    assert untimed(root / "pack/seed_0") != untimed(root / "pack/seed_1")
+    for seed in SEEDS:
+        run, alone = root / f"pack/seed_{seed}", root / f"alone_{seed}"
+        assert json.loads((run / "config.json").read_text()) == json.loads(
+            (alone / "config.json").read_text()
+        )
+        assert untimed(run) == untimed(alone) and len(untimed(run)) == 2
+        assert json.loads((run / "results.json").read_text()) == json.loads(
+            (alone / "results.json").read_text()
+        )
+        assert packed["runs"][seed] == json.loads((alone / "results.json").read_text())
+        assert read_run_info(run).seed == seed  # a run for experiments.report
+        require_checkpoint(run)
+        for x, y in zip(final_state(run), final_state(alone), strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert json.loads((root / "pack/config.json").read_text())["seeds"] == list(SEEDS)
+
+
+def test_an_interrupted_pack_resumes_to_the_uninterrupted_one(trained, tmp_path):
+    """Stopped mid-epoch, then its newest checkpoint damaged in one run only (as a kill
+    while the runs save one after another leaves it): the damaged checkpoint is set
+    aside, the other runs step back to the step all hold, and the pack ends as the
+    uninterrupted one."""
+    root, _ = trained
+    config = e2e_config(seeds=SEEDS)
+    assert loop.train_and_evaluate(config, tmp_path, max_steps=12) == {
+        "step": 12,
+        "finished": False,
+    }
+    assert Checkpoints(tmp_path / "seed_1").all_steps() == [8, 12]
+    _damage(tmp_path / "seed_1/checkpoints/12")
+    loop.train_and_evaluate(config, tmp_path)
+    assert (tmp_path / "seed_1/damaged_checkpoints/12").is_dir()
+    assert Checkpoints(tmp_path / "seed_0").all_steps()[-1] == 16
+    for seed in SEEDS:
+        run = tmp_path / f"seed_{seed}"
+        assert untimed(run) == untimed(root / f"pack/seed_{seed}")
+        for x, y in zip(final_state(run), final_state(root / f"pack/seed_{seed}"), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_every_run_of_the_pack_and_resumes(trained, tmp_path, monkeypatch):
+    root, _ = trained
+    build_run = loop.build_run
+
+    def build(*args):  # SIGTERM during step 5: each run's `epoch_step` is called per step
+        run = build_run(*args)
+        calls = itertools.count()
+
+        def epoch_step(*step_args):
+            if next(calls) == 5 * len(SEEDS):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return run.epoch_step(*step_args)
+
+        return dataclasses.replace(run, epoch_step=epoch_step)
+
+    monkeypatch.setattr(loop, "build_run", build)
+    with pytest.raises(loop.Preempted, match="SIGTERM at step 6"):
+        loop.train_and_evaluate(e2e_config(seeds=SEEDS), tmp_path)
+    monkeypatch.undo()
+    assert all(Checkpoints(tmp_path / f"seed_{s}").all_steps() == [6] for s in SEEDS)
+    loop.train_and_evaluate(e2e_config(seeds=SEEDS), tmp_path)
+    for seed in SEEDS:
+        run = tmp_path / f"seed_{seed}"
+        assert untimed(run) == untimed(root / f"pack/seed_{seed}")
+        for x, y in zip(final_state(run), final_state(root / f"pack/seed_{seed}"), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_another_seed_list_is_refused_naming_the_difference(trained):
+    root, _ = trained
+    before = sorted(p.name for p in (root / "pack").iterdir())
+    with pytest.raises(
+        ValueError, match=r"seeds=\(0, 1\); refusing seeds=\(0, 1, 2\) \(added \[2\], dropped \[\]"
+    ):
+        loop.train_and_evaluate(e2e_config(seeds=(0, 1, 2)), root / "pack")
+    with pytest.raises(ValueError, match=r"added \[\], dropped \[1\]"):
+        loop.train_and_evaluate(e2e_config(seeds=(0,)), root / "pack")
+    assert sorted(p.name for p in (root / "pack").iterdir()) == before  # no seed_2 left behind
+
+
+def test_a_non_finite_run_stops_the_pack_and_the_others_lose_nothing(tmp_path):
+    """The pack stops naming the seed; every run keeps its newest checkpoint and records,
+    and the pack finishes with non-finite steps skipped (a change allowed on resume)."""
+    config = e2e_config(seeds=SEEDS)
+    # A learning rate that explodes after step 10 of 16: the first epoch trains cleanly.
+    config.optim.lr_boundaries = (0.6,)
+    config.optim.lr_decay = 1e30
+    with pytest.raises(loop.NonFiniteError, match=r"at step 1\d in the run of seed 0;"):
+        loop.train_and_evaluate(config, tmp_path)
+    for seed in SEEDS:
+        assert Checkpoints(tmp_path / f"seed_{seed}").all_steps() == [8]
+        assert [r["step"] for r in untimed(tmp_path / f"seed_{seed}")] == [8]
+    config.skip_nonfinite = True
+    assert loop.train_and_evaluate(config, tmp_path)["finished"]

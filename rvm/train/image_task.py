@@ -48,11 +48,11 @@ def put_train_split(images, labels, stats, mesh) -> DeviceImages:
 
 
 def make_get_batch(cfg: ml_collections.ConfigDict, mesh):
-    """`get_batch(data, step, rng, seed=cfg.seed)` for config `cfg` (the whole run config);
-    a pack of runs passes each run's seed as a traced key (`rvm.train.pack`)."""
+    """`get_batch(data, step, rng, seed)` for config `cfg` (the whole run config); `seed`
+    is the run's key, which orders the batches."""
     batch_sharding = sharding.batch(mesh)
 
-    def get_batch(data: DeviceImages, step, rng, seed=cfg.seed):
+    def get_batch(data: DeviceImages, step, rng, seed):
         idx = pipeline.batch_indices(seed, step, data.images.shape[0], cfg.batch_size)
         images = pipeline.augment(data.images[idx], rng, flip=cfg.data.flip, crop=cfg.data.crop)
         images = pipeline.normalize(images, data.mean, data.std)

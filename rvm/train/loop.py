@@ -32,7 +32,7 @@ from jax.sharding import Mesh
 
 from rvm.errors import ConfigError, UserError
 from rvm.models import sharing
-from rvm.train import checkpoint, epoch, image_task, metrics, optim, video_task, xla
+from rvm.train import checkpoint, epoch, image_task, metrics, optim, pack, video_task, xla
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.config_check import check_resume, task_of, validate
@@ -112,6 +112,8 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     mesh: Mesh
+    init: Callable  # jitted PRNGKey(seed) -> fresh state, replicated
+    epoch_fn: Callable  # `epoch_step` before jit, for a pack to vectorise (`rvm.train.pack`)
 
     @property
     def model(self) -> nn.Module:
@@ -189,8 +191,9 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
         donate_argnums=0,
         compiler_options=step_options,
     )
+    epoch_fn = partial(epoch_step, steps_per_epoch=steps_per_epoch, **step_kwargs)
     epoch_step_fn = jax.jit(
-        partial(epoch_step, steps_per_epoch=steps_per_epoch, **step_kwargs),
+        epoch_fn,
         in_shardings=(replicated, replicated, replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0, 1),
@@ -198,13 +201,41 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
     )
     step_metrics = jax.eval_shape(step_fn, state, task.train_data)[1]
     sums = jax.jit(partial(epoch.zeros, step_metrics), out_shardings=replicated)()
-    return Run(task, tx, state, step_fn, epoch_step_fn, sums, steps_per_epoch, total_steps, mesh)
+    return Run(
+        task,
+        tx,
+        state,
+        step_fn,
+        epoch_step_fn,
+        sums,
+        steps_per_epoch,
+        total_steps,
+        mesh,
+        init_fn,
+        epoch_fn,
+    )
+
+
+def build_pack(config: ml_collections.ConfigDict, data: Any, mesh: Mesh | None = None) -> pack.Pack:
+    """The runs of `config.seeds` built to train together (`rvm.train.pack`), on `mesh`
+    (default: `pack.pack_mesh` over every device); without `seeds`, the one run of
+    `config.seed` (`build_run` on every device), as a pack of one."""
+    seeds = pack.seeds_of(config)
+    if config.get("seeds") is None:
+        return pack.build(build_run(config, data, mesh or shd.data_mesh()), seeds, "loop")
+    strategy = pack.strategy_of(config, jax.devices()[0].platform)
+    mesh = mesh or pack.pack_mesh(len(seeds), strategy)
+    return pack.build(build_run(pack.run_config(config, seeds[0]), data, mesh), seeds, strategy)
 
 
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | Path, *, max_steps: int | None = None
 ) -> dict:
     """Trains (or resumes) the run of `config` in `workdir`; returns the final results.
+
+    With `config.seeds`, trains the run of every seed as one pack (`rvm.train.pack`),
+    each in `WORKDIR/seed_<s>/` as a run of its own, and returns
+    `{"step", "finished", "runs": {seed: results}}`.
 
     `max_steps` stops early (with a checkpoint) without changing the schedules,
     as an interrupted run would; calling again resumes.
@@ -220,7 +251,11 @@ def train_and_evaluate(
     # Signals are caught before anything slow (data, compilation), so that none is lost.
     with _StopSignals() as signals, _undone_if_failed(workdir) as start:
         workdir.mkdir(parents=True, exist_ok=True)
-        with guard.exclusive(workdir) if primary else contextlib.nullcontext():
+        with contextlib.ExitStack() as locks:
+            if primary:  # the pack's workdir, and each run's: no lone run on one meanwhile
+                for path in dict.fromkeys([workdir, *pack.run_dirs(config, workdir)]):
+                    path.mkdir(exist_ok=True)
+                    locks.enter_context(guard.exclusive(path))
             start.owner = primary  # only the lock's holder may undo what its start made
             return _train(config, workdir, max_steps, primary, signals)
 
@@ -232,50 +267,76 @@ def _train(
     primary: bool,
     signals: _StopSignals,
 ) -> dict:
-    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
-    if ckpts.all_steps():  # before any data is read or anything compiled
-        check_resume(config, workdir, saved=_checkpointed_config(workdir, ckpts, primary))
-    run = build_run(config, load_data(config), shd.data_mesh())
-    task, state, sums = run.task, run.state, run.epoch_sums
+    seeds, dirs = pack.seeds_of(config), pack.run_dirs(config, workdir)
+    packed = config.get("seeds") is not None
+    configs = [pack.run_config(config, s) for s in seeds] if packed else [config]
+    ckpts = [checkpoint.Checkpoints(d, keep=config.keep_checkpoints) for d in dirs]
+    pack.check_seeds(config, workdir)  # before any data is read or anything compiled
+    for run_config, path, ck in zip(configs, dirs, ckpts):
+        if ck.all_steps():
+            check_resume(run_config, path, saved=_checkpointed_config(path, ck, primary))
+    runs = build_pack(config, load_data(config))
+    run, task, state, sums = runs.run, runs.run.task, runs.states, runs.sums
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
-    num_params = sharing.count_params(state.params)
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    num_params = sharing.count_params(run.state.params)
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
     # The checkpoints kept, and the one being written.
     if primary:
-        guard.check_writable(workdir, needed_bytes=(config.keep_checkpoints + 1) * state_bytes)
+        for path in dirs:
+            guard.check_writable(path, needed_bytes=(config.keep_checkpoints + 1) * state_bytes)
 
     # --- Resume ------------------------------------------------------------------------
-    records = []  # the lines of metrics.jsonl, which travel with each checkpoint
-    resumed = ckpts.restore_latest_usable(state, sums)  # refuses a workdir of damaged ones only
-    if resumed is not None:
-        state, sums, records = resumed.state, resumed.epoch, resumed.records["records"]
-        logging.info("Resumed %s from step %d", workdir, resumed.step)
+    # Each run's lines of metrics.jsonl, which travel with each of its checkpoints.
+    records: list[list[dict]] = [[] for _ in seeds]
+    resumed = pack.restore(ckpts, runs.run_shapes(state), runs.run_shapes(sums))
+    if resumed[0] is not None:
+        state = runs.join([r.state for r in resumed])
+        sums = runs.join([r.epoch for r in resumed])
+        records = [r.records["records"] for r in resumed]
+        logging.info("Resumed %s from step %d", workdir, resumed[0].step)
     if primary:
-        # Epochs logged after the checkpoint we start from (a kill before the save) are
-        # redone; lines lost before it (a torn last line) are written again.
-        lost = metrics.restore_jsonl(workdir / "metrics.jsonl", records)
-        if lost:
-            logging.warning(
-                "%s: %d lost record(s) rewritten from checkpoint %d",
-                workdir / "metrics.jsonl",
-                lost,
-                resumed.step,
-            )
-        metrics.write_json(workdir / "config.json", config.to_dict())
-    writer = metrics.MetricWriter(
-        workdir,
-        total_steps,
-        enabled=primary,
-        steps_per_epoch=steps_per_epoch,
-        batch_size=config.batch_size,
-        unit=task.unit,
-    )
-    first_step = int(state.step)
+        for path, run_config, run_records, restored in zip(dirs, configs, records, resumed):
+            # Epochs logged after the checkpoint we start from (a kill before the save) are
+            # redone; lines lost before it (a torn last line) are written again.
+            lost = metrics.restore_jsonl(path / "metrics.jsonl", run_records)
+            if lost:
+                logging.warning(
+                    "%s: %d lost record(s) rewritten from checkpoint %d",
+                    path / "metrics.jsonl",
+                    lost,
+                    restored.step,
+                )
+            metrics.write_json(path / "config.json", run_config.to_dict())
+        if packed:
+            metrics.write_json(workdir / "config.json", config.to_dict())
+    writers = [
+        metrics.MetricWriter(
+            path,
+            total_steps,
+            enabled=primary,
+            steps_per_epoch=steps_per_epoch,
+            batch_size=config.batch_size,
+            unit=task.unit,
+        )
+        for path in dirs
+    ]
+    first_step = int(runs.runs(state)[0].step)
     if first_step == 0:
-        logging.info("Parameters: %d (%s)", num_params, task.summary)
+        logging.info("Parameters: %d (%s), seeds %s", num_params, task.summary, seeds)
 
     def save(step: int) -> None:
-        ckpts.save(step, state, sums, {"config": config.to_dict(), "records": records})
+        each = zip(ckpts, runs.runs(state), runs.runs(sums), configs, records)
+        for ck, run_state, run_sums, run_config, run_records in each:
+            ck.save(
+                step, run_state, run_sums, {"config": run_config.to_dict(), "records": run_records}
+            )
+
+    def fetched() -> list[epoch.EpochSums]:
+        """Each run's sums on the host; a non-finite loss in any run stops the pack."""
+        host = runs.runs(_fetched(sums))
+        for seed, run_sums in zip(seeds, host):
+            _check_finite(run_sums, f" in the run of seed {seed}" if packed else "")
+        return host
 
     # --- Loop --------------------------------------------------------------------------
     # The host reads the device only at log points, epoch ends, saves and stops: between
@@ -285,73 +346,94 @@ def _train(
     for step in range(first_step, stop):
         if signals.stop_at(step):  # also before the first step: a signal during start-up
             if step != first_step:  # else nothing was trained since the checkpoint
-                _fetched(sums)  # a non-finite state is never saved
-                if step not in ckpts.all_steps():  # not already saved at an epoch's end
+                fetched()  # a non-finite state is never saved
+                if step not in ckpts[0].all_steps():  # not already saved at an epoch's end
                     save(step)
-            saved = step in ckpts.all_steps()
-            ckpts.close()
+            saved = step in ckpts[0].all_steps()
+            for ck in ckpts:
+                ck.close()
             raise Preempted(
                 f"{signals.received or 'SIGTERM'} at step {step}; "
-                + (f"checkpoint of that step in {ckpts.directory}" if saved else "nothing to save")
+                + (
+                    f"checkpoint of that step in {ckpts[0].directory}"
+                    if saved
+                    else "nothing to save"
+                )
             )
-        state, sums = run.epoch_step(state, sums, task.train_data)
+        state, sums = runs.epoch_step(state, sums, task.train_data)
         done = step + 1
         if done % config.log_every_steps and done % steps_per_epoch:
             continue
-        seen = _fetched(sums)  # waits for the step
+        seen = fetched()  # waits for the step
         if done % config.log_every_steps == 0:
-            writer.progress(done, first_step, epoch.means(seen))
+            writers[0].progress(done, first_step, epoch.means(seen[0]))
         if done % steps_per_epoch == 0:
-            record = epoch.record(seen, config.skip_nonfinite)
-            eval_start = time.time()  # training is done: `seen` waited for its last step
-            record.update(task.epoch_metrics(state))
-            record["eval_sec"] = time.time() - eval_start
-            # the epoch's wall time in this process, its evaluation (eval_sec of it) included
+            # Each run's rate is its images over the epoch's wall time, every run's training
+            # and evaluation included: the pack's rate is their sum.
+            epoch_records = []
+            for run_state, run_seen in zip(runs.runs(state), seen):
+                record = epoch.record(run_seen, config.skip_nonfinite)
+                eval_start = time.time()  # training is done: `seen` waited for its last step
+                record.update(task.epoch_metrics(run_state))
+                record["eval_sec"] = time.time() - eval_start
+                epoch_records.append(record)
+            # the epoch's wall time in this process, its evaluations included
             ran = done - max(first_step, done - steps_per_epoch)
-            record[f"{task.unit}_per_sec"] = ran * config.batch_size / (time.time() - epoch_start)
-            record["epoch"] = done // steps_per_epoch
-            record["step"] = done
-            writer.write(done, first_step, record)
-            records.append(metrics.plain(record))
+            rate = ran * config.batch_size / (time.time() - epoch_start)
+            for writer, run_records, record in zip(writers, records, epoch_records):
+                record[f"{task.unit}_per_sec"] = rate
+                record["epoch"] = done // steps_per_epoch
+                record["step"] = done
+                writer.write(done, first_step, record)
+                run_records.append(metrics.plain(record))
             epoch_start = time.time()
-            if record["epoch"] % config.checkpoint_every_epochs == 0:
+            if done // steps_per_epoch % config.checkpoint_every_epochs == 0:
                 save(done)
-    _fetched(sums)  # a non-finite state is never saved
-    final_step = int(state.step)
-    if final_step not in ckpts.all_steps():
+    fetched()  # a non-finite state is never saved
+    final_step = int(runs.runs(state)[0].step)
+    if final_step not in ckpts[0].all_steps():
         save(final_step)
-    ckpts.close()
-    writer.close()
+    for ck, writer in zip(ckpts, writers):
+        ck.close()
+        writer.close()
     if final_step < total_steps:
         return {"step": final_step, "finished": False}
 
     # --- Final numbers -----------------------------------------------------------------
-    results = {"step": final_step, "finished": True, "params": num_params}
-    results.update(task.final_results(state))
-    val = [r for r in records if "val_error" in r]
-    if val:
-        best = min(val, key=lambda r: r["val_error"])
-        results.update(best_val_epoch=best["epoch"], test_error_at_best_val=best["test_error"])
-    if primary:
-        metrics.write_json(workdir / "results.json", results)
-    return results
+    finals = {}
+    for seed, path, run_state, run_records in zip(seeds, dirs, runs.runs(state), records):
+        results = {"step": final_step, "finished": True, "params": num_params}
+        results.update(task.final_results(run_state))
+        val = [r for r in run_records if "val_error" in r]
+        if val:
+            best = min(val, key=lambda r: r["val_error"])
+            results.update(best_val_epoch=best["epoch"], test_error_at_best_val=best["test_error"])
+        if primary:
+            metrics.write_json(path / "results.json", results)
+        finals[seed] = results
+    if not packed:
+        return finals[config.seed]
+    return {"step": final_step, "finished": True, "runs": finals}
 
 
 class NonFiniteError(UserError, FloatingPointError):
     """The loss went non-finite; the last checkpoint written is still a good one."""
 
 
-def _fetched(sums: epoch.EpochSums) -> epoch.EpochSums:
-    """The epoch's sums on the host; stops on a non-finite loss (unless such steps are
-    being skipped and counted), naming the first step that had one."""
-    host = jax.device_get(sums)
-    if host.nonfinite_step:
+def _fetched(sums: Any) -> Any:
+    """The epoch's sums (of a run, or of a pack's runs) on the host: waits for the step."""
+    return jax.device_get(sums)
+
+
+def _check_finite(sums: epoch.EpochSums, run: str = "") -> None:
+    """Stops on a non-finite loss in the epoch's sums (on the host), unless such steps are
+    being skipped and counted, naming the first step that had one and `run`."""
+    if sums.nonfinite_step:
         raise NonFiniteError(
-            f"metric 'loss' is {float(host.nonfinite_loss)} at step {int(host.nonfinite_step)}; "
-            "stopping without saving, so the newest checkpoint is the last good one "
+            f"metric 'loss' is {float(sums.nonfinite_loss)} at step {int(sums.nonfinite_step)}"
+            f"{run}; stopping without saving, so the newest checkpoint is the last good one "
             "(config.skip_nonfinite=True skips such steps)"
         )
-    return host
 
 
 def _checkpointed_config(
@@ -373,9 +455,15 @@ def _checkpointed_config(
     return saved["config"]
 
 
-# What a start creates in a workdir: a start that fails before its first checkpoint
-# removes those of them that were not there before.
+# What a start creates in a workdir (a pack: its runs' `seed_<s>` directories too): a
+# start that fails before its first checkpoint removes those of them that were not there.
 _START_FILES = (".lock", "checkpoints", "config.json", "metrics.jsonl", "tensorboard")
+
+
+def _start_files(workdir: Path) -> set[str]:
+    return {p.name for p in workdir.glob("seed_*")} | {
+        name for name in _START_FILES if (workdir / name).exists()
+    }
 
 
 @dataclasses.dataclass
@@ -394,14 +482,14 @@ def _undone_if_failed(workdir: Path) -> Iterator[_Start]:
     else:
         while not new_root.parent.exists():
             new_root = new_root.parent
-    found = {name for name in _START_FILES if (workdir / name).exists()}
+    found = _start_files(workdir)
     steps = _checkpoint_dirs(workdir)
     start = _Start()
     try:
         yield start
     except BaseException:
         if start.owner and _checkpoint_dirs(workdir) == steps:
-            made = [new_root] if new_root else [workdir / n for n in _START_FILES if n not in found]
+            made = [new_root] if new_root else [workdir / n for n in _start_files(workdir) - found]
             for path in made:
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
@@ -410,9 +498,11 @@ def _undone_if_failed(workdir: Path) -> Iterator[_Start]:
         raise
 
 
-def _checkpoint_dirs(workdir: Path) -> set[str]:
-    """The complete checkpoints' directories (orbax renames a step's when it is written)."""
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        return set()
-    return {p.name for p in directory.iterdir() if p.name.isdigit()}
+def _checkpoint_dirs(workdir: Path) -> set[Path]:
+    """The complete checkpoints' directories (orbax renames a step's when it is written),
+    of the run or of the pack's runs."""
+    return {
+        p
+        for p in (*workdir.glob("checkpoints/*"), *workdir.glob("seed_*/checkpoints/*"))
+        if p.name.isdigit()
+    }

@@ -30,23 +30,23 @@ step is the plain train step, bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from rvm.train import optim, xla
+from rvm.errors import ConfigError
 from rvm.train import sharding as shd
-from rvm.train.state import TrainState
-from rvm.train.step import train_step
-from rvm.train.task import Task
+from rvm.train import xla
+from rvm.train.checkpoint import Checkpoints, Restored
 
 PACK = "pack"  # the mesh axis the runs of a pack are spread over
 STRATEGIES = ("vmap", "map", "loop")
@@ -92,7 +92,7 @@ def pack_mesh(k: int, strategy: str, devices: Sequence[jax.Device] | None = None
     """The ("pack", "data") mesh of K runs: gcd(K, devices) groups under "vmap", one
     otherwise, each run's batch split over its group's devices."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"pack_strategy={strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
+        raise ConfigError(f"pack_strategy={strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
     devices = np.asarray(jax.devices() if devices is None else devices)
     groups = math.gcd(k, devices.size) if strategy == "vmap" else 1
     return Mesh(devices.reshape(groups, -1), (PACK, "data"))
@@ -103,90 +103,125 @@ def stacked_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(PACK if PACK in mesh.axis_names else None))
 
 
-# --- The packed step ---------------------------------------------------------------------
+# --- The runs of a pack ------------------------------------------------------------------
 
 
-def seeded_train_step(state: TrainState, data: Any, *, get_batch: Callable, **kwargs) -> tuple:
-    """`train_step` drawing the data order from the run's own key: `state.rng` is
-    `PRNGKey(seed)`, the key `get_batch` makes of `config.seed`, so alone or in a pack
-    a run sees the same batches."""
-    seed = jax.random.wrap_key_data(state.rng)
-    return train_step(state, data, get_batch=partial(get_batch, seed=seed), **kwargs)
+def run_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    """The config of the pack's run of `seed`: `seed` set, `seeds` unset, exactly the
+    config of that seed trained alone, so its directory is a run like any other."""
+    run = ml_collections.ConfigDict(config.to_dict())
+    run.seed = seed
+    if "seeds" in run:
+        run.seeds = None
+    return run
 
 
-@dataclasses.dataclass(frozen=True)
-class Packed:
-    """The step of K runs and how their states are held: stacked along a leading axis
-    ("vmap", "map") or as a tuple of K states ("loop", and a single run)."""
+def run_dirs(config: ml_collections.ConfigDict, workdir: Path) -> list[Path]:
+    """Where each run writes: the workdir itself for one run (no `seeds`), else
+    `WORKDIR/seed_<s>/` per seed."""
+    if config.get("seeds") is None:
+        return [workdir]
+    return [workdir / f"seed_{s}" for s in config.seeds]
 
-    step: Callable  # (states, data) -> (states, metrics stacked over the runs)
-    k: int
+
+def check_seeds(config: ml_collections.ConfigDict, workdir: Path) -> None:
+    """Refuses a pack whose seed list differs from the one its workdir was started with
+    (`WORKDIR/config.json`), naming the seeds added and dropped. A pack's list is fixed,
+    also once it has finished: more seeds are another pack, in another workdir."""
+    path = workdir / "config.json"
+    if config.get("seeds") is None or not path.exists():
+        return
+    saved = json.loads(path.read_text()).get("seeds")
+    if saved is None or tuple(saved) == tuple(config.seeds):
+        return
+    added = [s for s in config.seeds if s not in saved]
+    dropped = [s for s in saved if s not in config.seeds]
+    raise ConfigError(
+        f"{workdir} holds the pack of seeds={tuple(saved)}; refusing seeds={tuple(config.seeds)} "
+        f"(added {added}, dropped {dropped}, or another order). Train other seeds as a pack "
+        "in another workdir (experiments.report takes the seed_<s> directories of both), "
+        "or one seed alone on its own WORKDIR/seed_<s>."
+    )
+
+
+def restore(ckpts: Sequence[Checkpoints], state: Any, sums: Any) -> list[Restored | None]:
+    """Each run's newest usable checkpoint (None: a fresh start) into one run's `state` and
+    `sums`, at the newest step that all the runs hold: a pack killed while saving its runs
+    one after another drops the step that some of them lack."""
+    resumed = [ck.restore_latest_usable(state, sums) for ck in ckpts]
+    step = lambda r: 0 if r is None else r.step
+    common = min(map(step, resumed))
+    if all(step(r) == common for r in resumed):
+        return resumed
+    for ck in ckpts:
+        for newer in (s for s in ck.all_steps() if s > common):
+            logging.warning(
+                "%s dropped: not every run of the pack saved step %d",
+                ck.directory / str(newer),
+                newer,
+            )
+            ck.manager.delete(newer)
+    return [ck.restore_latest_usable(state, sums) for ck in ckpts]
+
+
+@dataclasses.dataclass
+class Pack:
+    """K runs of one config built to train together: the first seed's `Run` (task,
+    optimiser, schedules, mesh) and the K runs' states and epoch sums, held stacked along
+    a leading axis ("vmap", "map") or as tuples of K ("loop", and a single run)."""
+
+    run: Any  # `rvm.train.loop.Run` of the first seed
+    seeds: tuple[int, ...]
     stacked: bool
-    mesh: Mesh
+    states: Any
+    sums: Any
+    epoch_step: Callable  # (states, sums, data) -> (states, sums), the loop's step
 
-    def runs(self, states: Any) -> list[TrainState]:
-        """Each run's state."""
-        return unstack(states) if self.stacked else list(states)
+    def runs(self, tree: Any) -> list[Any]:
+        """Each run's part of `tree` (states or sums)."""
+        return unstack(tree) if self.stacked else list(tree)
 
-    def join(self, runs: Sequence[TrainState]) -> Any:
-        """The pack's states from each run's (fresh or restored) state."""
+    def join(self, trees: Sequence[Any]) -> Any:
+        """The pack's tree (states or sums) from each run's."""
         if not self.stacked:
-            return tuple(runs)
-        return jax.device_put(stack(runs), stacked_sharding(self.mesh))
+            return tuple(trees)
+        return jax.device_put(stack(trees), stacked_sharding(self.run.mesh))
 
-    def run_shapes(self, states: Any) -> TrainState:
-        """Shapes, dtypes and (replicated) shardings of one run's state, to restore into."""
-        replicated = shd.replicated(self.mesh)
+    def run_shapes(self, tree: Any) -> Any:
+        """Shapes, dtypes and (replicated) shardings of one run's part of `tree`."""
+        replicated = shd.replicated(self.run.mesh)
         one = lambda x: jax.ShapeDtypeStruct(x.shape[self.stacked :], x.dtype, sharding=replicated)
-        return jax.tree.map(one, states if self.stacked else states[0])
+        return jax.tree.map(one, tree if self.stacked else tree[0])
 
 
-def packed(
-    config: ml_collections.ConfigDict,
-    task: Task,
-    tx: optax.GradientTransformation,
-    total_steps: int,
-    mesh: Mesh,
-    k: int,
-    strategy: str,
-) -> Packed:
-    """The jitted, donated step of K runs of `config` on `mesh` (`pack_mesh`)."""
+def build(run: Any, seeds: Sequence[int], strategy: str) -> Pack:
+    """The pack of `seeds` from the `Run` of its first seed (`rvm.train.loop.build_run`):
+    every other run initialised by the same compiled function, from its own key."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"pack_strategy={strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
-    step = partial(
-        seeded_train_step,
-        get_batch=task.get_batch,
-        loss_fn=task.loss_fn,
-        tx=tx,
-        lr_schedule=optim.learning_rate(config.optim, total_steps),
-        skip_nonfinite=config.skip_nonfinite,
-    )
-    replicated = shd.replicated(mesh)
-    options = xla.compiler_options(mesh.devices.flat[0].platform)
-    if k == 1 or strategy == "loop":
-        one = jax.jit(
-            step,
-            in_shardings=(replicated, replicated),
-            out_shardings=(replicated, replicated),
-            donate_argnums=0,
-            compiler_options=options,
-        )
+        raise ConfigError(f"pack_strategy={strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
+    seeds = tuple(seeds)
+    states = [run.state, *(run.init(jax.random.PRNGKey(s)) for s in seeds[1:])]
+    sums = [run.epoch_sums, *(jax.tree.map(jnp.copy, run.epoch_sums) for _ in seeds[1:])]
+    if len(seeds) == 1 or strategy == "loop":
 
-        def each(states, data):
-            out = [one(state, data) for state in states]
-            return tuple(s for s, _ in out), stack([m for _, m in out])
+        def each(states, sums, data):
+            out = [run.epoch_step(state, s, data) for state, s in zip(states, sums)]
+            return tuple(state for state, _ in out), tuple(s for _, s in out)
 
-        return Packed(each, k, False, mesh)
+        return Pack(run, seeds, False, tuple(states), tuple(sums), each)
     if strategy == "vmap":
-        many = jax.vmap(step, in_axes=(0, None), spmd_axis_name=PACK)
+        many = jax.vmap(run.epoch_fn, in_axes=(0, 0, None), spmd_axis_name=PACK)
     else:
-        many = lambda states, data: jax.lax.map(lambda state: step(state, data), states)
-    stacked = stacked_sharding(mesh)
-    jitted = jax.jit(
+        many = lambda states, sums, data: jax.lax.map(
+            lambda pair: run.epoch_fn(*pair, data), (states, sums)
+        )
+    stacked = stacked_sharding(run.mesh)
+    step = jax.jit(
         many,
-        in_shardings=(stacked, replicated),
+        in_shardings=(stacked, stacked, shd.replicated(run.mesh)),
         out_shardings=(stacked, stacked),
-        donate_argnums=0,
-        compiler_options=options,
+        donate_argnums=(0, 1),
+        compiler_options=xla.compiler_options(run.mesh.devices.flat[0].platform),
     )
-    return Packed(jitted, k, True, mesh)
+    pack = Pack(run, seeds, True, None, None, step)
+    return dataclasses.replace(pack, states=pack.join(states), sums=pack.join(sums))

@@ -1,8 +1,8 @@
 """The jitted train step, generic over tasks.
 
-A task supplies `get_batch(data, step, rng)` (data lives on device; the batch is
-a pure function of the step and the run's key, so a resumed run sees the same
-batches) and `loss_fn(params, batch_stats, batch, rng, train)` returning
+A task supplies `get_batch(data, step, rng, seed)` (data lives on device; the batch
+is a pure function of the step, the step's key and the run's key `seed`, so a resumed
+run sees the same batches) and `loss_fn(params, batch_stats, batch, rng, train)` returning
 `(loss, (new_batch_stats, metrics))`. Under `jax.jit` with the batch sharded
 over a `("data",)` mesh, BatchNorm statistics are those of the global batch.
 """
@@ -27,7 +27,7 @@ def train_step(
     state: TrainState,
     data: Any,
     *,
-    get_batch: Callable[[Any, jax.Array, jax.Array], Any],
+    get_batch: Callable[[Any, jax.Array, jax.Array, jax.Array], Any],
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule | None = None,
@@ -41,7 +41,9 @@ def train_step(
     stay those of `state.step`.
     """
     data_rng, model_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
-    batch = get_batch(data, state.step, data_rng)
+    # The run's key, `PRNGKey(config.seed)`, orders its data: a traced value, so the runs
+    # of a pack (`rvm.train.pack`) share one program and each keeps its own order.
+    batch = get_batch(data, state.step, data_rng, jax.random.wrap_key_data(state.rng))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (batch_stats, metrics)), grads = grad_fn(
         state.params, state.batch_stats, batch, model_rng, True

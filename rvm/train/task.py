@@ -33,7 +33,7 @@ class Task:
     train_data: Any  # pytree on device, replicated; the step's `data` argument
     num_train: int  # training examples, for the epoch length
     init_input: jax.Array  # a batch of one example, for `model.init`
-    get_batch: Callable[[Any, jax.Array, jax.Array], Any]  # see `rvm.train.step`
+    get_batch: Callable[[Any, jax.Array, jax.Array, jax.Array], Any]  # see `rvm.train.step`
     loss_fn: LossFn
     # Evaluation after each epoch: fields of the metrics.jsonl record ("test_error", ...).
     epoch_metrics: Callable[[TrainState], dict[str, Any]]

@@ -140,11 +140,11 @@ def init_input(config: ml_collections.ConfigDict) -> jax.Array:
 
 
 def make_get_batch(config: ml_collections.ConfigDict, mesh):
-    """`get_batch(data, step, rng, seed=config.seed)`: frames [B, T, H, W, 1] uint8 (and
-    labels [B] for motion); a pack of runs passes each run's seed as a traced key."""
+    """`get_batch(data, step, rng, seed)`: frames [B, T, H, W, 1] uint8 (and labels [B]
+    for motion), in the order of the run's key `seed`."""
     batch_sharding = sharding.batch(mesh)
 
-    def get_batch(data: DeviceVideos, step, rng, seed=config.seed):
+    def get_batch(data: DeviceVideos, step, rng, seed):
         del rng  # nothing random beyond the batch order
         idx = pipeline.batch_indices(seed, step, data.frames.shape[0], config.batch_size)
         frames = jax.lax.with_sharding_constraint(data.frames[idx], batch_sharding)
