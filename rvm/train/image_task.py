@@ -149,11 +149,13 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
     score = partial(evaluate, stats=stats, batch_size=config.eval_batch_size, mesh=mesh)
 
     last_step = config.num_epochs * (len(data.train_labels) // config.batch_size)
-    done: dict[int, dict] = {}  # the consolidated numbers, computed once per step
+    # The consolidated numbers, computed once per run and step (a pack's runs, told apart
+    # by their keys, share this task: `rvm.train.pack`).
+    done: dict[tuple[int, bytes], dict] = {}
 
     def consolidated(state: TrainState) -> dict:
-        step = int(state.step)
-        if step not in done:
+        key = (int(state.step), np.asarray(state.rng).tobytes())
+        if key not in done:
             merged = {
                 **state.variables,
                 "params": weight_sharing.consolidate(state.params, config.model.scope),
@@ -162,7 +164,7 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
             # Averaged kernels change every block's activations: statistics of their own.
             batches = recalibration_batches(data.train_images, stats, config.batch_size)
             fresh = recalibrate(raw, merged, batches)
-            done[step] = {
+            done[key] = {
                 "params_consolidated": weight_sharing.count_params(merged["params"]),
                 "consolidated_test_error": score(raw, merged, data.test_images, data.test_labels)[
                     "error"
@@ -171,7 +173,7 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
                     raw, fresh, data.test_images, data.test_labels
                 )["error"],
             }
-        return done[step]
+        return done[key]
 
     def epoch_metrics(state: TrainState) -> dict:
         test = score(model, state.variables, data.test_images, data.test_labels)
