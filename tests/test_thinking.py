@@ -12,6 +12,7 @@ import pytest
 
 from experiments.configs import mazes as maze_configs
 from experiments.configs import prefix_sums as prefix_configs
+from rvm.analysis.thinking import read_run, write_report
 from rvm.data.mazes import make_mazes, maze_split
 from rvm.data.prefix_sums import make_prefix_sums, prefix_sum_split
 from rvm.models.thinking import ThinkingNet
@@ -289,3 +290,10 @@ def test_smoke_run_through_the_loop(configs, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == config.num_epochs
     assert "test_error" in json.loads(lines[-1])
+    # The report reads the records alone.
+    summary = write_report([read_run(tmp_path)], tmp_path / "report", "this CPU", "pytest")
+    rows = [
+        line for line in summary.read_text().splitlines() if line.startswith(f"| {tmp_path.name} |")
+    ]
+    assert len(rows) == len(config.data.test_sizes)
+    assert (tmp_path / "report" / "thinking_longer.png").stat().st_size > 0
