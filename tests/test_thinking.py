@@ -290,8 +290,14 @@ def test_smoke_run_through_the_loop(configs, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == config.num_epochs
     assert "test_error" in json.loads(lines[-1])
-    # The report reads the records alone.
-    summary = write_report([read_run(tmp_path)], tmp_path / "report", "this CPU", "pytest")
+    # The report reads the records alone; a run without results.json is listed as unfinished.
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        (unfinished / name).write_text((tmp_path / name).read_text())
+    runs = [read_run(tmp_path), read_run(unfinished)]
+    summary = write_report(runs, tmp_path / "report", "this CPU", "pytest")
+    assert "unfinished: " in summary.read_text() and "UNFINISHED at step" in summary.read_text()
     rows = [
         line for line in summary.read_text().splitlines() if line.startswith(f"| {tmp_path.name} |")
     ]

@@ -23,11 +23,13 @@ def read_run(path: str | Path) -> dict[str, Any]:
     """The records of one run directory (or a folder of copied records)."""
     path = Path(path)
     lines = (path / "metrics.jsonl").read_text().splitlines()
+    results = path / "results.json"
     return {
         "name": path.name,
         "config": json.loads((path / "config.json").read_text()),
         "metrics": [json.loads(line) for line in lines if line.strip()],
-        "results": json.loads((path / "results.json").read_text()),
+        # None while the run is unfinished: it has per-epoch numbers only
+        "results": json.loads(results.read_text()) if results.exists() else None,
     }
 
 
@@ -45,10 +47,17 @@ def describe(run: dict) -> str:
         if t["progressive_weight"] == 0
         else f"{t['counts']} counts, k={t['grad_iterations']}, weight {t['progressive_weight']}"
     )
-    return (
+    text = (
         f"width {m['width']}, {m['blocks']} block(s)/iteration, recall {m['recall']}, "
-        f"m={t['iterations']}, {loss}; {run['results']['params']:,} parameters"
+        f"m={t['iterations']}, {loss}"
     )
+    if run["results"] is None:
+        last = run["metrics"][-1] if run["metrics"] else {"step": 0, "test_error": float("nan")}
+        return (
+            f"{text}; UNFINISHED at step {last['step']}, exact match at the trained size and "
+            f"count {100 - last['test_error']:.1f}% (no curves)"
+        )
+    return f"{text}; {run['results']['params']:,} parameters"
 
 
 def _table(runs: list[dict]) -> list[str]:
@@ -58,6 +67,8 @@ def _table(runs: list[dict]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
+        if run["results"] is None:
+            continue
         for size, c in sorted(run["results"]["sizes"].items(), key=lambda kv: int(kv[0])):
             lines.append(
                 f"| {run['name']} | {size} | {c['accuracy_at_trained']:.1f} | "
@@ -71,6 +82,8 @@ def _table(runs: list[dict]) -> list[str]:
 def target_lines(run: dict) -> list[str]:
     """Each target size of the run's problem: met or missed, and by how much."""
     kind = run["config"]["data"]["kind"]
+    if run["results"] is None:
+        return []
     out = []
     for size, goal in TARGETS[kind].items():
         curve = run["results"]["sizes"].get(str(size))
@@ -100,6 +113,7 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    runs = [r for r in runs if r["results"] is not None]
     fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
     for ax, run in zip(axes[0], runs):
         m = run["results"]["trained_iterations"]
@@ -143,8 +157,9 @@ def write_report(runs: list[dict], out: str | Path, machine: str, command: str) 
         lines += [f"## {kind.replace('_', ' ')}", ""]
         for r in chosen:
             minutes = train_seconds(r) / 60
+            steps = r["metrics"][-1]["step"] if r["metrics"] else 0
             lines.append(
-                f"- {r['name']}: {describe(r)}; {r['results']['step']} steps of "
+                f"- {r['name']}: {describe(r)}; {steps} steps of "
                 f"{r['config']['batch_size']} in {minutes:.1f} min"
             )
         lines += ["", *_table(chosen), ""]
