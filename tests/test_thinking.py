@@ -12,7 +12,7 @@ import pytest
 
 from experiments.configs import mazes as maze_configs
 from experiments.configs import prefix_sums as prefix_configs
-from rvm.analysis.thinking import read_run, write_report
+from rvm.analysis.thinking import evaluate_run, read_run, write_report
 from rvm.data.mazes import make_mazes, maze_split
 from rvm.data.prefix_sums import make_prefix_sums, prefix_sum_split
 from rvm.models.thinking import ThinkingNet
@@ -290,6 +290,11 @@ def test_smoke_run_through_the_loop(configs, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == config.num_epochs
     assert "test_error" in json.loads(lines[-1])
+    # Evaluating the final checkpoint again gives the curves of results.json.
+    again = evaluate_run(tmp_path)["results"]["sizes"]
+    for size, curve in saved["sizes"].items():
+        assert again[size]["accuracy"] == curve["accuracy"]
+        assert len(again[size]["position_accuracy"]) == most
     # The report reads the records alone; a run without results.json is listed as unfinished.
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()

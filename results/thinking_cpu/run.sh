@@ -5,8 +5,8 @@
 #   against the plain recurrent net (no recall, loss at the trained count)
 #   mazes trained on 9x9 cells, tested on 9x9/13x13/21x21: the same two networks
 # Every test size is evaluated at 1 .. 10x the trained iteration count. Each run's
-# config.json, metrics.jsonl and results.json are copied here; summary.md and the figure
-# are then written from them (experiments/think_eval.py). Rerunning resumes unfinished
+# config.json, metrics.jsonl, results.json and final checkpoint are copied here; summary.md
+# and the figure are then written from them (experiments/think_eval.py). Rerunning resumes unfinished
 # runs and skips finished ones; RUNS="ps_plain" trains only the runs named.
 # Logs: $WORKDIRS/NAME.log.
 set -euo pipefail
@@ -25,8 +25,12 @@ train() {  # NAME CONFIG VARIANT [--config.FIELD=VALUE ...]
     python -m experiments.train --config="experiments/configs/$config.py:$variant" "$@" \
       --workdir="$WORKDIRS/$name" >>"$WORKDIRS/$name.log" 2>&1
   fi
-  mkdir -p "$OUT/$name"
+  local last
+  last=$(ls "$WORKDIRS/$name/checkpoints" | sort -n | tail -1)
+  mkdir -p "$OUT/$name/checkpoints"
   cp "$WORKDIRS/$name"/{config.json,metrics.jsonl,results.json} "$OUT/$name/"
+  rm -rf "$OUT/$name/checkpoints/$last"
+  cp -r "$WORKDIRS/$name/checkpoints/$last" "$OUT/$name/checkpoints/"
   echo "$name: $((SECONDS - start)) s"
 }
 
@@ -37,7 +41,8 @@ train ps_plain prefix_sums plain --config.num_epochs=3
 train mz_recall_prog mazes recall_prog
 train mz_plain mazes plain --config.num_epochs=1
 
-python -m experiments.think_eval --out "$OUT" --machine="$MACHINE" \
+# --evaluate: the curves again from the final checkpoints, with the per-position accuracy
+python -m experiments.think_eval --evaluate --out "$OUT" --machine="$MACHINE" \
   --command="results/thinking_cpu/run.sh" \
   --runs="$OUT/ps_recall_prog,$OUT/ps_plain,$OUT/mz_recall_prog,$OUT/mz_plain"
 echo "total: $SECONDS s"

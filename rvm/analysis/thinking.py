@@ -33,6 +33,35 @@ def read_run(path: str | Path) -> dict[str, Any]:
     }
 
 
+def evaluate_run(path: str | Path) -> dict[str, Any]:
+    """`read_run`, with the curves computed again from the newest checkpoint in `path`
+    (by the code at hand, so with every field it now reports)."""
+    import ml_collections
+
+    from rvm.train import loop, thinking_task
+    from rvm.train.checkpoint import Checkpoints
+
+    path = Path(path)
+    if not (path / "checkpoints").is_dir():
+        raise FileNotFoundError(f"{path} has no checkpoints/ to evaluate")
+    run = read_run(path)
+    config = ml_collections.ConfigDict(run["config"])
+    data = thinking_task.load_data(config)
+    ckpts = Checkpoints(path, keep=config.keep_checkpoints)
+    try:
+        state = ckpts.restore(loop.state_shapes(config, data))
+    finally:
+        ckpts.close()
+    model = thinking_task.build_model(config)
+    sizes = thinking_task.size_results(config, model, state.variables, data, mesh=None)
+    run["results"] = {
+        **(run["results"] or {"params": None}),
+        "sizes": sizes,
+        "trained_iterations": config.train.iterations,
+    }
+    return run
+
+
 def train_seconds(run: dict) -> float:
     """Wall time of training and per-epoch evaluation, from the epochs' throughput."""
     batch = run["config"]["batch_size"]
@@ -63,8 +92,8 @@ def describe(run: dict) -> str:
 def _table(runs: list[dict]) -> list[str]:
     lines = [
         "| run | size | at m | best (iterations) | at max | halting: accuracy, mean iterations "
-        "(saved) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "(saved) | positions right: at m, best (iterations), at max |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
         if run["results"] is None:
@@ -74,9 +103,18 @@ def _table(runs: list[dict]) -> list[str]:
                 f"| {run['name']} | {size} | {c['accuracy_at_trained']:.1f} | "
                 f"{c['best_accuracy']:.1f} ({c['best_iterations']}) | {c['accuracy_at_max']:.1f} | "
                 f"{c['halt_accuracy']:.1f}, {c['halt_iterations']:.1f} "
-                f"({c['halt_saved_iterations']:.1f}) |"
+                f"({c['halt_saved_iterations']:.1f}) | {_positions(c, run)} |"
             )
     return lines
+
+
+def _positions(curve: dict, run: dict) -> str:
+    acc = curve.get("position_accuracy")
+    if acc is None:  # records written before the field existed
+        return "-"
+    m = run["results"]["trained_iterations"]
+    best = max(range(len(acc)), key=acc.__getitem__)
+    return f"{acc[m - 1]:.1f}, {acc[best]:.1f} ({best + 1}), {acc[-1]:.1f}"
 
 
 def target_lines(run: dict) -> list[str]:
@@ -114,18 +152,22 @@ def plot(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [r for r in runs if r["results"] is not None]
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
-    for ax, run in zip(axes[0], runs):
+    rows = [("accuracy", "exact match (%)"), ("position_accuracy", "positions right (%)")]
+    fig, axes = plt.subplots(2, len(runs), figsize=(4.2 * len(runs), 6.4), squeeze=False)
+    for col, run in enumerate(runs):
         m = run["results"]["trained_iterations"]
-        for size, curve in sorted(run["results"]["sizes"].items(), key=lambda kv: int(kv[0])):
-            its = range(1, len(curve["accuracy"]) + 1)
-            ax.plot(its, curve["accuracy"], label=f"size {size}")
-        ax.axvline(m, color="grey", linestyle="--", linewidth=1)
-        ax.set_title(run["name"], fontsize=9)
-        ax.set_xlabel("iterations at test time (dashed: trained)")
-        ax.set_ylim(-2, 102)
-        ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("exact match (%)")
+        for row, (field, label) in enumerate(rows):
+            ax = axes[row][col]
+            for size, curve in sorted(run["results"]["sizes"].items(), key=lambda kv: int(kv[0])):
+                if field in curve:
+                    its = range(1, len(curve[field]) + 1)
+                    ax.plot(its, curve[field], label=f"size {size}")
+            ax.axvline(m, color="grey", linestyle="--", linewidth=1)
+            ax.set_title(run["name"], fontsize=9)
+            ax.set_xlabel("iterations at test time (dashed: trained)")
+            ax.set_ylabel(label)
+            ax.legend(fontsize=7)
+        axes[0][col].set_ylim(-2, 102)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

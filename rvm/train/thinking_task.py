@@ -106,11 +106,11 @@ def _curve_sums(model, variables, packed, weight, iterations, patience):
 
     def emit(previous, logits):
         pred = jnp.argmax(logits, -1).astype(jnp.int32)
-        solved = jnp.all(pred == labels, axis=axes)
+        right = pred == labels
         same = jnp.all(pred == previous, axis=axes)
-        return pred, (solved, same)
+        return pred, (jnp.all(right, axis=axes), same, jnp.mean(right, axis=axes))
 
-    solved, same = model.apply(
+    solved, same, positions = model.apply(
         variables, x, iterations, emit, jnp.full_like(labels, -1), method=ThinkingNet.trajectory
     )  # [T, B] each
     halt = halting_index(same, patience)
@@ -119,6 +119,7 @@ def _curve_sums(model, variables, packed, weight, iterations, patience):
         jnp.sum(solved * weight, axis=1),
         jnp.sum(solved_at_halt * weight),
         jnp.sum((halt + 1) * weight),
+        jnp.sum(positions * weight, axis=1),
     )
 
 
@@ -131,12 +132,13 @@ def accuracy_curve(
     mesh=None,
     patience: int = 1,
 ) -> dict[str, Any]:
-    """Exact-match accuracy (%) after 1..`iterations` iterations, and halting, on `split`."""
+    """Exact-match and per-position accuracy (%) after 1..`iterations` iterations, and
+    halting, on `split`."""
     # The labels ride as a last input channel: eval_batches pads one-dimensional labels only.
     packed = np.concatenate([split.inputs, split.labels[..., None]], axis=-1)
     index = np.zeros(len(packed), np.int32)
     batch_sums = lambda p, _, w: _curve_sums(model, variables, p, w, iterations, patience)
-    solved, solved_halt, halt_iterations = sum_over_split(
+    solved, solved_halt, halt_iterations, positions = sum_over_split(
         batch_sums, packed, index, batch_size, mesh
     )
     n = len(packed)
@@ -145,6 +147,8 @@ def accuracy_curve(
     mean_halt = float(halt_iterations) / n
     return {
         "accuracy": accuracy,
+        # % of pixels or bits right: progress that exact match cannot show
+        "position_accuracy": [100.0 * float(p) / n for p in positions],
         "best_accuracy": accuracy[best],
         "best_iterations": best + 1,
         "halt_accuracy": 100.0 * float(solved_halt) / n,
