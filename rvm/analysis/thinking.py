@@ -92,7 +92,7 @@ def describe(run: dict) -> str:
 def _table(runs: list[dict]) -> list[str]:
     lines = [
         "| run | size | at m | best (iterations) | at max | halting: accuracy, mean iterations "
-        "(saved) | positions right: at m, best (iterations), at max |",
+        "(saved) | positions right: at m, best (iterations), at max; predicting all zeros |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
@@ -114,7 +114,9 @@ def _positions(curve: dict, run: dict) -> str:
         return "-"
     m = run["results"]["trained_iterations"]
     best = max(range(len(acc)), key=acc.__getitem__)
-    return f"{acc[m - 1]:.1f}, {acc[best]:.1f} ({best + 1}), {acc[-1]:.1f}"
+    text = f"{acc[m - 1]:.1f}, {acc[best]:.1f} ({best + 1}), {acc[-1]:.1f}"
+    zero = curve.get("all_zero_position_accuracy")
+    return text if zero is None else f"{text}; all zeros {zero:.1f}"
 
 
 def target_lines(run: dict) -> list[str]:

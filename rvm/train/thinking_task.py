@@ -171,6 +171,8 @@ def size_results(
         span = extent(kind, size)
         curve["accuracy_at_trained"] = curve["accuracy"][m - 1]
         curve["accuracy_at_max"] = curve["accuracy"][-1]
+        # positions right when every one is predicted 0 (no path, even parity)
+        curve["all_zero_position_accuracy"] = 100.0 * float(np.mean(split.labels == 0))
         # the fewest iterations whose receptive field spans the problem
         curve["iterations_to_see_all"] = next(
             (t for t in range(1, 100 * most) if model.radius(t) >= span - 1), None
