@@ -168,6 +168,17 @@ def test_readout_time_at_trained_depth_equals_plain_evaluation(loaded):
         readout.readout_time_curve(loaded["nonshared"])
 
 
+def test_recalibrated_ablations_reestimate_each_ablated_network(loaded):
+    run = loaded["nonshared"]
+    stale = {(r["kind"], r["k"]): r for r in readout.ablations(run)}
+    fresh = {(r["kind"], r["k"]): r for r in readout.ablations(run, recalibrate=True)}
+    assert fresh[("single", 0)]["loss"] != pytest.approx(stale[("single", 0)]["loss"], rel=1e-4)
+    mask = np.array([0.0, 1.0], np.float32)  # the first middle block switched off
+    variables = run.recalibrated([None, mask, None])
+    exact = run.evaluate([None, mask, None], variables=variables)
+    assert fresh[("single", 0)]["loss"] == pytest.approx(exact["loss"], rel=1e-6)
+
+
 def test_recalibrated_readout_time_runs_each_length_with_statistics_of_its_own(loaded):
     run = loaded["relaxed"]
     n = run.info.scanned_blocks(1)

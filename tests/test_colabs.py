@@ -23,7 +23,13 @@ from nbclient import NotebookClient
 REPO = Path(__file__).resolve().parents[1]
 COLABS = REPO / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
-EXPECTED = {"01_quickstart", "02_relaxed_sharing", "03_readout_time", "04_visual_sequences"}
+EXPECTED = {
+    "01_quickstart",
+    "02_relaxed_sharing",
+    "03_readout_time",
+    "04_visual_sequences",
+    "05_thinking_longer",
+}
 KERNEL = "rvm-test-python"
 CELL_TIMEOUT_S = 600  # per cell; a whole smoke notebook takes well under a minute on an idle CPU
 SMOKE_LINE = re.compile(r"^SMOKE = (True|False)\b", re.MULTILINE)

@@ -37,6 +37,7 @@ def leaves(tree):
 def test_one_step_matches_golden_values():
     config = tiny_config("relaxed")
     config.model.blocks_per_level = (2, 2, 2)  # sets of two kernels: a non-zero penalty
+    config.optim.pull_start, config.optim.pull_end = 1e-4, 1e-1  # the paper's, not smoke's
     run = loop.build_run(config, load_images(config.data), shd.data_mesh(jax.devices()[:1]))
     state, metrics = run.step_fn(run.state, run.train_data)
     metrics = jax.device_get(metrics)

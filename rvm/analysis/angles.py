@@ -24,8 +24,22 @@ from matplotlib.figure import Figure
 from rvm.analysis.readout import save_figure
 from rvm.analysis.runs import LEVEL_NAMES, LoadedRun, RunInfo
 from rvm.models import sharing
+from rvm.train.image_task import RECALIBRATION_IMAGES
 from rvm.train.relaxation import max_pairwise_angles
 
+# How the consolidation table and the angle plot were obtained, for the report.
+CONSOLIDATION_NOTE = (
+    "Angles per set: solid, the largest angle between a member and the set mean "
+    "(`max_angle`); dotted, the largest angle between two members (`max_pairwise_angle`, "
+    "logged by runs trained after it was added; for others the final value is computed "
+    "from the checkpoint). Test errors: 'trained stats' evaluates with the BatchNorm "
+    "statistics the run trained (for the consolidated network they describe the "
+    "unaveraged kernels' activations); 're-estimated' first replaces every BatchNorm's "
+    f"statistics by the exact mean and variance of its inputs over {RECALIBRATION_IMAGES} "
+    "fixed training images (no augmentation), in the network evaluated "
+    "(`rvm.models.recalibrate`). Runs whose results.json predates these numbers get them "
+    "from their checkpoint here."
+)
 # Log axes cannot show 0; an angle this small is "identical" for any plot.
 _FLOOR_DEGREES = 1e-4
 

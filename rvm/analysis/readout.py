@@ -28,7 +28,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from rvm.analysis.runs import LEVEL_NAMES, LoadedRun
+from rvm.train.image_task import RECALIBRATION_IMAGES
 
+STATISTICS = {  # the readout-time curves, and how their statistics were obtained
+    "trained": "BatchNorm statistics as trained: iterations past the trained depth reuse the "
+    "last block's statistics.",
+    "recalibrated": "BatchNorm statistics re-estimated for every readout time (exact mean "
+    f"and variance over {RECALIBRATION_IMAGES} fixed training images, no augmentation), each "
+    "extra iteration its own.",
+}
 KINDS = ("top_to_bottom", "bottom_to_top", "single")
 KIND_TITLES = {
     "top_to_bottom": "top-to-bottom ablation",

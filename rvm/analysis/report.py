@@ -36,7 +36,6 @@ from rvm.analysis.runs import (
 from rvm.data import load_images
 from rvm.train import console
 from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE
-from rvm.train.image_task import RECALIBRATION_IMAGES
 
 METHODS = ("nonshared", "relaxed", "raw", "minimal")  # the paper's row order
 METHOD_NAMES = {"nonshared": "Non-shared", "relaxed": "Relaxed", "raw": "Raw", "minimal": "Minimal"}
@@ -155,25 +154,6 @@ def _rows(members: Sequence[RunInfo]) -> list[Row]:
     return sorted(rows, key=lambda r: (order.get(r.method, len(order)), r.label))
 
 
-CONSOLIDATION_NOTE = (
-    "Angles per set: solid, the largest angle between a member and the set mean "
-    "(`max_angle`); dotted, the largest angle between two members (`max_pairwise_angle`, "
-    "logged by runs trained after it was added; for others the final value is computed "
-    "from the checkpoint). Test errors: 'trained stats' evaluates with the BatchNorm "
-    "statistics the run trained (for the consolidated network they describe the "
-    "unaveraged kernels' activations); 're-estimated' first replaces every BatchNorm's "
-    f"statistics by the exact mean and variance of its inputs over {RECALIBRATION_IMAGES} "
-    "fixed training images (no augmentation), in the network evaluated "
-    "(`rvm.models.recalibrate`). Runs whose results.json predates these numbers get them "
-    "from their checkpoint here."
-)
-READOUT_STATISTICS = {  # the readout-time curves, and how their statistics were obtained
-    "trained": "BatchNorm statistics as trained: iterations past the trained depth reuse the "
-    "last block's statistics.",
-    "recalibrated": "BatchNorm statistics re-estimated for every readout time (exact mean "
-    f"and variance over {RECALIBRATION_IMAGES} fixed training images, no augmentation), each "
-    "extra iteration its own.",
-}
 _NOTES = {  # what the table says of an error's source (`RunInfo.final_test_error`)
     "final": "",
     "consolidated": "after consolidation, trained BatchNorm statistics",
@@ -317,7 +297,7 @@ def write_report(
         path = angles.plot_angles([(i.label, i.metrics) for i in relaxed], out / "angles.png")
         written.append(path)
         md += ["## Relaxed sharing: angles and consolidation", "", f"![angles]({path.name})", ""]
-        md += [CONSOLIDATION_NOTE, "", angles.consolidation_table(relaxed)]
+        md += [angles.CONSOLIDATION_NOTE, "", angles.consolidation_table(relaxed)]
 
     linked = "\n".join(md)
     data = [p.name for p in written if f"]({p.name})" not in linked]
@@ -367,7 +347,7 @@ def _analyses(
             written.append(readout.plot_ablations(abl_curves, path, level=options.level))
             md += ["", f"### {g.title}", "", f"![ablations]({path.name})"]
         if time_curves:
-            for stats, note in READOUT_STATISTICS.items():
+            for stats, note in readout.STATISTICS.items():
                 path = out / f"readout_time_{g.slug}{'_recalibrated' * (stats != 'trained')}.png"
                 curves = [(label, times[stats]) for label, times in time_curves]
                 written.append(readout.plot_readout_time(curves, path, level=options.level))

@@ -16,13 +16,13 @@ from rvm.errors import ConfigError
 from rvm.models import cbm, sharing
 from rvm.models.recurrent import NORMS
 from rvm.models.stochastic_depth import SD_IMPLS
-from rvm.train import image_quality
+from rvm.train import image_quality, thinking_task
 from rvm.train.clips import HANDOVERS
 from rvm.train.optim import OPTIMIZERS
 from rvm.train.pack import STRATEGIES
 from rvm.train.video_task import SCHEMES
 
-TASKS = ("image", "motion", "prediction")
+TASKS = ("image", "motion", "prediction", "thinking")
 # Readers of the real CIFAR-10, in the official files' order (`rvm.data.cifar10`).
 CIFAR10_SOURCES = frozenset({"tfds", "binary", "auto"})
 
@@ -138,6 +138,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if task == "image":
         _validate_image(config)
+    elif task == "thinking":
+        thinking_task.validate(config)
     else:
         _validate_video(config)
 

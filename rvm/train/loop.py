@@ -32,7 +32,17 @@ from jax.sharding import Mesh
 
 from rvm.errors import ConfigError, UserError
 from rvm.models import sharing
-from rvm.train import checkpoint, epoch, image_task, metrics, optim, pack, video_task, xla
+from rvm.train import (
+    checkpoint,
+    epoch,
+    image_task,
+    metrics,
+    optim,
+    pack,
+    thinking_task,
+    video_task,
+    xla,
+)
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.config_check import check_resume, task_of, validate
@@ -45,6 +55,7 @@ TASK_MODULES: dict[str, ModuleType] = {
     "image": image_task,
     "motion": video_task,
     "prediction": video_task,
+    "thinking": thinking_task,
 }
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: schedulers read it as "requeue me"

@@ -1,0 +1,100 @@
+r"""Mazes: a weight-tied recurrent CNN trained on 9x9 mazes, tested on larger ones.
+
+Command (any variant below after the colon):
+
+  python -m experiments.train \
+      --config=experiments/configs/mazes.py:recall_prog --workdir=workdirs/mazes_recall_prog
+
+Variants:
+  recall_prog  recall (the maze concatenated to the state at every iteration) and the
+               progressive loss of Bansal et al. 2022 (n ~ U{0..m-k} iterations without
+               gradient, then k with)
+  plain        the same network without recall, trained at m iterations (full BPTT)
+  smoke        a tiny run that trains in under a minute on a CPU
+Mazes are rendered one pixel per cell and per wall (rvm/data/mazes.py): 9x9 cells are
+19x19 pixels, 21x21 cells 43x43. The test sizes are evaluated at 1 .. 10 m iterations
+(eval.factor) in one compiled program per size; `python -m experiments.think_eval`
+writes the figure and summary.
+
+Hardware, time and result (results/thinking_cpu/run.sh; summary.md and README.md there):
+on a 2-core CPU VM shared with four other jobs, recall_prog took 41 min (500 steps) and
+plain 17 min (its 250 steps, `--config.num_epochs=1`). Neither learned to solve mazes at
+this budget: 0% exact match on 9x9, 13x13 and 21x21 at every count up to 10 m (targets:
+90% on 13x13, 50% on 21x21); both predict no path (pixel accuracy = the all-zero floor).
+The networks of the literature are several times wider and see far more mazes: GPU work.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("recall_prog", "plain", "smoke")
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.task = "thinking"
+    config.seed = 0
+    config.batch_size = 16
+    config.eval_batch_size = 50
+    config.num_epochs = 2
+    config.checkpoint_every_epochs = 1
+    config.keep_checkpoints = 2
+    config.log_every_steps = 25
+    config.skip_nonfinite = False
+
+    config.data = ml_collections.ConfigDict()
+    config.data.kind = "mazes"
+    config.data.seed = 0
+    config.data.train_size = 9  # cells per side
+    config.data.test_sizes = (9, 13, 21)
+    config.data.num_train = 4000
+    config.data.num_test = 100  # per size
+
+    config.model = ml_collections.ConfigDict()
+    config.model.width = 16
+    config.model.blocks = 1  # residual blocks per iteration
+    config.model.recall = True
+    config.model.norm = "none"
+
+    config.train = ml_collections.ConfigDict()
+    config.train.iterations = 10  # m, the trained count
+    config.train.grad_iterations = 4  # k
+    config.train.progressive_weight = 1.0  # a; 0 is the plain loss at m
+    config.train.counts = "uniform"  # or "poisson"
+    config.train.sigma = 0.5  # log-normal spread of the Poisson rate
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.factor = 10  # test up to factor * m iterations
+    config.eval.halt_patience = 1
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "adam"
+    config.optim.learning_rate = 1e-3
+    config.optim.lr_boundaries = (0.75,)
+    config.optim.lr_decay = 0.1
+    config.optim.momentum = 0.9  # sgd only
+    config.optim.nesterov = True  # sgd only
+    config.optim.weight_decay = 0.0
+
+    if variant in (None, "recall_prog"):
+        return config
+    if variant == "plain":
+        config.model.recall = False
+        config.train.progressive_weight = 0.0
+    elif variant == "smoke":
+        config.data.train_size = 3
+        config.data.test_sizes = (3, 4)
+        config.data.num_train = 128
+        config.data.num_test = 32
+        config.eval_batch_size = 32
+        config.num_epochs = 2
+        config.log_every_steps = 2
+        config.model.width = 8
+        config.train.iterations = 4
+        config.train.grad_iterations = 2
+        config.train.progressive_weight = 0.5
+        config.eval.factor = 2
+    else:
+        raise ValueError(f"unknown mazes config variant {variant!r}; known: {', '.join(VARIANTS)}")
+    return config

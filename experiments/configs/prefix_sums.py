@@ -1,0 +1,106 @@
+r"""Prefix sums: a weight-tied recurrent CNN trained on 32-bit strings, tested on longer ones.
+
+Command (any variant below after the colon):
+
+  python -m experiments.train \
+      --config=experiments/configs/prefix_sums.py:recall_prog --workdir=workdirs/ps_recall_prog
+
+Variants:
+  recall_prog  recall (the input concatenated to the state at every iteration) and the
+               progressive loss of Bansal et al. 2022 (n ~ U{0..m-k} iterations without
+               gradient, then k with; weight 1 as in their prefix-sum runs)
+  plain        the same network without recall, trained at m iterations (full BPTT)
+  poisson      recall, Huginn-style counts (Poisson(lambda) + 1, lambda log-normal
+               around m), backprop through the last k iterations only
+  smoke        a tiny run that trains in under a minute on a CPU
+The test sizes are evaluated at 1 .. 10 m iterations (eval.factor) in one compiled
+program per size; `python -m experiments.think_eval --runs ...` writes the figure.
+
+Hardware, time and result (results/thinking_cpu/run.sh; summary.md and README.md there):
+on a 2-core CPU VM shared with four other jobs, recall_prog took 60 min (800 steps) and
+plain 40 min (its 300 steps, `--config.num_epochs=3`). Neither learned the task at this
+budget: 0% exact match on 32, 64 and 128 bits at every count up to 10 m (targets: 95% on
+64 bits, 80% on 128), 53.2% of 32 bits right for recall_prog and 50.2% for plain, against
+50.1% for predicting all zeros.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("recall_prog", "plain", "poisson", "smoke")
+
+
+def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.task = "thinking"
+    config.seed = 0
+    config.batch_size = 100
+    config.eval_batch_size = 500
+    config.num_epochs = 8
+    config.checkpoint_every_epochs = 1
+    config.keep_checkpoints = 2
+    config.log_every_steps = 20
+    config.skip_nonfinite = False
+
+    config.data = ml_collections.ConfigDict()
+    config.data.kind = "prefix_sums"
+    config.data.seed = 0
+    config.data.train_size = 32  # bits
+    config.data.test_sizes = (32, 64, 128)
+    config.data.num_train = 10000
+    config.data.num_test = 1000  # per size
+
+    config.model = ml_collections.ConfigDict()
+    config.model.width = 32
+    config.model.blocks = 2  # residual blocks per iteration
+    config.model.recall = True
+    config.model.norm = "none"
+
+    config.train = ml_collections.ConfigDict()
+    config.train.iterations = 20  # m, the trained count
+    config.train.grad_iterations = 10  # k
+    config.train.progressive_weight = 1.0  # a; 0 is the plain loss at m
+    config.train.counts = "uniform"  # or "poisson"
+    config.train.sigma = 0.5  # log-normal spread of the Poisson rate
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.factor = 10  # test up to factor * m iterations
+    config.eval.halt_patience = 1
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.name = "adam"
+    config.optim.learning_rate = 1e-3
+    config.optim.lr_boundaries = (0.75,)
+    config.optim.lr_decay = 0.1
+    config.optim.momentum = 0.9  # sgd only
+    config.optim.nesterov = True  # sgd only
+    config.optim.weight_decay = 0.0
+
+    if variant in (None, "recall_prog"):
+        return config
+    if variant == "plain":
+        config.model.recall = False
+        config.train.progressive_weight = 0.0
+    elif variant == "poisson":
+        config.train.counts = "poisson"
+    elif variant == "smoke":
+        config.data.train_size = 8
+        config.data.test_sizes = (8, 12)
+        config.data.num_train = 256
+        config.data.num_test = 64
+        config.batch_size = 64
+        config.eval_batch_size = 64
+        config.num_epochs = 2
+        config.log_every_steps = 2
+        config.model.width = 8
+        config.model.blocks = 1
+        config.train.iterations = 4
+        config.train.grad_iterations = 2
+        config.train.progressive_weight = 0.5
+        config.eval.factor = 2
+    else:
+        raise ValueError(
+            f"unknown prefix_sums config variant {variant!r}; known: {', '.join(VARIANTS)}"
+        )
+    return config

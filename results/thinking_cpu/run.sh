@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The "thinking longer" results in this folder, on the CPU of the machine at hand, at the
+# small budgets of experiments/configs/{prefix_sums,mazes}.py:
+#   prefix sums trained on 32 bits, tested on 32/64/128 bits: recall + progressive loss
+#   against the plain recurrent net (no recall, loss at the trained count)
+#   mazes trained on 9x9 cells, tested on 9x9/13x13/21x21: the same two networks
+# Every test size is evaluated at 1 .. 10x the trained iteration count. Each run's
+# config.json, metrics.jsonl, results.json and final checkpoint are copied here; summary.md
+# and the figure are then written from them (experiments/think_eval.py). Rerunning resumes unfinished
+# runs and skips finished ones; RUNS="ps_plain" trains only the runs named.
+# Logs: $WORKDIRS/NAME.log.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+WORKDIRS=${WORKDIRS:-workdirs/thinking_cpu}
+OUT=results/thinking_cpu
+MACHINE=${MACHINE:-"2-core CPU VM shared with other work (one XLA device)"}
+RUNS=${RUNS:-"ps_recall_prog ps_plain ps_recall_prog_layernorm mz_recall_prog mz_plain"}
+mkdir -p "$WORKDIRS"
+
+train() {  # NAME CONFIG VARIANT [--config.FIELD=VALUE ...]
+  local name=$1 config=$2 variant=$3 start=$SECONDS
+  shift 3
+  [[ " $RUNS " == *" $name "* ]] || return 0
+  if [[ ! -f "$WORKDIRS/$name/results.json" ]]; then
+    python -m experiments.train --config="experiments/configs/$config.py:$variant" "$@" \
+      --workdir="$WORKDIRS/$name" >>"$WORKDIRS/$name.log" 2>&1
+  fi
+  local last
+  last=$(ls "$WORKDIRS/$name/checkpoints" | sort -n | tail -1)
+  mkdir -p "$OUT/$name/checkpoints"
+  cp "$WORKDIRS/$name"/{config.json,metrics.jsonl,results.json} "$OUT/$name/"
+  rm -rf "$OUT/$name/checkpoints/$last"
+  cp -r "$WORKDIRS/$name/checkpoints/$last" "$OUT/$name/checkpoints/"
+  echo "$name: $((SECONDS - start)) s"
+}
+
+train ps_recall_prog prefix_sums recall_prog
+# The plain nets back-propagate through all m iterations, 1.7-2x the cost of a step of the
+# others; on the shared CPU they were given fewer epochs (fewer steps, the same batches).
+train ps_plain prefix_sums plain --config.num_epochs=3
+# A check of the plateau of ps_recall_prog: the same net with LayerNorm, for 2 epochs.
+train ps_recall_prog_layernorm prefix_sums recall_prog --config.model.norm=layer \
+  --config.num_epochs=2
+train mz_recall_prog mazes recall_prog
+train mz_plain mazes plain --config.num_epochs=1
+
+# --evaluate: the curves again from the final checkpoints, with the per-position accuracy
+python -m experiments.think_eval --evaluate --out "$OUT" --machine="$MACHINE" \
+  --command="results/thinking_cpu/run.sh" \
+  --runs="$OUT/ps_recall_prog,$OUT/ps_plain,$OUT/ps_recall_prog_layernorm,$OUT/mz_recall_prog,$OUT/mz_plain"
+echo "total: $SECONDS s"

@@ -1,0 +1,172 @@
+"""A weight-tied recurrent CNN that can think longer at test time (Bansal et al. 2022).
+
+The network embeds its input x, iterates ONE block `iterations` times and reads
+out per-position logits:
+
+    h_0 = relu(embed(x));  h_t = F(h_{t-1}, x);  logits = head(h_T)
+
+F is `blocks` residual blocks (conv-relu-conv, identity shortcut, relu), run
+under `nn.scan` with its parameters broadcast to every iteration, so the
+parameter count does not depend on the iteration count and any count can be run
+after training. With `recall`, F first concatenates the input to the state and
+projects back to `width` channels, so late iterations still see the problem;
+without it (the plain recurrent net) x enters through h_0 alone.
+
+Convolutions are 3x3 over images (`dims=2`, mazes) or width 3 over sequences
+(`dims=1`, prefix sums), without bias. There is no normalisation by default:
+BatchNorm statistics would be those of the trained iteration counts and mean
+something else after more iterations; `norm="layer"` normalises each position
+over its channels, which means the same at every iteration.
+
+`iterations` is a Python int, static per compiled program. `encode`, `step` and
+`readout` are the pieces, for training schemes that run some iterations outside
+the scan (`rvm.train.progressive`); `trajectory` emits a value after every
+iteration from one scan, for evaluating every count in one compiled program.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+NORMS = ("none", "layer")
+
+
+def check_iterations(iterations, field: str = "iterations") -> int:
+    """`iterations` as an int >= 1, or a ValueError naming `field`."""
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"{field}={iterations!r} must be an integer >= 1")
+    return iterations
+
+
+class _Norm(nn.Module):
+    kind: str
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        return nn.LayerNorm(use_bias=False)(h) if self.kind == "layer" else h
+
+
+class Iteration(nn.Module):
+    """F(h, x): recall (optional), then `blocks` residual blocks."""
+
+    width: int
+    blocks: int
+    recall: bool
+    dims: int
+    norm: str = "none"
+
+    @nn.compact
+    def __call__(self, h: Array, x: Array) -> Array:
+        conv = lambda name: nn.Conv(self.width, (3,) * self.dims, use_bias=False, name=name)
+        if self.recall:
+            h = conv("recall")(jnp.concatenate([h, x.astype(h.dtype)], axis=-1))
+        for b in range(self.blocks):
+            r = nn.relu(_Norm(self.norm)(conv(f"block{b}_conv1")(h)))
+            r = _Norm(self.norm)(conv(f"block{b}_conv2")(r))
+            h = nn.relu(h + r)
+        return h
+
+
+class ThinkingNet(nn.Module):
+    """Per-position logits [..., num_classes] of a weight-tied recurrent CNN."""
+
+    width: int = 32
+    blocks: int = 2  # residual blocks per iteration
+    recall: bool = True
+    dims: int = 2  # 2: images [B, H, W, C]; 1: sequences [B, L, C]
+    num_classes: int = 2
+    norm: str = "none"
+
+    def setup(self):
+        k = (3,) * self.dims
+        self.embed = nn.Conv(self.width, k, use_bias=False)
+        self.iteration = Iteration(self.width, self.blocks, self.recall, self.dims, self.norm)
+        head = max(self.width // 2, self.num_classes)
+        self.head = nn.Sequential(
+            [
+                nn.Conv(head, k, use_bias=False),
+                nn.relu,
+                nn.Conv(max(head // 4, self.num_classes), k, use_bias=False),
+                nn.relu,
+                nn.Conv(self.num_classes, k, use_bias=False),
+            ]
+        )
+
+    def encode(self, x: Array) -> Array:
+        """h_0 from the input."""
+        return nn.relu(self.embed(x))
+
+    def step(self, h: Array, x: Array) -> Array:
+        """One iteration, h_t from h_{t-1}."""
+        return self.iteration(h, x)
+
+    def readout(self, h: Array) -> Array:
+        return self.head(h)
+
+    def think(self, h: Array, x: Array, iterations: int) -> Array:
+        """`iterations` steps from `h`, one scan whose body holds the shared block."""
+        check_iterations(iterations)
+        scan = nn.scan(
+            lambda mdl, h, _: (mdl.step(h, x), None),
+            variable_broadcast="params",
+            split_rngs={"params": False},
+            length=iterations,
+        )
+        return scan(self, h, None)[0]
+
+    def __call__(self, x: Array, iterations: int = 1) -> Array:
+        return self.readout(self.think(self.encode(x), x, iterations))
+
+    def trajectory(
+        self,
+        x: Array,
+        iterations: int,
+        emit: Callable[[Any, Array], tuple[Any, Any]],
+        aux: Any,
+    ) -> Any:
+        """Stacked `emit` outputs after iterations 1..`iterations`, from one scan.
+
+        `emit(aux, logits) -> (aux, out)` sees the logits after each iteration; it
+        reduces them (to a correctness bit per example, say), so the scan stacks
+        small values instead of every iteration's logits.
+        """
+        check_iterations(iterations)
+
+        def body(mdl, carry, _):
+            h, a = carry
+            h = mdl.step(h, x)
+            a, out = emit(a, mdl.readout(h))
+            return (h, a), out
+
+        scan = nn.scan(
+            body, variable_broadcast="params", split_rngs={"params": False}, length=iterations
+        )
+        return scan(self, (self.encode(x), aux), None)[1]
+
+    def radius(self, iterations: int) -> int:
+        """Positions a logit can see on each side after `iterations` (one per 3-wide conv)."""
+        per_iteration = 2 * self.blocks + int(self.recall)
+        return 1 + iterations * per_iteration + 3
+
+
+def warn_if_unseen(model: ThinkingNet, extent: int, iterations: int, what: str) -> bool:
+    """Warns (and returns True) when a logit cannot see all `extent` positions of a problem.
+
+    A prefix sum at the last bit needs the first; a maze's path pixel may need the
+    far corner. Such a count cannot solve the problem, but evaluating it is allowed.
+    """
+    if model.radius(iterations) >= extent - 1:
+        return False
+    warnings.warn(
+        f"{what}: {iterations} iterations see {model.radius(iterations)} positions each "
+        f"way, fewer than the {extent - 1} the problem spans; accuracy there is bounded",
+        stacklevel=2,
+    )
+    return True

@@ -1,0 +1,286 @@
+"""Thinking longer: a weight-tied recurrent CNN on mazes or prefix sums, for the training loop.
+
+`config.task="thinking"`; `config.data.kind` picks the problem ("mazes",
+"prefix_sums"). The network trains on one size (`data.train_size`: cells per side,
+or bits) with the losses of `rvm.train.progressive`, and is tested on every size
+of `data.test_sizes` (larger ones included) at iterations 1 .. `eval.factor` x
+the trained count m, in ONE compiled scan per size that emits after every
+iteration whether each example is solved exactly (every pixel or bit right) and
+whether its prediction changed since the last iteration. From those follow the
+"thinking longer" curves and halting: an example stops at the first iteration
+whose prediction equals that of the previous `eval.halt_patience` iterations,
+and the results report its accuracy and the iterations it saves against running
+all factor x m.
+
+After each epoch: `test_error` (% not solved exactly) on the trained size at m.
+At the end, results.json holds the curves per size (`rvm.analysis.thinking` turns
+them into a figure and a table).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import struct
+
+from rvm.data import pipeline
+from rvm.data.mazes import check_size, maze_split
+from rvm.data.prefix_sums import check_length, prefix_sum_split
+from rvm.models.thinking import NORMS, ThinkingNet, check_iterations, warn_if_unseen
+from rvm.train import progressive, sharding, xla
+from rvm.train.state import TrainState
+from rvm.train.task import Task, sum_over_split
+
+KINDS = ("mazes", "prefix_sums")
+
+
+class Split(NamedTuple):
+    inputs: np.ndarray  # [N, H, W, 3] (mazes) or [N, L, 1] (bits), uint8
+    labels: np.ndarray  # [N, H, W] or [N, L], uint8
+
+
+class ThinkingData(NamedTuple):
+    train: Split
+    tests: dict[int, Split]  # size -> test split; the trained size among them
+
+
+@struct.dataclass
+class DeviceSplit:
+    inputs: jax.Array
+    labels: jax.Array
+
+
+def _split(kind: str, seed: int, size: int, split: str, num: int) -> Split:
+    if kind == "mazes":
+        mazes = maze_split(seed, size, split, num)
+        return Split(mazes.images, mazes.labels)
+    sums = prefix_sum_split(seed, size, split, num)
+    return Split(sums.bits[..., None], sums.labels)
+
+
+def load_data(config: ml_collections.ConfigDict) -> ThinkingData:
+    """The fixed train split of the trained size and a test split of every test size."""
+    d = config.data
+    sizes = sorted({d.train_size, *d.test_sizes})
+    return ThinkingData(
+        _split(d.kind, d.seed, d.train_size, "train", d.num_train),
+        {s: _split(d.kind, d.seed, s, "test", d.num_test) for s in sizes},
+    )
+
+
+def build_model(config: ml_collections.ConfigDict) -> ThinkingNet:
+    m = config.model
+    dims = 2 if config.data.kind == "mazes" else 1
+    return ThinkingNet(m.width, m.blocks, m.recall, dims, 2, m.norm)
+
+
+def extent(kind: str, size: int) -> int:
+    """Positions a problem of `size` spans along one axis (pixels or bits)."""
+    return 2 * size + 1 if kind == "mazes" else size
+
+
+# --- Evaluation: every iteration count in one scan -------------------------------------
+
+
+def halting_index(same: jax.Array, patience: int) -> jax.Array:
+    """Per example, the 0-based iteration to halt at: the first t whose prediction
+    equals those of the `patience` iterations before it (same[t]: t's equals t-1's),
+    else the last. `same` is [T, B] bool; same[0] compares with no prediction."""
+    steps = same.shape[0]
+    changes = jnp.cumsum(~same, axis=0)
+    before = jnp.concatenate([jnp.zeros((patience, same.shape[1]), changes.dtype), changes])
+    stable = (changes == before[:-patience]) & (jnp.arange(steps) >= patience)[:, None]
+    return jnp.where(jnp.any(stable, 0), jnp.argmax(stable, 0), steps - 1)
+
+
+@xla.jit(static_argnames=("model", "iterations", "patience"))
+def _curve_sums(model, variables, packed, weight, iterations, patience):
+    """Per-batch sums: solved after each iteration [T], solved and iterations at halting."""
+    x, labels = packed[..., :-1].astype(jnp.float32), packed[..., -1].astype(jnp.int32)
+    axes = tuple(range(1, labels.ndim))
+
+    def emit(previous, logits):
+        pred = jnp.argmax(logits, -1).astype(jnp.int32)
+        right = pred == labels
+        same = jnp.all(pred == previous, axis=axes)
+        return pred, (jnp.all(right, axis=axes), same, jnp.mean(right, axis=axes))
+
+    solved, same, positions = model.apply(
+        variables, x, iterations, emit, jnp.full_like(labels, -1), method=ThinkingNet.trajectory
+    )  # [T, B] each
+    halt = halting_index(same, patience)
+    solved_at_halt = jnp.take_along_axis(solved, halt[None], 0)[0]
+    return (
+        jnp.sum(solved * weight, axis=1),
+        jnp.sum(solved_at_halt * weight),
+        jnp.sum((halt + 1) * weight),
+        jnp.sum(positions * weight, axis=1),
+    )
+
+
+def accuracy_curve(
+    model: ThinkingNet,
+    variables: dict,
+    split: Split,
+    iterations: int,
+    batch_size: int,
+    mesh=None,
+    patience: int = 1,
+) -> dict[str, Any]:
+    """Exact-match and per-position accuracy (%) after 1..`iterations` iterations, and
+    halting, on `split`."""
+    # The labels ride as a last input channel: eval_batches pads one-dimensional labels only.
+    packed = np.concatenate([split.inputs, split.labels[..., None]], axis=-1)
+    index = np.zeros(len(packed), np.int32)
+    batch_sums = lambda p, _, w: _curve_sums(model, variables, p, w, iterations, patience)
+    solved, solved_halt, halt_iterations, positions = sum_over_split(
+        batch_sums, packed, index, batch_size, mesh
+    )
+    n = len(packed)
+    accuracy = [100.0 * float(s) / n for s in solved]
+    best = int(np.argmax(accuracy))
+    mean_halt = float(halt_iterations) / n
+    return {
+        "accuracy": accuracy,
+        # % of pixels or bits right: progress that exact match cannot show
+        "position_accuracy": [100.0 * float(p) / n for p in positions],
+        "best_accuracy": accuracy[best],
+        "best_iterations": best + 1,
+        "halt_accuracy": 100.0 * float(solved_halt) / n,
+        "halt_iterations": mean_halt,
+        "halt_saved_iterations": iterations - mean_halt,
+    }
+
+
+def size_results(
+    config: ml_collections.ConfigDict, model: ThinkingNet, variables: dict, data: ThinkingData, mesh
+) -> dict[str, dict]:
+    """The curves of every test size up to `eval.factor` x m (results.json's `sizes`)."""
+    m, kind = config.train.iterations, config.data.kind
+    most = config.eval.factor * m
+    out = {}
+    for size, split in sorted(data.tests.items()):
+        curve = accuracy_curve(
+            model, variables, split, most, config.eval_batch_size, mesh, config.eval.halt_patience
+        )
+        span = extent(kind, size)
+        curve["accuracy_at_trained"] = curve["accuracy"][m - 1]
+        curve["accuracy_at_max"] = curve["accuracy"][-1]
+        # positions right when every one is predicted 0 (no path, even parity)
+        curve["all_zero_position_accuracy"] = 100.0 * float(np.mean(split.labels == 0))
+        # the fewest iterations whose receptive field spans the problem
+        curve["iterations_to_see_all"] = next(
+            (t for t in range(1, 100 * most) if model.radius(t) >= span - 1), None
+        )
+        out[str(size)] = curve
+    return out
+
+
+# --- The task ---------------------------------------------------------------------------
+
+
+def make_get_batch(config: ml_collections.ConfigDict, mesh):
+    """`get_batch(data, step, rng, seed)`, in the order of the run's key `seed`."""
+    batch_sharding = sharding.batch(mesh)
+
+    def get_batch(data: DeviceSplit, step, rng, seed):
+        del rng  # no augmentation
+        idx = pipeline.batch_indices(seed, step, data.inputs.shape[0], config.batch_size)
+        x = jax.lax.with_sharding_constraint(data.inputs[idx].astype(jnp.float32), batch_sharding)
+        y = jax.lax.with_sharding_constraint(data.labels[idx].astype(jnp.int32), batch_sharding)
+        return x, y
+
+    return get_batch
+
+
+def make_task(config: ml_collections.ConfigDict, data: ThinkingData, mesh) -> Task:
+    """The thinking-longer task of `experiments/configs/{mazes,prefix_sums}.py` on `data`."""
+    model = build_model(config)
+    m, trained = config.train.iterations, data.tests[config.data.train_size]
+    curve = partial(accuracy_curve, batch_size=config.eval_batch_size, mesh=mesh)
+
+    def epoch_metrics(state: TrainState) -> dict:
+        acc = curve(model, state.variables, trained, m)["accuracy"][-1]
+        return {"test_error": 100.0 - acc}
+
+    def final_results(state: TrainState) -> dict:
+        sizes = size_results(config, model, state.variables, data, mesh)
+        trained_curve = sizes[str(config.data.train_size)]
+        return {
+            "test_error": 100.0 - trained_curve["accuracy_at_trained"],
+            "trained_iterations": m,
+            "max_iterations": config.eval.factor * m,
+            "sizes": sizes,
+        }
+
+    train = DeviceSplit(data.train.inputs, data.train.labels)
+    t = config.train
+    scheme = (
+        "plain" if t.progressive_weight == 0 else f"{t.counts} counts, a={t.progressive_weight}"
+    )
+    return Task(
+        model=model,
+        train_data=jax.device_put(train, sharding.replicated(mesh)),
+        num_train=len(data.train.labels),
+        init_input=jnp.zeros((1, *data.train.inputs.shape[1:]), jnp.float32),
+        get_batch=make_get_batch(config, mesh),
+        loss_fn=progressive.make_loss_fn(model, config.train),
+        epoch_metrics=epoch_metrics,
+        final_results=final_results,
+        unit="examples",
+        summary=(
+            f"{config.data.kind}, width {config.model.width}, recall {config.model.recall}, "
+            f"{m} iterations, {scheme}"
+        ),
+    )
+
+
+# --- Validation (called by rvm.train.config_check before anything compiles) ------------
+
+
+def _number_in(config, field: str, low: float, high: float) -> None:
+    section, name = field.split(".")
+    value = config[section][name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(f"{field}={value!r} must be a number in [{low}, {high}]")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the thinking fields; warns where a test size cannot be seen whole."""
+    d, m, t = config.data, config.model, config.train
+    if d.kind not in KINDS:
+        raise ValueError(f"data.kind={d.kind!r} is not one of {', '.join(KINDS)}")
+    check = check_size if d.kind == "mazes" else check_length
+    check(d.train_size, "data.train_size")
+    for i, size in enumerate(d.test_sizes):
+        check(size, f"data.test_sizes[{i}]")
+    for field in ("num_train", "num_test"):
+        check_iterations(d[field], f"data.{field}")  # a positive integer, like a count
+    for field in ("width", "blocks"):
+        check_iterations(m[field], f"model.{field}")
+    if not isinstance(m.recall, bool):
+        raise ValueError(f"model.recall={m.recall!r} must be True or False")
+    if m.norm not in NORMS:
+        raise ValueError(f"model.norm={m.norm!r} is not one of {', '.join(NORMS)}")
+    check_iterations(t.iterations, "train.iterations")
+    check_iterations(t.grad_iterations, "train.grad_iterations")
+    if t.grad_iterations > t.iterations:
+        raise ValueError(
+            f"train.grad_iterations={t.grad_iterations} must be at most "
+            f"train.iterations={t.iterations}"
+        )
+    _number_in(config, "train.progressive_weight", 0, 1)
+    if t.counts not in progressive.COUNTS:
+        raise ValueError(f"train.counts={t.counts!r} is not one of {', '.join(progressive.COUNTS)}")
+    _number_in(config, "train.sigma", 0, 10)
+    check_iterations(config.eval.factor, "eval.factor")
+    check_iterations(config.eval.halt_patience, "eval.halt_patience")
+    model = build_model(config)
+    for size in sorted({d.train_size, *d.test_sizes}):
+        most = config.eval.factor * t.iterations
+        warn_if_unseen(model, extent(d.kind, size), most, f"data size {size}")
