@@ -66,6 +66,11 @@ def strategy_of(config: ml_collections.ConfigDict, platform: str) -> str:
     return AUTO.get(platform, "vmap") if strategy == "auto" else strategy
 
 
+def _check(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"pack_strategy={strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
+
+
 # --- Stacked states ----------------------------------------------------------------------
 
 
@@ -91,15 +96,14 @@ def unstack(stacked: Any) -> list[Any]:
 def pack_mesh(k: int, strategy: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The ("pack", "data") mesh of K runs: gcd(K, devices) groups under "vmap", one
     otherwise, each run's batch split over its group's devices."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"pack_strategy={strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
+    _check(strategy)
     devices = np.asarray(jax.devices() if devices is None else devices)
     groups = math.gcd(k, devices.size) if strategy == "vmap" else 1
     return Mesh(devices.reshape(groups, -1), (PACK, "data"))
 
 
 def stacked_sharding(mesh: Mesh) -> NamedSharding:
-    """Stacked states and metrics: the run axis over "pack" (replicated on a 1-D mesh)."""
+    """Stacked states and sums: the run axis over "pack" (replicated on a 1-D mesh)."""
     return NamedSharding(mesh, PartitionSpec(PACK if PACK in mesh.axis_names else None))
 
 
@@ -171,7 +175,6 @@ class Pack:
     a leading axis ("vmap", "map") or as tuples of K ("loop", and a single run)."""
 
     run: Any  # `rvm.train.loop.Run` of the first seed
-    seeds: tuple[int, ...]
     stacked: bool
     states: Any
     sums: Any
@@ -197,9 +200,7 @@ class Pack:
 def build(run: Any, seeds: Sequence[int], strategy: str) -> Pack:
     """The pack of `seeds` from the `Run` of its first seed (`rvm.train.loop.build_run`):
     every other run initialised by the same compiled function, from its own key."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"pack_strategy={strategy!r} is not one of auto, {', '.join(STRATEGIES)}")
-    seeds = tuple(seeds)
+    _check(strategy)
     states = [run.state, *(run.init(jax.random.PRNGKey(s)) for s in seeds[1:])]
     sums = [run.epoch_sums, *(jax.tree.map(jnp.copy, run.epoch_sums) for _ in seeds[1:])]
     if len(seeds) == 1 or strategy == "loop":
@@ -208,7 +209,7 @@ def build(run: Any, seeds: Sequence[int], strategy: str) -> Pack:
             out = [run.epoch_step(state, s, data) for state, s in zip(states, sums)]
             return tuple(state for state, _ in out), tuple(s for _, s in out)
 
-        return Pack(run, seeds, False, tuple(states), tuple(sums), each)
+        return Pack(run, False, tuple(states), tuple(sums), each)
     if strategy == "vmap":
         many = jax.vmap(run.epoch_fn, in_axes=(0, 0, None), spmd_axis_name=PACK)
     else:
@@ -223,5 +224,5 @@ def build(run: Any, seeds: Sequence[int], strategy: str) -> Pack:
         donate_argnums=(0, 1),
         compiler_options=xla.compiler_options(run.mesh.devices.flat[0].platform),
     )
-    pack = Pack(run, seeds, True, None, None, step)
+    pack = Pack(run, True, None, None, step)
     return dataclasses.replace(pack, states=pack.join(states), sums=pack.join(sums))
