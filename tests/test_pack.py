@@ -272,6 +272,8 @@ def test_another_seed_list_is_refused_naming_the_difference(trained):
     with pytest.raises(ValueError, match=r"added \[\], dropped \[1\]"):
         loop.train_and_evaluate(e2e_config(seeds=(0,)), root / "pack")
     assert sorted(p.name for p in (root / "pack").iterdir()) == before  # no seed_2 left behind
+    with pytest.raises(ValueError, match="num_epochs: saved 2, now 3"):  # each run's config
+        loop.train_and_evaluate(e2e_config(seeds=SEEDS, num_epochs=3), root / "pack")
 
 
 def test_a_non_finite_run_stops_the_pack_and_the_others_lose_nothing(tmp_path):

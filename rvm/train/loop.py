@@ -328,8 +328,9 @@ def _train(
             steps_per_epoch=steps_per_epoch,
             batch_size=config.batch_size,
             unit=task.unit,
+            label=f"seed {seed}" if packed else "",
         )
-        for path in dirs
+        for seed, path in zip(seeds, dirs)
     ]
     first_step = int(runs.runs(state)[0].step)
     if first_step == 0:

@@ -119,7 +119,7 @@ class MetricWriter:
     process other than the first of a multi-process run) it does nothing.
 
     `steps_per_epoch`, `batch_size` and `unit` (all optional) let the progress line show
-    the epoch and the examples per second.
+    the epoch and the examples per second; `label` names the run in its epoch lines.
     """
 
     def __init__(
@@ -131,6 +131,7 @@ class MetricWriter:
         steps_per_epoch: int | None = None,
         batch_size: int | None = None,
         unit: str = "examples",
+        label: str = "",
     ):
         self.path = Path(workdir) / "metrics.jsonl"
         self.total_steps = total_steps
@@ -138,6 +139,7 @@ class MetricWriter:
         self.steps_per_epoch = steps_per_epoch
         self.batch_size = batch_size
         self.unit = unit
+        self.label = label  # opens the epoch line: which run of a pack it is
         self.start = self.last_time = self.epoch_time = time.time()
         self.last_step: int | None = None
         self.tb = None
@@ -190,6 +192,7 @@ class MetricWriter:
             self.tb.flush()
         now = time.time()
         line = self._epoch_line(step, first_step, record, seconds=now - self.epoch_time)
+        line = f"{self.label}  {line}" if self.label else line
         # The next speed is the training's alone, without this evaluation and checkpoint.
         self.epoch_time = self.last_time = now
         self.last_step = step
