@@ -362,15 +362,12 @@ def _train(
                 if step not in ckpts[0].all_steps():  # not already saved at an epoch's end
                     save(step)
             saved = step in ckpts[0].all_steps()
+            where = workdir / "seed_*/checkpoints" if packed else ckpts[0].directory
             for ck in ckpts:
                 ck.close()
             raise Preempted(
                 f"{signals.received or 'SIGTERM'} at step {step}; "
-                + (
-                    f"checkpoint of that step in {ckpts[0].directory}"
-                    if saved
-                    else "nothing to save"
-                )
+                + (f"checkpoint of that step in {where}" if saved else "nothing to save")
             )
         state, sums = runs.epoch_step(state, sums, task.train_data)
         done = step + 1
