@@ -33,17 +33,17 @@ def main(argv):
     launcher.start()
     command = "python -m experiments.thinking_longer " + shlex.join(sys.argv[1:])
     with launcher.user_errors():
-        results, data = [], None
-        for workdir in [*FLAGS.runs, *argv[1:]]:
-            console.status(f"{workdir}: readout time, recalibrated")
-            if data is None:  # loaded once, for every run
-                data = load_images(read_run_info(workdir).config.data)
-            run = load_run(workdir, data=data)
-            levels = [int(lvl) for lvl in FLAGS.levels]
-            results.append(
-                (thinking_longer.label(run), thinking_longer.curves(run, levels, FLAGS.max_factor))
-            )
-        written = thinking_longer.write(results, Path(FLAGS.out), command)
+        workdirs = [*FLAGS.runs, *argv[1:]]
+        data = load_images(read_run_info(workdirs[0]).config.data)  # once, for every run
+        runs = [load_run(workdir, data=data) for workdir in workdirs]
+        levels = [int(lvl) for lvl in FLAGS.levels]
+        results = []
+        for run in runs:
+            console.status(f"{run.info.name}: readout time, recalibrated")
+            curves = thinking_longer.curves(run, levels, FLAGS.max_factor)
+            results.append((thinking_longer.label(run), curves))
+        notes = thinking_longer.caveats(runs)
+        written = thinking_longer.write(results, Path(FLAGS.out), command, notes)
     console.clear_status()
     print(f"wrote {', '.join(map(str, written))}")
 

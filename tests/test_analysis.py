@@ -1,5 +1,6 @@
 """The analysis layer on two tiny trained runs: ablations, readout time, trajectories, report."""
 
+import dataclasses
 import json
 import os
 import re
@@ -202,13 +203,18 @@ def test_thinking_longer_reads_out_shared_levels_recalibrated(loaded, tmp_path):
     want = readout.readout_time_curve(run, 1, recalibrate=True)
     assert [r["loss"] for r in by_level[1]] == pytest.approx([r["loss"] for r in want], rel=1e-6)
     name = thinking_longer.label(run)
-    assert name == "relaxed (fixed, epoch 1)"
-    md, png, js = thinking_longer.write([(name, by_level)], tmp_path / "longer", "cmd")
+    assert name == "relaxed (fixed, epoch 1 of 1)"
+    assert thinking_longer.caveats([run, loaded["nonshared"]]) == []  # both at their last step
+    earlier = dataclasses.replace(run, step=run.step - 1)
+    notes = thinking_longer.caveats([run, earlier])
+    assert len(notes) == 1 and "different points of training" in notes[0]
+    md, png, js = thinking_longer.write([(name, by_level)], tmp_path / "longer", "cmd", notes)
     assert png.read_bytes().startswith(PNG_SIGNATURE)
     assert len(json.loads(js.read_text())) == 2 * run.info.scanned_blocks(1)
     text = md.read_text()
     assert f"- {name}, middle level: {thinking_longer.summary(by_level[1])}." in text
     assert "![readout time](longer.png)" in text and "| 2 (trained) |" in text
+    assert notes[0] in text
 
 
 def test_pca_2d_shapes_and_normalised_mean():

@@ -28,7 +28,18 @@ def label(run: LoadedRun) -> str:
     counts = "random iteration counts" if run.config.model.get("random_iterations") else "fixed"
     epochs = [m["epoch"] for m in run.info.metrics if m.get("step") == run.step]
     epoch = f"epoch {epochs[0]}" if epochs else f"step {run.step}"
-    return f"{run.info.name} ({counts}, {epoch})"
+    return f"{run.info.name} ({counts}, {epoch} of {run.config.num_epochs})"
+
+
+def caveats(runs: Sequence[LoadedRun]) -> list[str]:
+    """What the reader must know when the runs were read at different points of training."""
+    if len({r.step for r in runs}) < 2:
+        return []
+    return [
+        "The runs were read at different points of training (their labels give the epoch; "
+        "an unfinished run has not had its learning-rate drops): compare how error moves "
+        "past the trained depth within each run, not the error of one run with another's."
+    ]
 
 
 def curves(run: LoadedRun, levels: Sequence[int], max_factor: int = 2) -> dict[int, list[dict]]:
@@ -60,7 +71,10 @@ def summary(records: Sequence[dict]) -> str:
 
 
 def markdown(
-    results: Sequence[tuple[str, dict[int, list[dict]]]], command: str, figure: str
+    results: Sequence[tuple[str, dict[int, list[dict]]]],
+    command: str,
+    figure: str,
+    notes: Sequence[str] = (),
 ) -> str:
     """The report: the answer per run and level, then one table per level."""
     levels = sorted({lvl for _, by_level in results for lvl in by_level})
@@ -74,6 +88,7 @@ def markdown(
         "the last block's parameters, and every readout time gets BatchNorm statistics "
         "re-estimated for it (2048 fixed training images). Error *holds* when the "
         f"error at 2N is within {HOLD} points of the error at N.",
+        *[line for note in notes for line in ("", note)],
         "",
         "## Answer",
         "",
@@ -95,7 +110,12 @@ def markdown(
     return "\n".join(md)
 
 
-def write(results: Sequence[tuple[str, dict[int, list[dict]]]], stem: Path, command: str):
+def write(
+    results: Sequence[tuple[str, dict[int, list[dict]]]],
+    stem: Path,
+    command: str,
+    notes: Sequence[str] = (),
+):
     """`stem`.md, .png (one panel per level) and .json; returns their paths."""
     levels = sorted({lvl for _, by_level in results for lvl in by_level})
     fig = Figure(figsize=(5.5 * len(levels), 4.2))
@@ -113,5 +133,5 @@ def write(results: Sequence[tuple[str, dict[int, list[dict]]]], stem: Path, comm
     js = stem.with_suffix(".json")
     js.write_text(json.dumps(records, indent=1) + "\n")
     md = stem.with_suffix(".md")
-    md.write_text(markdown(results, command, png.name) + "\n")
+    md.write_text(markdown(results, command, png.name, notes) + "\n")
     return md, png, js
