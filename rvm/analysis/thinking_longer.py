@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from rvm.analysis import readout
 from rvm.analysis.runs import LEVEL_NAMES, LoadedRun
+from rvm.train.image_task import RECALIBRATION_IMAGES
 
 # Points of test error within which error "holds": about one binomial standard error
 # of a 10,000-image test error near 23% (0.42 points).
@@ -53,7 +54,7 @@ def curves(run: LoadedRun, levels: Sequence[int], max_factor: int = 2) -> dict[i
 
 
 def verdict(records: Sequence[dict]) -> str:
-    """ "falls", "holds" or "rises": error at the longest readout against the trained depth."""
+    """Whether error "falls", "holds" or "rises" from the trained depth to the longest readout."""
     at = {r["iterations"]: r["error"] for r in records}
     change = at[max(at)] - at[records[0]["trained"]]
     return "falls" if change < -HOLD else "rises" if change > HOLD else "holds"
@@ -78,16 +79,19 @@ def markdown(
 ) -> str:
     """The report: the answer per run and level, then one table per level."""
     levels = sorted({lvl for _, by_level in results for lvl in by_level})
+    first = next(iter(results[0][1].values()))
+    factor = first[-1]["iterations"] // first[0]["trained"]
     md = [
         "# Thinking longer: error against readout time past the trained depth",
         "",
         f"Command: `{command}`",
         "",
-        "Test error (%, all 10,000 test images) of each raw-shared level read out for 1 to "
-        "2x its trained depth N, the other levels as trained; iterations past N reuse "
-        "the last block's parameters, and every readout time gets BatchNorm statistics "
-        "re-estimated for it (2048 fixed training images). Error *holds* when the "
-        f"error at 2N is within {HOLD} points of the error at N.",
+        "Test error (%, the whole test split) of each raw-shared level read out for 1 to "
+        f"{factor}x its trained depth N, the other levels as trained; iterations past N "
+        "reuse the last block's parameters, and every readout time gets BatchNorm "
+        f"statistics re-estimated for it ({RECALIBRATION_IMAGES} fixed training images). "
+        f"Error *holds* when the error at {factor}N is within {HOLD} points of the error "
+        "at N.",
         *[line for note in notes for line in ("", note)],
         "",
         "## Answer",
@@ -115,7 +119,7 @@ def write(
     stem: Path,
     command: str,
     notes: Sequence[str] = (),
-):
+) -> tuple[Path, Path, Path]:
     """`stem`.md, .png (one panel per level) and .json; returns their paths."""
     levels = sorted({lvl for _, by_level in results for lvl in by_level})
     fig = Figure(figsize=(5.5 * len(levels), 4.2))

@@ -15,6 +15,9 @@ stay as they were:
            level (one host sync per level, not per block); the bucket's spare
            slots are masked. Padding blocks run masked.
   auto     `SD_AUTO` per platform.
+
+Random iteration counts (`iteration_masks`) ride on the same keep-masks: a level
+trained for r of its n iterations is the level with its last n - r blocks dropped.
 """
 
 from __future__ import annotations
