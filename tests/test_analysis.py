@@ -1,5 +1,6 @@
 """The analysis layer on two tiny trained runs: ablations, readout time, trajectories, report."""
 
+import dataclasses
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import cifar10
-from rvm.analysis import angles, readout, report, runs, trajectories
+from rvm.analysis import angles, readout, report, runs, thinking_longer, trajectories
 from rvm.analysis.paper import PAPER
 from rvm.data import load_images
 
@@ -193,6 +194,38 @@ def test_recalibrated_readout_time_runs_each_length_with_statistics_of_its_own(l
         assert curve[t - 1]["loss"] == pytest.approx(exact["loss"], rel=1e-4)
     bn1 = fresh["batch_stats"]["level2"]["blocks"]["block"]["residual"]["bn1"]["var"]
     assert bn1.shape[0] == 2 * n  # one set of statistics per iteration
+
+
+@pytest.mark.parametrize("at_2n, expected", [(19.0, "falls"), (20.4, "holds"), (21.0, "rises")])
+def test_thinking_longer_compares_the_longest_readout_with_the_trained_depth(at_2n, expected):
+    errors = {1: 30.0, 2: 20.0, 3: 18.0, 4: at_2n}  # the best past N does not decide
+    records = [{"iterations": t, "trained": 2, "error": e} for t, e in errors.items()]
+    assert thinking_longer.verdict(records) == expected
+    assert thinking_longer.summary(records) == (
+        f"error {expected} past the trained depth: 20.00% at 2 iterations, "
+        f"{at_2n:.2f}% at 4 (best past 2: 18.00% at 3)"
+    )
+
+
+def test_thinking_longer_reads_out_shared_levels_recalibrated(loaded, tmp_path):
+    run = loaded["relaxed"]  # analysed consolidated: every level raw-shared
+    assert thinking_longer.curves(loaded["nonshared"], [0, 1, 2]) == {}
+    by_level = thinking_longer.curves(run, [1])
+    want = readout.readout_time_curve(run, 1, recalibrate=True)
+    assert [r["loss"] for r in by_level[1]] == pytest.approx([r["loss"] for r in want], rel=1e-6)
+    name = thinking_longer.label(run)
+    assert name == "relaxed (fixed, epoch 1 of 1)"
+    assert thinking_longer.caveats([run, loaded["nonshared"]]) == []  # both at their last step
+    earlier = dataclasses.replace(run, step=run.step - 1)
+    notes = thinking_longer.caveats([run, earlier])
+    assert len(notes) == 1 and "different points of training" in notes[0]
+    md, png, js = thinking_longer.write([(name, by_level)], tmp_path / "longer", "cmd", notes)
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+    assert len(json.loads(js.read_text())) == 2 * run.info.scanned_blocks(1)
+    text = md.read_text()
+    assert f"- {name}, middle level: {thinking_longer.summary(by_level[1])}." in text
+    assert "![readout time](longer.png)" in text and "| 2 (trained) |" in text
+    assert notes[0] in text
 
 
 def test_pca_2d_shapes_and_normalised_mean():

@@ -7,8 +7,9 @@ Command (one run of the paper; any variant below after the colon):
 
 Variants are `{scope}{depth}_{sharing}`: scope `middle` or `all`, depth 18
 (blocks_per_level (18,18,18), ResNet-110) or 3 ((3,4,4), ResNet-24), sharing
-`nonshared`, `raw`, `relaxed` or `minimal`; plus `smoke`, a tiny model on
-synthetic data that trains in under a minute on a laptop CPU.
+`nonshared`, `raw`, `relaxed` or `minimal`; a `_randiter` suffix (raw and relaxed)
+trains with random iteration counts per mini-batch (`model.random_iterations`); plus
+`smoke`, a tiny model on synthetic data that trains in under a minute on a laptop CPU.
 
 Hardware and time: the paper's runs are 500 epochs at batch 128. On a 2-core CPU
 VM, (3,4,4) trained at a median 418-451 images/s non-shared, 375-480 relaxed, 477-482
@@ -39,9 +40,10 @@ SHARINGS = ("nonshared", "raw", "relaxed", "minimal")
 
 
 def variants() -> list[str]:
-    """Every named run of Tables 1-3, plus `smoke`."""
+    """Every named run of Tables 1-3, their random-iteration-count twins, and `smoke`."""
     names = [f"{scope}{depth}_{s}" for (scope, depth) in PAPER.test_error for s in SHARINGS]
-    return [*names, "smoke"]
+    randiter = [f"{n}_randiter" for n in names if n.endswith(("_raw", "_relaxed"))]
+    return [*names, *randiter, "smoke"]
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -81,6 +83,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
     config.model.unroll = False  # True inlines every block instead of nn.scan (benchmarks)
     config.model.sd_impl = "auto"  # how stochastic depth runs: rvm.models.stochastic_depth.SD_IMPLS
+    # Random iteration counts: each mini-batch runs the first r blocks of every level in
+    # scope (raw or relaxed), r = Poisson(lambda)+1 clipped to the level's depth, lambda
+    # log-normal (`rvm.models.stochastic_depth.draw_iterations`); evaluation runs them all.
+    config.model.random_iterations = False
+    config.model.iterations_mean = 2.0
+    config.model.iterations_sigma = 0.5
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 0.1
@@ -111,13 +119,16 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.optim.pull_start = 1e-3
         config.optim.pull_end = 30.0
         return config
-    match = re.fullmatch(r"(middle|all)(18|3)_(\w+)", variant)
+    match = re.fullmatch(r"(middle|all)(18|3)_([a-z]+)(_randiter)?", variant)
     if not match or variant not in variants():
         raise ValueError(
             f"unknown cifar10 config variant {variant!r}; known: {', '.join(variants())}"
         )
-    scope, depth, mode = match.groups()
+    scope, depth, mode, randiter = match.groups()
     config.model.blocks_per_level = DEPTHS[depth]
     config.model.scope = scope
     config.model.sharing = mode
+    config.model.random_iterations = bool(randiter)
+    # Counts centred on the middle of [1, n] for the middle level's n scanned blocks.
+    config.model.iterations_mean = DEPTHS[depth][1] / 2
     return config

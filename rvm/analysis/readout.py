@@ -202,7 +202,12 @@ def plot_readout_time(
 ) -> Path:
     """Test error against readout time, a dashed line at each run's trained depth."""
     fig = Figure(figsize=(6.5, 4.2))
-    ax = fig.subplots()
+    readout_time_axes(fig.subplots(), curves, level)
+    return save_figure(fig, path)
+
+
+def readout_time_axes(ax, curves: Sequence[tuple[str, Sequence[dict]]], level: int) -> None:
+    """Draws `plot_readout_time`'s curves of `level` on `ax` (one panel of a figure)."""
     colours = colormaps["tab10"]
     for j, (label, records) in enumerate(curves):
         colour = colours(j % 10)
@@ -221,7 +226,6 @@ def plot_readout_time(
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return save_figure(fig, path)
 
 
 def save_figure(fig: Figure, path: str | Path, rect: tuple | None = None) -> Path:

@@ -35,7 +35,7 @@ from rvm.analysis.runs import (
 )
 from rvm.data import load_images
 from rvm.train import console
-from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE
+from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE, with_added_fields
 
 METHODS = ("nonshared", "relaxed", "raw", "minimal")  # the paper's row order
 METHOD_NAMES = {"nonshared": "Non-shared", "relaxed": "Relaxed", "raw": "Raw", "minimal": "Minimal"}
@@ -84,7 +84,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def _experiment_key(info: RunInfo) -> tuple:
     """The config minus what repeats an experiment (seed) or only steers bookkeeping."""
-    flat = _flat(info.config.to_dict())
+    flat = with_added_fields(_flat(info.config.to_dict()))
     if flat.get("data.source") in CIFAR10_SOURCES:
         flat["data.source"] = "cifar10"  # readers of the same images in the same order
     ignore = set(_NOT_A_DIFFERENCE)

@@ -15,9 +15,14 @@ stay as they were:
            level (one host sync per level, not per block); the bucket's spare
            slots are masked. Padding blocks run masked.
   auto     `SD_AUTO` per platform.
+
+Random iteration counts (`iteration_masks`) ride on the same keep-masks: a level
+trained for r of its n iterations is the level with its last n - r blocks dropped.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -110,3 +115,29 @@ def gathered(module: type[nn.Module], slots: Array) -> type[nn.Module]:
     return nn.map_variables(
         module, "batch_stats", trans_in_fn=gather, trans_out_fn=scatter, mutable=True
     )
+
+
+def draw_iterations(key: Array, num_blocks: int, mean: float, sigma: float) -> Array:
+    """An iteration count for one level and mini-batch, in [1, `num_blocks`]: as Huginn's
+    recurrent depth, r = Poisson(lambda) + 1 with lambda log-normal of mean `mean` - 1
+    (so r has mean `mean` before clipping) and log-scale spread `sigma`. The level's
+    trained depth is the maximum, so every iteration has its per-block variables."""
+    k_rate, k_count = jax.random.split(key)
+    rate = (mean - 1.0) * jnp.exp(sigma * jax.random.normal(k_rate) - sigma**2 / 2)
+    return jnp.clip(jax.random.poisson(k_count, rate) + 1, 1, num_blocks)
+
+
+def iteration_masks(
+    key: Array, num_blocks: Sequence[int | None], mean: float, sigma: float
+) -> list[Array | None]:
+    """Per level, the keep-mask of its first r blocks, r drawn (`draw_iterations`) for
+    each level given a block count, independently; None leaves a level whole. Blocks past
+    r are the identity (as a dropped block), so this is the level run for r iterations."""
+    masks = []
+    for level, n in enumerate(num_blocks):
+        if n is None:
+            masks.append(None)
+            continue
+        r = draw_iterations(jax.random.fold_in(key, level), n, mean, sigma)
+        masks.append((jnp.arange(n) < r).astype(jnp.float32))
+    return masks

@@ -45,6 +45,20 @@ RESUME_SAFE = frozenset(
 )
 
 
+# Fields added after runs were saved, with the value that reproduces those runs: a saved
+# config without one compares as if it held this value.
+ADDED_FIELDS = {
+    "model.random_iterations": False,
+    "model.iterations_mean": 2.0,
+    "model.iterations_sigma": 0.5,
+}
+
+
+def with_added_fields(flat: dict) -> dict:
+    """A flattened config with `ADDED_FIELDS` filled in where it predates them."""
+    return {**ADDED_FIELDS, **flat}
+
+
 def _positive_int(config, field: str) -> None:
     value = _get(config, field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -171,6 +185,11 @@ def _validate_image(config: ml_collections.ConfigDict) -> None:
         _bool(config, field)
     if "sd_impl" in config.model:  # configs written before the field run "auto"
         _choice(config, "model.sd_impl", SD_IMPLS)
+    if config.model.get("random_iterations", False):
+        if config.model.sharing not in ("raw", "relaxed"):
+            raise ConfigError("model.random_iterations=True needs model.sharing raw or relaxed")
+        if not config.model.iterations_mean >= 1 or not config.model.iterations_sigma >= 0:
+            raise ConfigError("model.iterations_mean must be >= 1, model.iterations_sigma >= 0")
     for field in ("pull_start", "pull_end"):
         _positive(config, f"optim.{field}")
     _choice(config, "data.normalization", ("feature", "channel"))
@@ -299,8 +318,8 @@ def check_resume(
         if not path.exists():
             return
         saved = json.loads(path.read_text())
-    saved = _flatten(saved)
-    current = _flatten(json.loads(config.to_json()))
+    saved = with_added_fields(_flatten(saved))
+    current = with_added_fields(_flatten(json.loads(config.to_json())))
     same_images = {saved.get("data.source"), current.get("data.source")} <= CIFAR10_SOURCES
     differing = sorted(
         k

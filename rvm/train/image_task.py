@@ -10,7 +10,7 @@ statistics it was trained with and with statistics re-estimated for it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -25,6 +25,7 @@ from flax import struct
 from rvm.data import ImageData, load_images, pipeline
 from rvm.models import sharing as weight_sharing
 from rvm.models.recalibrate import recalibrate
+from rvm.models.stochastic_depth import iteration_masks
 from rvm.train import sharding, xla
 from rvm.train.relaxation import max_angles, max_pairwise_angles
 from rvm.train.state import TrainState
@@ -63,13 +64,25 @@ def make_get_batch(cfg: ml_collections.ConfigDict, mesh):
     return get_batch
 
 
-def make_loss_fn(model: nn.Module):
+# Folded into a step's model key for the iteration counts, so stochastic depth keeps
+# its own draws whether or not the counts are random.
+ITERATIONS_STREAM = 1
+
+
+def make_loss_fn(model: nn.Module, draw_masks: Callable[[jax.Array], list] | None = None):
+    """The loss of `model`; in training, `draw_masks(key)` (if given) draws per-level
+    keep-masks for the step (random iteration counts), from the step's model key."""
+
     def loss_fn(params, batch_stats, batch, rng, train: bool):
         images, labels = batch
+        masks = None
+        if train and draw_masks is not None:
+            masks = draw_masks(jax.random.fold_in(rng, ITERATIONS_STREAM))
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
             images,
             train=train,
+            masks=masks,
             rngs={"dropout": rng},
             mutable=["batch_stats"],
         )
@@ -133,6 +146,19 @@ def recalibration_batches(
         pipeline.normalize(images[idx].astype(np.float32), mean, std)
         for idx in np.split(chosen, len(chosen) // batch_size)
     ]
+
+
+def random_iterations(cfg: ml_collections.ConfigDict) -> Callable[[jax.Array], list] | None:
+    """`draw_masks` for `make_loss_fn` when `cfg.random_iterations`: a count per mini-batch
+    for each level in the sharing scope (raw or relaxed), at most its trained depth."""
+    if not cfg.get("random_iterations", False):  # configs written before the field: off
+        return None
+    scope = weight_sharing.levels_in_scope(cfg.scope)
+    blocks = weight_sharing.trained_blocks(cfg)
+    levels = [b - int(i > 0) if s else None for i, (b, s) in enumerate(zip(blocks, scope))]
+    return partial(
+        iteration_masks, num_blocks=levels, mean=cfg.iterations_mean, sigma=cfg.iterations_sigma
+    )
 
 
 def load_data(config: ml_collections.ConfigDict) -> ImageData:
@@ -202,7 +228,7 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
         num_train=len(data.train_labels),
         init_input=jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32),
         get_batch=make_get_batch(config, mesh),
-        loss_fn=make_loss_fn(model),
+        loss_fn=make_loss_fn(model, random_iterations(config.model)),
         epoch_metrics=epoch_metrics,
         final_results=final_results,
         unit="images",
