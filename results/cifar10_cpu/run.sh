@@ -47,7 +47,8 @@ done
 # every run, from the committed files.
 runs=$(for seed in $ALL_SEEDS; do for v in $ALL; do echo "results/cifar10_cpu/$(name "$v" "$seed")"; done; done)
 python -m experiments.report --runs $runs --out results/cifar10_cpu/report
-# Error against readout time up to 2x the trained depth, BatchNorm recalibrated, every level:
-# fixed-depth (paper-style) training against random iteration counts.
+# Error against readout time up to 2x the trained depth of the middle level, BatchNorm
+# recalibrated: fixed-depth (paper-style) training against random iteration counts. About
+# 7 minutes per level and run on this VM when shared; `--levels 0,1,2` reads out every level.
 python -m experiments.thinking_longer --runs results/cifar10_cpu/all3_raw \
-  results/cifar10_cpu/$RANDITER --out results/cifar10_cpu/thinking_longer
+  results/cifar10_cpu/$RANDITER --levels 1 --out results/cifar10_cpu/thinking_longer

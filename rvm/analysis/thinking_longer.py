@@ -38,7 +38,7 @@ def caveats(runs: Sequence[LoadedRun]) -> list[str]:
         return []
     return [
         "The runs were read at different points of training (their labels give the epoch; "
-        "an unfinished run has not had its learning-rate drops): compare how error moves "
+        "an unfinished run may miss learning-rate drops): compare how error moves "
         "past the trained depth within each run, not the error of one run with another's."
     ]
 
