@@ -237,11 +237,19 @@ def test_accuracy_curve_matches_the_model_at_each_count():
     model, params, x, labels = _tiny()
     split = thinking_task.Split(np.asarray(x, np.uint8), np.asarray(labels, np.uint8))
     curve = thinking_task.accuracy_curve(model, {"params": params}, split, 4, batch_size=8)
+    preds = [np.argmax(model.apply({"params": params}, x, t), -1) for t in range(1, 5)]
+    solved = np.stack([np.all(p == np.asarray(labels), axis=1) for p in preds])  # [T, B]
     for t in (1, 4):
-        pred = np.argmax(model.apply({"params": params}, x, t), -1)
-        solved = np.all(pred == np.asarray(labels), axis=1)
-        assert curve["accuracy"][t - 1] == 100.0 * solved.mean()
-    assert 1 <= curve["halt_iterations"] <= 4
+        assert curve["accuracy"][t - 1] == 100.0 * solved[t - 1].mean()
+    # Halting (patience 1) from the same predictions, count by count.
+    same = np.stack(
+        [np.zeros(len(x), bool)] + [np.all(a == b, axis=1) for a, b in zip(preds[1:], preds)]
+    )
+    halt = np.asarray(thinking_task.halting_index(same, 1))
+    np.testing.assert_allclose(curve["halt_iterations"], np.mean(halt + 1), rtol=1e-6)
+    np.testing.assert_allclose(
+        curve["halt_accuracy"], 100.0 * solved[halt, np.arange(len(x))].mean(), rtol=1e-6
+    )
 
 
 # --- Configs and the whole loop -------------------------------------------------------------
@@ -286,7 +294,9 @@ def test_smoke_run_through_the_loop(configs, tmp_path):
     assert set(saved["sizes"]) == {str(s) for s in config.data.test_sizes}
     for curve in saved["sizes"].values():
         assert len(curve["accuracy"]) == most
-        assert 1 <= curve["halt_iterations"] <= most
+        np.testing.assert_allclose(
+            curve["halt_saved_iterations"], most - curve["halt_iterations"], rtol=1e-6
+        )
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == config.num_epochs
     assert "test_error" in json.loads(lines[-1])
