@@ -28,6 +28,7 @@ from rvm.models.recalibrate import recalibrate
 from rvm.train import image_task, loop, metrics, xla
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
+from rvm.train.config_check import ADDED_FIELDS
 
 LEVEL_NAMES = ("lower", "middle", "upper")
 # A relaxed run's reported error, first found first: (results key, source).
@@ -149,21 +150,17 @@ def read_run_info(workdir: str | Path) -> RunInfo:
     return RunInfo(workdir, config, metrics.read_jsonl(workdir / "metrics.jsonl"), results)
 
 
-# Fields added to the config family after runs were written, with the value that
-# reproduces how those runs behaved; a saved value always wins.
-_ADDED_LATER = {"model": {"unroll": False}}
-
-
 def _with_defaults(saved: dict) -> dict:
-    """The saved config with `_ADDED_LATER`'s fields filled in where it lacks them, so
-    older run directories stay readable."""
-
-    def merge(default: Any, value: Any) -> Any:
-        if isinstance(default, dict) and isinstance(value, dict):
-            return {**default, **{k: merge(default.get(k), v) for k, v in value.items()}}
-        return value
-
-    return merge(_ADDED_LATER, saved)
+    """The saved config with `ADDED_FIELDS` filled in where it lacks them, so older run
+    directories stay readable; a saved value always wins."""
+    filled = json.loads(json.dumps(saved))  # a deep copy
+    for field, value in ADDED_FIELDS.items():
+        *sections, name = field.split(".")
+        node = filled
+        for section in sections:
+            node = node.setdefault(section, {})
+        node.setdefault(name, value)
+    return filled
 
 
 @xla.jit(static_argnames="model")

@@ -46,8 +46,9 @@ RESUME_SAFE = frozenset(
 
 
 # Fields added after runs were saved, with the value that reproduces those runs: a saved
-# config without one compares as if it held this value.
+# config without one compares, and is loaded, as if it held this value.
 ADDED_FIELDS = {
+    "model.unroll": False,
     "model.random_iterations": False,
     "model.iterations_mean": 2.0,
     "model.iterations_sigma": 0.5,
