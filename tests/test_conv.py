@@ -347,6 +347,31 @@ def test_same_conv_matches_nn_conv_in_values_gradients_and_initial_values(
     jax.tree.map(assert_close, got, want)
 
 
+@pytest.mark.parametrize("kernel_size", [(1,), (3,), (5,)])
+@pytest.mark.parametrize("strides", [1, 2])
+def test_same_conv_on_sequences_matches_nn_conv(strides, kernel_size):
+    """One-dimensional kernels serve the prefix-sum nets: sequences [B, L, C]."""
+    x = jax.random.normal(jax.random.key(0), (2, 9, 3))
+    ours, theirs = SameConv(COUT, kernel_size, strides), nn.Conv(COUT, kernel_size, strides)
+    params = theirs.init(jax.random.key(1), x)["params"]
+    jax.tree.map(assert_close, ours.init(jax.random.key(1), x)["params"], params)
+    params = {**params, "bias": jnp.arange(COUT, dtype=jnp.float32) / COUT}
+    y = ours.apply({"params": params}, x)
+    assert y.shape == (2, -(-9 // strides), COUT)
+    assert_close(y, theirs.apply({"params": params}, x))
+    weights = jax.random.normal(jax.random.key(7), y.shape)
+    apply = lambda m: lambda p, x: m.apply({"params": p}, x)
+    got = jax.grad(weighted(apply(ours), weights), argnums=(0, 1))(params, x)
+    want = jax.grad(weighted(apply(theirs), weights), argnums=(0, 1))(params, x)
+    assert_nontrivial(want)
+    jax.tree.map(assert_close, got, want)
+
+
+def test_same_conv_refuses_three_dimensional_kernels():
+    with pytest.raises(ValueError, match="kernel_size"):
+        SameConv(COUT, (3, 3, 3)).init(jax.random.key(0), jnp.zeros((1, 4, 4, 4, 2)))
+
+
 def test_same_conv_backward_in_a_scan_is_canonical():
     """SameConv serves the recurrent cells, which run inside a scan over time."""
     labels = _conv_labels(lambda h, k: conv2d(h, k, 1))

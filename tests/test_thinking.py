@@ -131,6 +131,27 @@ def test_shapes_and_weight_tying(dims, recall, shape):
     assert model.apply(variables, bigger, 3).shape == (*bigger.shape[:-1], 2)
 
 
+@pytest.mark.parametrize("dims, shape", [(1, (1, 12, 1)), (2, (1, 7, 7, 3))])
+@pytest.mark.parametrize("head_kernel, reach", [(1, 0), (3, 3)])
+def test_a_pointwise_head_reads_each_answer_from_its_own_state(dims, shape, head_kernel, reach):
+    """With head_kernel=1 a change of the state at one position moves that position's
+    logits only; a 3-wide head (three convolutions) reaches 3 positions each way."""
+    model = ThinkingNet(width=6, blocks=1, dims=dims, head_kernel=head_kernel)
+    x = jax.random.bernoulli(jax.random.key(1), 0.5, shape).astype(jnp.float32)
+    variables = model.init(jax.random.key(0), x, 1)
+    h = jax.random.uniform(jax.random.key(2), (*shape[:-1], 6))
+    middle = tuple(s // 2 for s in shape[1:-1])
+    readout = lambda h: model.apply(variables, h, method=ThinkingNet.readout)
+    changed = np.zeros(shape[1:-1], bool)
+    for seed in range(8):  # several pushes, so a ReLU that blocks one does not hide the reach
+        push = 3 * jax.random.normal(jax.random.key(10 + seed), (6,))
+        moved = h.at[(0, *middle)].add(push)
+        changed |= np.any(np.asarray(readout(moved) != readout(h)), axis=-1)[0]
+    where = np.argwhere(changed)
+    assert where.size and np.max(np.abs(where - np.array(middle))) == reach
+    assert model.radius(4) == 1 + 4 * 3 + reach
+
+
 def test_trajectory_emits_the_logits_of_every_count():
     model = ThinkingNet(width=6, blocks=1, dims=1)
     x = jax.random.bernoulli(jax.random.key(1), 0.5, (2, 12, 1)).astype(jnp.float32)

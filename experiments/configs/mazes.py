@@ -35,12 +35,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.task = "thinking"
     config.seed = 0
-    config.batch_size = 16
+    config.batch_size = 32
     config.eval_batch_size = 50
-    config.num_epochs = 2
+    config.num_epochs = 12
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 2
-    config.log_every_steps = 25
+    config.log_every_steps = 100
     config.skip_nonfinite = False
 
     config.data = ml_collections.ConfigDict()
@@ -48,18 +48,19 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.data.seed = 0
     config.data.train_size = 9  # cells per side
     config.data.test_sizes = (9, 13, 21)
-    config.data.num_train = 4000
+    config.data.num_train = 10000
     config.data.num_test = 100  # per size
 
     config.model = ml_collections.ConfigDict()
-    config.model.width = 16
+    config.model.width = 32
     config.model.blocks = 1  # residual blocks per iteration
     config.model.recall = True
     config.model.norm = "none"
+    config.model.head_kernel = 1  # 1: read each answer from its own position's state
 
     config.train = ml_collections.ConfigDict()
-    config.train.iterations = 10  # m, the trained count
-    config.train.grad_iterations = 4  # k
+    config.train.iterations = 30  # m, the trained count
+    config.train.grad_iterations = 10  # k
     config.train.progressive_weight = 1.0  # a; 0 is the plain loss at m
     config.train.counts = "uniform"  # or "poisson"
     config.train.sigma = 0.5  # log-normal spread of the Poisson rate
@@ -76,6 +77,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.optim.momentum = 0.9  # sgd only
     config.optim.nesterov = True  # sgd only
     config.optim.weight_decay = 0.0
+    config.optim.warmup_steps = 100  # linear learning-rate ramp
+    config.optim.clip_norm = 1.0  # global gradient-norm clip; 0 is off
 
     if variant in (None, "recall_prog"):
         return config
@@ -95,6 +98,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.train.grad_iterations = 2
         config.train.progressive_weight = 0.5
         config.eval.factor = 2
+        config.optim.warmup_steps = 0
     else:
         raise ValueError(f"unknown mazes config variant {variant!r}; known: {', '.join(VARIANTS)}")
     return config

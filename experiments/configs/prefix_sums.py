@@ -37,10 +37,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0
     config.batch_size = 100
     config.eval_batch_size = 500
-    config.num_epochs = 8
+    config.num_epochs = 50
     config.checkpoint_every_epochs = 1
     config.keep_checkpoints = 2
-    config.log_every_steps = 20
+    config.log_every_steps = 100
     config.skip_nonfinite = False
 
     config.data = ml_collections.ConfigDict()
@@ -52,10 +52,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_test = 1000  # per size
 
     config.model = ml_collections.ConfigDict()
-    config.model.width = 32
+    config.model.width = 64
     config.model.blocks = 2  # residual blocks per iteration
     config.model.recall = True
     config.model.norm = "none"
+    config.model.head_kernel = 1  # 1: read each answer from its own position's state
 
     config.train = ml_collections.ConfigDict()
     config.train.iterations = 20  # m, the trained count
@@ -76,6 +77,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.optim.momentum = 0.9  # sgd only
     config.optim.nesterov = True  # sgd only
     config.optim.weight_decay = 0.0
+    config.optim.warmup_steps = 100  # linear learning-rate ramp
+    config.optim.clip_norm = 1.0  # global gradient-norm clip; 0 is off
 
     if variant in (None, "recall_prog"):
         return config
@@ -99,6 +102,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.train.grad_iterations = 2
         config.train.progressive_weight = 0.5
         config.eval.factor = 2
+        config.optim.warmup_steps = 0
     else:
         raise ValueError(
             f"unknown prefix_sums config variant {variant!r}; known: {', '.join(VARIANTS)}"

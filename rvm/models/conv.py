@@ -186,7 +186,8 @@ class SameConv(nn.Module):
     """Drop-in for `nn.Conv(features, kernel_size, strides, padding="SAME")` built on `conv2d`.
 
     Same parameter names, shapes and default initialisers as `nn.Conv`, so a model
-    switching to it initialises to the same values.
+    switching to it initialises to the same values. A one-element `kernel_size`
+    convolves sequences [B, L, C] (run as images one row high).
     """
 
     features: int
@@ -199,9 +200,14 @@ class SameConv(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        if len(self.kernel_size) not in (1, 2):
+            raise ValueError(f"kernel_size={self.kernel_size!r} must have 1 or 2 dimensions")
         shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", self.kernel_init, shape)
         bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv2d(x, kernel, self.strides)
+        if len(self.kernel_size) == 1:
+            y = conv2d(x[:, None], kernel[None], self.strides)[:, 0]
+        else:
+            y = conv2d(x, kernel, self.strides)
         return y if bias is None else y + bias

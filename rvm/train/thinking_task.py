@@ -76,7 +76,7 @@ def load_data(config: ml_collections.ConfigDict) -> ThinkingData:
 def build_model(config: ml_collections.ConfigDict) -> ThinkingNet:
     m = config.model
     dims = 2 if config.data.kind == "mazes" else 1
-    return ThinkingNet(m.width, m.blocks, m.recall, dims, 2, m.norm)
+    return ThinkingNet(m.width, m.blocks, m.recall, dims, 2, m.norm, m.get("head_kernel", 3))
 
 
 def extent(kind: str, size: int) -> int:
