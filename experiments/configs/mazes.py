@@ -55,7 +55,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.width = 32
     config.model.blocks = 1  # residual blocks per iteration
     config.model.recall = True
-    config.model.norm = "none"
+    config.model.norm = "layer"  # without it the state blew up in the first 100 steps
     config.model.head_kernel = 1  # 1: read each answer from its own position's state
 
     config.train = ml_collections.ConfigDict()

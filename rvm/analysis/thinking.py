@@ -10,6 +10,7 @@ exact-match accuracy at the trained count, the best count and 10x, halting) and
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,16 @@ def read_run(path: str | Path) -> dict[str, Any]:
     }
 
 
-def evaluate_run(path: str | Path) -> dict[str, Any]:
+def evaluate_run(
+    path: str | Path, sizes: Mapping[str, Sequence[int]] | None = None
+) -> dict[str, Any]:
     """`read_run`, with the curves computed again from the newest checkpoint in `path`
-    (by the code at hand, so with every field it now reports)."""
+    (by the code at hand, so with every field it now reports), on the run's test sizes
+    or on `sizes[data.kind]` where given (say, larger ones than it was tested on while
+    it trained)."""
     import ml_collections
 
+    from rvm.errors import ConfigError
     from rvm.train import loop, thinking_task
     from rvm.train.checkpoint import Checkpoints
 
@@ -46,6 +52,12 @@ def evaluate_run(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} has no checkpoints/ to evaluate")
     run = read_run(path)
     config = ml_collections.ConfigDict(run["config"])
+    if sizes and config.data.kind in sizes:
+        config.data.test_sizes = tuple(sizes[config.data.kind])
+        try:
+            thinking_task.validate(config)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {e}") from None
     data = thinking_task.load_data(config)
     ckpts = Checkpoints(path, keep=config.keep_checkpoints)
     try:
