@@ -88,9 +88,10 @@ def describe(run: dict) -> str:
         if t["progressive_weight"] == 0
         else f"{t['counts']} counts, k={t['grad_iterations']}, weight {t['progressive_weight']}"
     )
+    head = "pointwise head" if m.get("head_kernel", 3) == 1 else "3-wide head"
     text = (
         f"width {m['width']}, {m['blocks']} block(s)/iteration, recall {m['recall']}, "
-        f"m={t['iterations']}, {loss}"
+        f"norm {m['norm']}, {head}, m={t['iterations']}, {loss}"
     )
     if run["results"] is None:
         last = run["metrics"][-1] if run["metrics"] else {"step": 0, "test_error": float("nan")}
