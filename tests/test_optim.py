@@ -11,8 +11,13 @@ from rvm.train import optim
 
 def adam_config(**fields) -> ml_collections.ConfigDict:
     cfg = dict(
-        name="adam", learning_rate=1e-3, lr_boundaries=(0.5,), lr_decay=0.1, momentum=0.9,
-        nesterov=True, weight_decay=0.0,
+        name="adam",
+        learning_rate=1e-3,
+        lr_boundaries=(0.5,),
+        lr_decay=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=0.0,
     )
     return ml_collections.ConfigDict({**cfg, **fields})
 

@@ -17,10 +17,11 @@ The test sizes are evaluated at 1 .. 10 m iterations (eval.factor) in one compil
 program per size; `python -m experiments.think_eval --runs ...` writes the figure.
 
 Hardware, time and result (results/thinking_cpu/run.sh; summary.md and README.md there):
-on the 2-core CPU VM, recall_prog trained in 10 min (5,000 steps) and solved 100% of
-32-, 64- and 128-bit strings (128 bits from 42 iterations on, twice the trained 20) and
-kept them solved up to 200 iterations; plain solved 32 bits at 19-20 iterations only and
-collapsed past them (0% at 40), 16.2% of 64-bit strings at best.
+on the 2-core CPU VM shared with another run, recall_prog trained in 20 min (5,000
+steps) and solved 100% of 32-, 64- and 128-bit strings (128 bits from 42 iterations on,
+twice the trained 20; 512 bits from 150 on) and kept them solved up to 200 iterations;
+plain solved 32 bits at 19-20 iterations only and collapsed past them (0% at 40), 16.2%
+of 64-bit strings at best.
 """
 
 from __future__ import annotations
