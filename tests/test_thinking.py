@@ -326,9 +326,11 @@ def test_smoke_run_through_the_loop(configs, tmp_path):
     for size, curve in saved["sizes"].items():
         assert again[size]["accuracy"] == curve["accuracy"]
         assert len(again[size]["position_accuracy"]) == most
-    # ...and other sizes can be evaluated from it; a size below the minimum is refused.
+    # ...and other sizes can be evaluated from it (beside the trained size, the reference);
+    # a size below the minimum is refused.
     kind, larger = config.data.kind, [2 * s for s in config.data.test_sizes]
-    assert set(evaluate_run(tmp_path, {kind: larger})["results"]["sizes"]) == set(map(str, larger))
+    evaluated = evaluate_run(tmp_path, {kind: larger})["results"]["sizes"]
+    assert set(evaluated) == set(map(str, [config.data.train_size, *larger]))
     with pytest.raises(ValueError, match=r"data.test_sizes\[0\]=0"):
         evaluate_run(tmp_path, {kind: [0]})
     # The report reads the records alone; a run without results.json is listed as unfinished.

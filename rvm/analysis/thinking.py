@@ -40,7 +40,7 @@ def evaluate_run(
     """`read_run`, with the curves computed again from the newest checkpoint in `path`
     (by the code at hand, so with every field it now reports), on the run's test sizes
     or on `sizes[data.kind]` where given (say, larger ones than it was tested on while
-    it trained)."""
+    it trained). The trained size is always evaluated too, as the reference."""
     import ml_collections
 
     from rvm.errors import ConfigError
