@@ -24,7 +24,8 @@ from experiments import launcher
 from rvm.train import metrics
 from rvm.train import workdir as guard
 from rvm.train.config_check import validate
-from rvm.train.loop import PREEMPTED_EXIT_CODE, Preempted, train_and_evaluate
+from rvm.train.loop import train_and_evaluate
+from rvm.train.signals import PREEMPTED_EXIT_CODE, Preempted
 
 config_flags.DEFINE_config_file("config", None, "Config file, with :variant.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and results go.")

@@ -28,6 +28,7 @@ from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.checkpoint import CheckpointError, Checkpoints
 from rvm.train.config_check import check_resume, validate
+from rvm.train.signals import PREEMPTED_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 images / batch 32 = 8 steps an epoch, a checkpoint every epoch, 3 epochs.
@@ -142,7 +143,7 @@ def test_a_signal_saves_exits_with_the_requeue_code_and_loses_nothing(
         time.sleep(0.01)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == loop.PREEMPTED_EXIT_CODE, err[-2000:]
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-2000:]
     step = int(re.search(rf"{signum.name} at step (\d+)", err).group(1))
     assert Checkpoints(tmp_path).latest_step() == step
     proc = launch(tmp_path)
@@ -232,12 +233,12 @@ if len(sys.argv) > 3:
     jax.distributed.initialize(sys.argv[3], num_processes=2, process_id=int(sys.argv[4]))
 sys.path.insert(0, sys.argv[2])
 from test_faults import tiny_config
-from rvm.train import loop
+from rvm.train import loop, signals
 try:
     print("RESULTS", loop.train_and_evaluate(tiny_config(), sys.argv[1]))
 except loop.Preempted as e:
     print("PREEMPTED", e)
-    sys.exit(loop.PREEMPTED_EXIT_CODE)
+    sys.exit(signals.PREEMPTED_EXIT_CODE)
 """
 
 
@@ -280,7 +281,7 @@ def test_two_processes_train_one_run_together(tmp_path):
     stopped = set()
     for proc in procs:
         out, err = proc.communicate(timeout=300)
-        assert proc.returncode == loop.PREEMPTED_EXIT_CODE, err[-3000:]
+        assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
         stopped.add(int(re.search(r"SIGTERM at step (\d+)", out).group(1)))
     assert len(stopped) == 1, stopped
     step = stopped.pop()

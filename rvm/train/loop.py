@@ -12,11 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import shutil
-import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import ModuleType
@@ -27,7 +24,6 @@ import jax
 import ml_collections
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from rvm.errors import ConfigError, UserError
@@ -46,6 +42,7 @@ from rvm.train import (
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.config_check import check_resume, task_of, validate
+from rvm.train.signals import Preempted, StopSignals
 from rvm.train.state import TrainState
 from rvm.train.step import epoch_step, train_step
 from rvm.train.task import Task
@@ -57,56 +54,6 @@ TASK_MODULES: dict[str, ModuleType] = {
     "prediction": video_task,
     "thinking": thinking_task,
 }
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: schedulers read it as "requeue me"
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGINT arrived; a checkpoint of the step it stopped at is in the workdir."""
-
-
-class _StopSignals:
-    """Turns SIGTERM and a first SIGINT (Ctrl-C) into a flag the loop checks between steps;
-    a second SIGINT stops at once (KeyboardInterrupt, nothing saved). Main thread only.
-
-    In a multi-process run the processes must stop at one step, since saving is
-    collective: there JAX's preemption service (started by `jax.distributed`) takes
-    SIGTERM, tells every process, and they agree on the step to stop at; a first SIGINT
-    is handed to it as a SIGTERM.
-    """
-
-    def __init__(self):
-        self.received: str | None = None
-        self.previous: dict[int, Any] = {}
-        self.multiprocess = jax.process_count() > 1
-
-    def __enter__(self) -> _StopSignals:
-        # The preemption service's own SIGTERM handler stays in a multi-process run.
-        signums = (signal.SIGINT,) if self.multiprocess else (signal.SIGTERM, signal.SIGINT)
-        for signum in signums:
-            try:
-                self.previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not the main thread (e.g. some notebook kernels)
-                break
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.received == "SIGINT":
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        if self.multiprocess:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    def stop_at(self, step: int) -> bool:
-        """Whether to stop (and save) at `step`; every process calls it before every step."""
-        if self.multiprocess:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.received is not None
-
-    def __exit__(self, *exc):
-        for signum, previous in self.previous.items():
-            # None: the previous handler was not installed from Python; SIG_DFL replaces it.
-            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
 
 
 @dataclasses.dataclass
@@ -260,7 +207,7 @@ def train_and_evaluate(
     workdir = Path(workdir)
     primary = jax.process_index() == 0
     # Signals are caught before anything slow (data, compilation), so that none is lost.
-    with _StopSignals() as signals, _undone_if_failed(workdir) as start:
+    with StopSignals() as signals, guard.undone_if_failed(workdir) as start:
         workdir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as locks:
             if primary:  # the pack's workdir, and each run's: no lone run on one meanwhile
@@ -276,7 +223,7 @@ def _train(
     workdir: Path,
     max_steps: int | None,
     primary: bool,
-    signals: _StopSignals,
+    signals: StopSignals,
 ) -> dict:
     seeds, dirs = pack.seeds_of(config), pack.run_dirs(config, workdir)
     packed = config.get("seeds") is not None
@@ -462,56 +409,3 @@ def _checkpointed_config(
             logging.warning("%s is missing or not JSON; rebuilt from checkpoint %d", path, step)
             metrics.write_json(path, saved["config"])
     return saved["config"]
-
-
-# What a start creates in a workdir (a pack: its runs' `seed_<s>` directories too): a
-# start that fails before its first checkpoint removes those of them that were not there.
-_START_FILES = (".lock", "checkpoints", "config.json", "metrics.jsonl", "tensorboard")
-
-
-def _start_files(workdir: Path) -> set[str]:
-    return {p.name for p in workdir.glob("seed_*")} | {
-        name for name in _START_FILES if (workdir / name).exists()
-    }
-
-
-@dataclasses.dataclass
-class _Start:
-    owner: bool = False  # holds the workdir's lock: whatever it finds new is its own
-
-
-@contextlib.contextmanager
-def _undone_if_failed(workdir: Path) -> Iterator[_Start]:
-    """Leaves the workdir as it was when the start fails (missing data, a refused resume,
-    a non-finite loss, a signal) before writing a checkpoint: removes what it created,
-    the workdir itself included, and nothing that was there before."""
-    new_root = workdir.absolute()  # the top-most directory this start will create
-    if new_root.exists():
-        new_root = None
-    else:
-        while not new_root.parent.exists():
-            new_root = new_root.parent
-    found = _start_files(workdir)
-    steps = _checkpoint_dirs(workdir)
-    start = _Start()
-    try:
-        yield start
-    except BaseException:
-        if start.owner and _checkpoint_dirs(workdir) == steps:
-            made = [new_root] if new_root else [workdir / n for n in _start_files(workdir) - found]
-            for path in made:
-                if path.is_dir():
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-        raise
-
-
-def _checkpoint_dirs(workdir: Path) -> set[Path]:
-    """The complete checkpoints' directories (orbax renames a step's when it is written),
-    of the run or of the pack's runs."""
-    return {
-        p
-        for p in (*workdir.glob("checkpoints/*"), *workdir.glob("seed_*/checkpoints/*"))
-        if p.name.isdigit()
-    }

@@ -1,8 +1,10 @@
-"""Guards on a run's workdir: one run at a time, and room to write checkpoints."""
+"""Guards on a run's workdir: one run at a time, room to write checkpoints, and a failed
+start leaves it as it found it."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -80,3 +82,56 @@ def check_writable(workdir: Path, needed_bytes: int) -> None:
             f"workdir {workdir} has {free / 2**20:.1f} MiB free; checkpoints need about "
             f"{needed_bytes / 2**20:.1f} MiB (free some space or pick another --workdir)"
         )
+
+
+# What a start creates in a workdir (a pack: its runs' `seed_<s>` directories too): a
+# start that fails before its first checkpoint removes those of them that were not there.
+_START_FILES = (".lock", "checkpoints", "config.json", "metrics.jsonl", "tensorboard")
+
+
+def _start_files(workdir: Path) -> set[str]:
+    return {p.name for p in workdir.glob("seed_*")} | {
+        name for name in _START_FILES if (workdir / name).exists()
+    }
+
+
+@dataclasses.dataclass
+class _Start:
+    owner: bool = False  # holds the workdir's lock: whatever it finds new is its own
+
+
+@contextlib.contextmanager
+def undone_if_failed(workdir: Path) -> Iterator[_Start]:
+    """Leaves the workdir as it was when the start fails (missing data, a refused resume,
+    a non-finite loss, a signal) before writing a checkpoint: removes what it created,
+    the workdir itself included, and nothing that was there before."""
+    new_root = workdir.absolute()  # the top-most directory this start will create
+    if new_root.exists():
+        new_root = None
+    else:
+        while not new_root.parent.exists():
+            new_root = new_root.parent
+    found = _start_files(workdir)
+    steps = _checkpoint_dirs(workdir)
+    start = _Start()
+    try:
+        yield start
+    except BaseException:
+        if start.owner and _checkpoint_dirs(workdir) == steps:
+            made = [new_root] if new_root else [workdir / n for n in _start_files(workdir) - found]
+            for path in made:
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
+
+
+def _checkpoint_dirs(workdir: Path) -> set[Path]:
+    """The complete checkpoints' directories (orbax renames a step's when it is written),
+    of the run or of the pack's runs."""
+    return {
+        p
+        for p in (*workdir.glob("checkpoints/*"), *workdir.glob("seed_*/checkpoints/*"))
+        if p.name.isdigit()
+    }
