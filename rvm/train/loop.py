@@ -225,6 +225,8 @@ def _train(
     primary: bool,
     signals: StopSignals,
 ) -> dict:
+    """`train_and_evaluate` under its signal handlers and workdir locks: refuse or resume,
+    build, train with per-epoch evaluation and checkpoints, write the final numbers."""
     seeds, dirs = pack.seeds_of(config), pack.run_dirs(config, workdir)
     packed = config.get("seeds") is not None
     configs = [pack.run_config(config, s) for s in seeds] if packed else [config]
@@ -234,7 +236,7 @@ def _train(
         if ck.all_steps():
             check_resume(run_config, path, saved=_checkpointed_config(path, ck, primary))
     runs = build_pack(config, load_data(config))
-    run, task, state, sums = runs.run, runs.run.task, runs.states, runs.sums
+    run, task = runs.run, runs.run.task
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     num_params = sharing.count_params(run.state.params)
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(run.state))
@@ -243,30 +245,7 @@ def _train(
         for path in dirs:
             guard.check_writable(path, needed_bytes=(config.keep_checkpoints + 1) * state_bytes)
 
-    # --- Resume ------------------------------------------------------------------------
-    # Each run's lines of metrics.jsonl, which travel with each of its checkpoints.
-    records: list[list[dict]] = [[] for _ in seeds]
-    resumed = pack.restore(ckpts, runs.run_shapes(state), runs.run_shapes(sums))
-    if resumed[0] is not None:
-        state = runs.join([r.state for r in resumed])
-        sums = runs.join([r.epoch for r in resumed])
-        records = [r.records["records"] for r in resumed]
-        logging.info("Resumed %s from step %d", workdir, resumed[0].step)
-    if primary:
-        for path, run_config, run_records, restored in zip(dirs, configs, records, resumed):
-            # Epochs logged after the checkpoint we start from (a kill before the save) are
-            # redone; lines lost before it (a torn last line) are written again.
-            lost = metrics.restore_jsonl(path / "metrics.jsonl", run_records)
-            if lost:
-                logging.warning(
-                    "%s: %d lost record(s) rewritten from checkpoint %d",
-                    path / "metrics.jsonl",
-                    lost,
-                    restored.step,
-                )
-            metrics.write_json(path / "config.json", run_config.to_dict())
-        if packed:
-            metrics.write_json(workdir / "config.json", config.to_dict())
+    state, sums, records = _resume(runs, ckpts, config, configs, workdir, primary)
     writers = [
         metrics.MetricWriter(
             path,
@@ -355,10 +334,65 @@ def _train(
     if final_step < total_steps:
         return {"step": final_step, "finished": False}
 
-    # --- Final numbers -----------------------------------------------------------------
+    states = runs.runs(state)
+    finals = _write_results(task, seeds, dirs, states, records, final_step, num_params, primary)
+    if not packed:
+        return finals[config.seed]
+    return {"step": final_step, "finished": True, "runs": finals}
+
+
+def _resume(
+    runs: pack.Pack,
+    ckpts: list[checkpoint.Checkpoints],
+    config: ml_collections.ConfigDict,
+    configs: list[ml_collections.ConfigDict],
+    workdir: Path,
+    primary: bool,
+) -> tuple[Any, Any, list[list[dict]]]:
+    """The pack's state and epoch sums from each run's newest checkpoint (fresh where there
+    is none), and each run's lines of metrics.jsonl, which travel with its checkpoints;
+    each run's metrics.jsonl and config.json are made to match them."""
+    state, sums = runs.states, runs.sums
+    records: list[list[dict]] = [[] for _ in configs]
+    resumed = pack.restore(ckpts, runs.run_shapes(state), runs.run_shapes(sums))
+    if resumed[0] is not None:
+        state = runs.join([r.state for r in resumed])
+        sums = runs.join([r.epoch for r in resumed])
+        records = [r.records["records"] for r in resumed]
+        logging.info("Resumed %s from step %d", workdir, resumed[0].step)
+    if primary:
+        for ck, run_config, run_records, restored in zip(ckpts, configs, records, resumed):
+            # Epochs logged after the checkpoint we start from (a kill before the save) are
+            # redone; lines lost before it (a torn last line) are written again.
+            lost = metrics.restore_jsonl(ck.workdir / "metrics.jsonl", run_records)
+            if lost:
+                logging.warning(
+                    "%s: %d lost record(s) rewritten from checkpoint %d",
+                    ck.workdir / "metrics.jsonl",
+                    lost,
+                    restored.step,
+                )
+            metrics.write_json(ck.workdir / "config.json", run_config.to_dict())
+        if config.get("seeds") is not None:
+            metrics.write_json(workdir / "config.json", config.to_dict())
+    return state, sums, records
+
+
+def _write_results(
+    task: Task,
+    seeds: list[int],
+    dirs: list[Path],
+    states: list[TrainState],
+    records: list[list[dict]],
+    step: int,
+    num_params: int,
+    primary: bool,
+) -> dict[int, dict]:
+    """Each finished run's results.json: the task's final numbers, and where a validation
+    split was held out, the test error at the epoch of the best validation error."""
     finals = {}
-    for seed, path, run_state, run_records in zip(seeds, dirs, runs.runs(state), records):
-        results = {"step": final_step, "finished": True, "params": num_params}
+    for seed, path, run_state, run_records in zip(seeds, dirs, states, records):
+        results = {"step": step, "finished": True, "params": num_params}
         results.update(task.final_results(run_state))
         val = [r for r in run_records if "val_error" in r]
         if val:
@@ -367,9 +401,7 @@ def _train(
         if primary:
             metrics.write_json(path / "results.json", results)
         finals[seed] = results
-    if not packed:
-        return finals[config.seed]
-    return {"step": final_step, "finished": True, "runs": finals}
+    return finals
 
 
 class NonFiniteError(UserError, FloatingPointError):
