@@ -42,3 +42,17 @@ def untimed_records(workdir) -> list[dict]:
     timing = lambda k: k.endswith("_per_sec") or k == "eval_sec"
     records = metrics.read_jsonl(Path(workdir) / "metrics.jsonl")
     return [{k: v for k, v in r.items() if not timing(k)} for r in records]
+
+
+def assert_moved_alike(got, want, start, ratio: float, floor: float = 1e-6) -> None:
+    """Each leaf of `got` is `want` up to `ratio` of how far training moved `want` from
+    `start` (in norm), plus `floor` for leaves training leaves where they were (a conv bias
+    before BatchNorm, whose gradient is rounding noise)."""
+    paths = jax.tree_util.tree_leaves_with_path(jax.device_get(want))
+    for (path, w), g, s in zip(paths, jax.tree.leaves(got), jax.tree.leaves(start), strict=True):
+        w, g, s = (np.asarray(x, np.float64) for x in (w, g, s))
+        off, moved = np.linalg.norm(g - w), np.linalg.norm(w - s)
+        assert off <= ratio * moved + floor, (
+            f"{jax.tree_util.keystr(path)}: {off:.3g} from the expected value, "
+            f"{ratio:g} of the {moved:.3g} training moved it allows {ratio * moved + floor:.3g}"
+        )

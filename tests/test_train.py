@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from helpers import untimed_records
+from helpers import assert_moved_alike, untimed_records
 
 from experiments.configs import cifar10
 from rvm.data import load_images
@@ -110,17 +110,21 @@ def test_eight_devices_match_one_device():
     for devices in (jax.devices()[:1], jax.devices()):
         run = loop.build_run(config, data, shd.data_mesh(devices))
         state, metrics = run.state, []
-        for _ in range(3):
+        for step in range(2):
             state, m = run.step_fn(state, run.train_data)
             metrics.append(jax.device_get(m))
-        outs.append((leaves(state.params), leaves(state.batch_stats), metrics))
-    (p1, s1, m1), (p8, s8, m8) = outs
-    initial = leaves(loop.build_run(config, data, shd.data_mesh(jax.devices()[:1])).state.params)
-    assert max(np.abs(x - y).max() for x, y in zip(p1, initial)) > 1e-2  # training moved them
-    # Same global batch, same BatchNorm statistics: equal up to float reduction order,
-    # which three steps at learning rate 0.1 amplify to ~1e-4 (20x below training's effect).
-    for x, y in zip(p1 + s1, p8 + s8):
-        np.testing.assert_allclose(x, y, rtol=1e-3, atol=5e-4)
+            if step == 0:
+                after_one = jax.device_get(state)
+        outs.append((after_one, metrics))
+    (s1, m1), (s8, m8) = outs
+    initial = jax.device_get(loop.build_run(config, data, shd.data_mesh(jax.devices()[:1])).state)
+    # Same global batch, same BatchNorm statistics: equal up to float reduction order.
+    # BatchNorm's backward pass amplifies it, and training at learning rate 0.1 more with
+    # every step, so the state is compared after one step, against how far the step moved
+    # it (measured on an AMD EPYC: at most 0.12%, and 4-6% after three steps), and the
+    # losses of two steps (the second, at the parameters compared, within 2e-6).
+    assert_moved_alike(s8.params, s1.params, initial.params, ratio=1e-2)
+    assert_moved_alike(s8.batch_stats, s1.batch_stats, initial.batch_stats, ratio=1e-2)
     for a, b in zip(m1, m8):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
 
