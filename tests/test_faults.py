@@ -194,6 +194,8 @@ def test_a_signal_at_start_up_stops_cleanly_and_a_second_ctrl_c_stops_at_once(
 ):
     config = tiny_config()
     run = tmp_path / "run"
+    # Python's default, or SIG_IGN in a pytest-xdist worker: whatever was there comes back.
+    sigint_handler = signal.getsignal(signal.SIGINT)
     loop.train_and_evaluate(config, run, max_steps=12)
     before = Checkpoints(run).all_steps(), (run / "metrics.jsonl").read_text()
     load_data = loop.load_data
@@ -220,7 +222,7 @@ def test_a_signal_at_start_up_stops_cleanly_and_a_second_ctrl_c_stops_at_once(
     with pytest.raises(KeyboardInterrupt):  # before a first checkpoint: nothing left behind
         loop.train_and_evaluate(config, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is sigint_handler  # handlers restored
 
 
 # The tiny run in a process of its own: alone (argv: workdir, tests dir) or as one of
