@@ -110,14 +110,16 @@ def test_eight_devices_match_one_device():
     for devices in (jax.devices()[:1], jax.devices()):
         run = loop.build_run(config, data, shd.data_mesh(devices))
         state, metrics = run.state, []
+        initial = jax.device_get(state)
         for step in range(2):
             state, m = run.step_fn(state, run.train_data)
             metrics.append(jax.device_get(m))
             if step == 0:
                 after_one = jax.device_get(state)
-        outs.append((after_one, metrics))
-    (s1, m1), (s8, m8) = outs
-    initial = jax.device_get(loop.build_run(config, data, shd.data_mesh(jax.devices()[:1])).state)
+        outs.append((initial, after_one, metrics))
+    (initial, s1, m1), (_, s8, m8) = outs
+    moved = max(np.abs(x - y).max() for x, y in zip(leaves(s1.params), leaves(initial.params)))
+    assert moved > 1e-2  # the step moved them
     # Same global batch, same BatchNorm statistics: equal up to float reduction order.
     # BatchNorm's backward pass amplifies it, and training at learning rate 0.1 more with
     # every step, so the state is compared after one step, against how far the step moved
