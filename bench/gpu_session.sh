@@ -12,12 +12,15 @@
 # The .carry folder (git-ignored) is made with:
 #   mkdir -p .carry/wheels && pip download ml_collections==1.1.0 --no-deps -d .carry/wheels
 #   cp ../shared/data/cifar10/{build.py,cifar10_jpeg.tar.gz} .carry/
+# ONLY=packed BENCH_S=500: steps 1 and 3 alone, step 3 for those sections of the plan
+# (comma-separated; a second session for the packed runs, which the plan measures last).
 # TINY=1 JAX_PLATFORMS=cpu OUT=/tmp/gpu_out bash bench/gpu_session.sh: a dry run on a CPU
 # (tiny models, one epoch at batch 1,000).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?OUT: where the results go}
 TINY=${TINY:-0}
+ONLY=${ONLY:-}
 BENCH_S=${BENCH_S:-330}
 RUN_S=${RUN_S:-150}
 mkdir -p "$OUT"
@@ -28,14 +31,22 @@ log "1. ml_collections from the carried wheel"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 
-log "2. CIFAR-10 from the carried archive"
-python3 .carry/build.py /tmp/c10 >> "$OUT/session.log" 2>&1 || log "CIFAR-10 build FAILED"
+if [ -z "$ONLY" ]; then
+  log "2. CIFAR-10 from the carried archive"
+  python3 .carry/build.py /tmp/c10 >> "$OUT/session.log" 2>&1 || log "CIFAR-10 build FAILED"
+fi
 
-log "3. the GPU benchmark, --deadline $BENCH_S"
+log "3. the GPU benchmark, --deadline $BENCH_S${ONLY:+, sections $ONLY}"
 tiny=$([ "$TINY" = 1 ] && echo --tiny)
+only=${ONLY:+--only $ONLY}
+name=gpu${ONLY:+_${ONLY//,/_}}
 # shellcheck disable=SC2086
-python3 bench/run.py --platform gpu $tiny --deadline "$BENCH_S" --out "$OUT/gpu" \
+python3 bench/run.py --platform gpu $tiny $only --deadline "$BENCH_S" --out "$OUT/$name" \
   >> "$OUT/session.log" 2>&1 || log "benchmark exit status $?"
+if [ -n "$ONLY" ]; then
+  log "done in $(($(date +%s) - start)) s; files: $(ls "$OUT" | tr '\n' ' ')"
+  exit 0
+fi
 
 # The fastest measured stochastic-depth step (strategy, blocks, XLA flags), and the epochs
 # that fit in RUN_S at the real loop's rate (defaults where the benchmark measured nothing).

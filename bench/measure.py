@@ -124,6 +124,7 @@ def rvm_config(spec: dict):
     config.model.unroll = bool(spec.get("unroll"))
     config.model.dtype = _dtype(spec)
     config.model.sd_impl = spec.get("sd_impl", "auto")
+    config.model.conv_impl = spec.get("conv_impl", "xla")
     return config
 
 

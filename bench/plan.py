@@ -43,8 +43,16 @@ XLA_GPU_VARIANTS = {
     "latency-hiding scheduler": ("--xla_gpu_enable_latency_hiding_scheduler=true", ("masked",)),
     "autotuning off": ("--xla_gpu_autotune_level=0", ("masked",)),
 }
-# How a pack's runs share a step (`rvm.train.pack.STRATEGIES`), and K processes at once.
-PACK_HOWS = ("vmap", "map", "loop", "processes")
+# How a pack's runs share a step: a strategy of `rvm.train.pack.STRATEGIES` with the spec
+# fields it takes ("vmap gemm": vmapped with the convolutions as matrix products,
+# `rvm.models.conv.gemm3x3`), or K processes at once.
+PACK_HOWS = {
+    "vmap": {"strategy": "vmap"},
+    "vmap gemm": {"strategy": "vmap", "conv_impl": "gemm"},
+    "map": {"strategy": "map"},
+    "loop": {"strategy": "loop"},
+    "processes": {},
+}
 LEVELS = ((32, 16), (16, 32), (8, 64))  # (size, channels) of the three levels' convs
 # A conv's passes: the forward convolution, either gradient alone, or all three.
 CONV_PASSES = ("forward", "input_grad", "kernel_grad", "train")
@@ -322,10 +330,10 @@ def packed_plan(s: Settings) -> dict[str, dict]:
                         "run": rvm(s, b, **extra),
                     }
                     if how == "processes"
-                    else rvm(s, b, kind="rvm_pack", pack=k, strategy=how, **extra)
+                    else rvm(s, b, kind="rvm_pack", pack=k, **PACK_HOWS[how], **extra)
                 )
     targets = set(TARGET_PACKS[s.platform](s))
-    first = lambda key: (key[:2] not in targets, PACK_HOWS.index(key[2]))
+    first = lambda key: (key[:2] not in targets, list(PACK_HOWS).index(key[2]))
     for key in sorted(rest, key=first):  # stable: the plan's order otherwise
         out[pack_label(*key)] = rest[key]
     return out

@@ -296,7 +296,13 @@ def report_packed(res: dict, ctx: dict, s: Settings) -> list[str]:
         "or as K processes at once (timed over the same seconds). `images/s` counts every "
         "run's images; `vs one run` divides it by one run's alone (K=1), which is also the "
         "rate of K runs one after another. Peak memory: the process's RSS (of all K "
-        "processes together), and on a GPU the device's peak bytes in use.",
+        "processes together), and on a GPU the device's peak bytes in use."
+        + (
+            " `vmap gemm`: `vmap` with the convolutions computed as matrix products "
+            "(`model.conv_impl`), which vmap batches instead of grouping."
+            if any(label.endswith(" / vmap gemm") for label in res)
+            else ""
+        ),
         "",
         "| model | K | how | s/step | images/s | vs one run | peak RSS MiB | peak device MiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -96,6 +96,7 @@ def test_minimal_shrinks_only_the_levels_in_scope():
         ("blocks_per_level", (3, 1, 4), "at least (1, 2, 2)"),
         ("final_death_rate", 1.0, "model.final_death_rate=1.0 must be a number in [0, 1)"),
         ("dtype", "float16", "model.dtype='float16'"),
+        ("conv_impl", "cudnn", "model.conv_impl='cudnn' is not one of xla, gemm"),
     ],
 )
 def test_bad_model_config_names_field_and_allowed_values(field, value, words):
@@ -370,6 +371,32 @@ def test_sd_strategies_equal_cond_in_outputs_gradients_and_statistics():
         np.testing.assert_array_equal(updated(other_stats), ran)
         jax.tree.map(close, other_stats, stats)
         jax.tree.map(close, other_grads, grads)
+
+
+def test_convolutions_as_matrix_products_train_the_same_network():
+    """`conv_impl="gemm"` (every conv, stem and strided ones included, shared or not, under
+    with stochastic depth branching or masked) gives the XLA convolutions' logits, statistics and
+    gradients to float32 rounding."""
+    cfg = model_config((2, 3, 3), "raw", "middle", sd=True)
+    model = sharing.build_model(cfg, 10)
+    variables = init(model, X)
+
+    def step(conv_impl, sd_impl):
+        def loss(params):
+            logits, new = model.clone(conv_impl=conv_impl, sd_impl=sd_impl).apply(
+                {**variables, "params": params},
+                X,
+                train=True,
+                rngs={"dropout": jax.random.key(0)},
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(logits**2), (logits, new["batch_stats"])
+
+        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+    for sd_impl in ("cond", "masked"):
+        want, got = step("xla", sd_impl), step("gemm", sd_impl)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 
 def test_sd_strategies_branch_as_designed_and_auto_follows_the_platform():

@@ -22,6 +22,14 @@ times this one against nn.Conv).
 Which library runs the convolutions is XLA:CPU's choice; `rvm.train.xla` compiles
 rvm's jits so that it picks its own (Eigen) path over YNNPACK, faster for these shapes.
 
+`gemm3x3` computes the same 3x3 convolution as one matrix product of the nine shifted
+copies of the input (im2col) with the kernel, differentiated by plain autodiff. Alone
+it is slower (2.3x on the CPU, scanned stack above); it exists for packed runs
+(`rvm.train.pack`): vmapped over K kernels, XLA's convolution becomes one grouped
+convolution, which GPU libraries run slowly, while the product becomes one batched
+matrix product (the vmapped stack above: 1.2 s against 2.5 s for two runs on the CPU).
+`Conv3x3(impl=...)` picks one of `CONV_IMPLS`.
+
 `Conv3x3` (zero padding 1, as Torch's `padding=1`) serves the ResNets; `SameConv`,
 any kernel size with 'SAME' padding, serves the recurrent cells, which run inside
 a scan over time (a 4-layer CBM step on 20 frames: ~27 s with `nn.Conv`).
@@ -42,6 +50,7 @@ Array = jax.Array
 _DIMS = ("NHWC", "HWIO", "NHWC")
 Pads = tuple[tuple[int, int], tuple[int, int]]
 TORCH_PADS: Pads = ((1, 1), (1, 1))  # one zero row/column on each side, as Huang et al.
+CONV_IMPLS = ("xla", "gemm")  # how Conv3x3 computes: conv3x3, or gemm3x3
 
 
 def same_pads(size: tuple[int, int], kernel: tuple[int, int], strides: int) -> Pads:
@@ -155,17 +164,39 @@ def conv3x3(x: Array, kernel: Array, strides: int = 1) -> Array:
     return _conv2d(x, kernel, int(strides), TORCH_PADS)
 
 
+def gemm3x3(x: Array, kernel: Array, strides: int = 1) -> Array:
+    """`conv3x3` as one matrix product: [N*Ho*Wo, 9*C_in] patches times [9*C_in, C_out].
+
+    The patches concatenate the nine shifted (strided) views of the zero-padded input
+    in the kernel's HWI order, so the HWIO kernel reshapes into the matrix as it is.
+    """
+    if kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"kernel {kernel.shape} is not (3, 3, {x.shape[-1]}, Cout)")
+    h, w = x.shape[1:3]
+    ho, wo = -(-h // strides), -(-w // strides)
+    padded = jnp.pad(x, ((0, 0), *TORCH_PADS, (0, 0)))
+    views = [
+        padded[:, i : i + strides * (ho - 1) + 1 : strides, j : j + strides * (wo - 1) + 1 : strides]
+        for i in range(3)
+        for j in range(3)
+    ]
+    patches = jnp.concatenate(views, axis=-1)
+    return jnp.einsum("nhwp,po->nhwo", patches, kernel.reshape(-1, kernel.shape[-1]))
+
+
 class Conv3x3(nn.Module):
     """Drop-in for `nn.Conv(features, (3, 3), strides, padding=1)` built on `conv3x3`.
 
     Its params are named `kernel` (3, 3, Cin, Cout) and `bias` (Cout,) as in
     `nn.Conv`. A caller may pass the kernel instead (one kernel shared by every
-    iteration of a scan); the module then owns only its bias.
+    iteration of a scan); the module then owns only its bias. `impl` (`CONV_IMPLS`)
+    computes it with `conv3x3`, or with `gemm3x3` (for packs vmapped on a GPU).
     """
 
     features: int
     strides: int = 1
     use_bias: bool = True
+    impl: str = "xla"
     # He initialisation with fan-out (fb.resnet.torch's); Huang et al.'s code scales by fan-in
     # (nninit.kaiming), which differs only where C_in != C_out: the stem and padding blocks.
     kernel_init: Callable[..., Array] = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -178,7 +209,9 @@ class Conv3x3(nn.Module):
             kernel = self.param("kernel", self.kernel_init, (3, 3, x.shape[-1], self.features))
         bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = conv3x3(x, kernel, self.strides)
+        if self.impl not in CONV_IMPLS:
+            raise ValueError(f"conv impl {self.impl!r} is not one of {', '.join(CONV_IMPLS)}")
+        y = (gemm3x3 if self.impl == "gemm" else conv3x3)(x, kernel, self.strides)
         return y if bias is None else y + bias
 
 

@@ -48,6 +48,7 @@ class Residual(nn.Module):
     features: int
     strides: int = 1
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"  # rvm.models.conv.CONV_IMPLS
 
     @nn.compact
     def __call__(self, x: Array, train: bool, kernels: tuple[Array, Array] | None) -> Array:
@@ -55,9 +56,9 @@ class Residual(nn.Module):
         norm = lambda name, relu=False: BatchNorm(
             not train, momentum=0.9, epsilon=1e-5, relu=relu, dtype=self.dtype, name=name
         )
-        y = Conv3x3(self.features, self.strides, dtype=self.dtype, name="conv1")(x, k1)
+        y = Conv3x3(self.features, self.strides, impl=self.conv_impl, dtype=self.dtype, name="conv1")(x, k1)
         y = norm("bn1", relu=True)(y)
-        y = Conv3x3(self.features, dtype=self.dtype, name="conv2")(y, k2)
+        y = Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype, name="conv2")(y, k2)
         return norm("bn2")(y)
 
 
@@ -82,9 +83,10 @@ class Block(nn.Module):
     features: int
     strides: int = 1
     dtype: Any = jnp.float32
+    conv_impl: str = "xla"
 
     def setup(self):
-        self.residual = Residual(self.features, self.strides, self.dtype)
+        self.residual = Residual(self.features, self.strides, self.dtype, self.conv_impl)
 
     def _run(self, x, train, kernels, scale):
         s = shortcut(x, self.features, self.strides)
@@ -121,6 +123,7 @@ class ScanStep(nn.Module):
     keep_activations: bool
     dtype: Any = jnp.float32
     masked: bool = False
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, step, kernels):
@@ -128,7 +131,7 @@ class ScanStep(nn.Module):
         run = True if run is None else run
         scale = 1.0 if scale is None else scale
         block = keep_stats(Block, run) if self.masked else Block
-        x = block(self.features, 1, self.dtype, name="block")(
+        x = block(self.features, 1, self.dtype, self.conv_impl, name="block")(
             x, self.train, kernels, run, scale, self.masked
         )
         return x, (x if self.keep_activations else None)
@@ -156,6 +159,7 @@ class Level(nn.Module):
     unroll: bool = False
     dtype: Any = jnp.float32
     sd_impl: str = "auto"
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool, rates: np.ndarray, mask=None, iterations=None):
@@ -171,7 +175,7 @@ class Level(nn.Module):
             scale = 1.0 if train else 1.0 - float(pad_rate)
             masked = impl != "cond" and run is not True
             block = keep_stats(Block, run) if masked else Block
-            x = block(self.features, 2, self.dtype, name="pad")(x, train, None, run, scale, masked)
+            x = block(self.features, 2, self.dtype, self.conv_impl, name="pad")(x, train, None, run, scale, masked)
         inputs = x
 
         length = self.num_blocks if iterations is None else int(iterations)
@@ -217,7 +221,13 @@ class Level(nn.Module):
             scan = nn.map_variables(scan, "batch_stats", trans_in_fn=gather, mutable=True)
         masked = impl != "cond"
         x, acts = scan(
-            self.features, train, self.keep_activations, self.dtype, masked, name="blocks"
+            self.features,
+            train,
+            self.keep_activations,
+            self.dtype,
+            masked,
+            self.conv_impl,
+            name="blocks",
         )(x, (run, scale), kernels)
         return x, (inputs, acts)
 
@@ -245,7 +255,9 @@ class Level(nn.Module):
                 slots = order[:length]
                 live = jnp.arange(length) < survivors
                 scan = gathered(level._scan(length), slots)
-                blocks = scan(level.features, True, False, level.dtype, True, name="blocks")
+                blocks = scan(
+                    level.features, True, False, level.dtype, True, level.conv_impl, name="blocks"
+                )
                 return blocks(x, (live, None), kernels)[0]
 
             return run_bucket
@@ -275,6 +287,7 @@ class ResNet(nn.Module):
     unroll: bool = False  # inline every block (one body per block), for comparisons
     dtype: Any = jnp.float32
     sd_impl: str = "auto"  # how training executes stochastic depth: SD_IMPLS
+    conv_impl: str = "xla"  # how convolutions compute: rvm.models.conv.CONV_IMPLS
 
     @nn.compact
     def __call__(
@@ -308,7 +321,7 @@ class ResNet(nn.Module):
             )
         rates = death_rates(self.blocks_per_level, self.final_death_rate)
 
-        x = Conv3x3(self.widths[0], dtype=self.dtype, name="stem_conv")(x)
+        x = Conv3x3(self.widths[0], impl=self.conv_impl, dtype=self.dtype, name="stem_conv")(x)
         x = BatchNorm(not train, momentum=0.9, relu=True, dtype=self.dtype, name="stem_bn")(x)
         activations = []
         for i, features in enumerate(self.widths):
@@ -322,6 +335,7 @@ class ResNet(nn.Module):
                 self.unroll,
                 self.dtype,
                 self.sd_impl,
+                self.conv_impl,
                 name=f"level{i + 1}",
             )(x, train, rates[i], masks[i], iterations[i])
             activations.append(acts)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from rvm.models.conv import CONV_IMPLS
 from rvm.models.resnet import ResNet
 
 SHARING_MODES = ("nonshared", "raw", "relaxed", "minimal")
@@ -55,6 +56,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.unroll={cfg.unroll!r} must be True or False")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype={cfg.dtype!r} is not one of float32, bfloat16")
+    if cfg.get("conv_impl", "xla") not in CONV_IMPLS:
+        raise ValueError(
+            f"model.conv_impl={cfg.conv_impl!r} is not one of {', '.join(CONV_IMPLS)}"
+        )
 
 
 def levels_in_scope(scope: str) -> tuple[bool, ...]:
@@ -93,6 +98,7 @@ def build_model(
         unroll=cfg.unroll,
         dtype=jnp.dtype(cfg.dtype),
         sd_impl=cfg.get("sd_impl", "auto"),
+        conv_impl=cfg.get("conv_impl", "xla"),
     )
 
 

@@ -41,6 +41,7 @@ RESUME_SAFE = frozenset(
         "model.unroll",
         "pack_strategy",
         "model.sd_impl",
+        "model.conv_impl",
     }
 )
 
@@ -49,6 +50,7 @@ RESUME_SAFE = frozenset(
 # config without one compares, and is loaded, as if it held this value.
 ADDED_FIELDS = {
     "model.unroll": False,
+    "model.conv_impl": "xla",
     "model.random_iterations": False,
     "model.iterations_mean": 2.0,
     "model.iterations_sigma": 0.5,
