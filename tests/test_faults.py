@@ -28,7 +28,7 @@ from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.checkpoint import CheckpointError, Checkpoints
 from rvm.train.config_check import check_resume, validate
-from rvm.train.signals import PREEMPTED_EXIT_CODE
+from rvm.train.signals import PREEMPTED_EXIT_CODE, StopSignals
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 images / batch 32 = 8 steps an epoch, a checkpoint every epoch, 3 epochs.
@@ -189,13 +189,21 @@ def test_the_host_reads_the_device_only_at_log_points_epoch_ends_and_stops(tmp_p
     assert reads == [3, 6, 8, 9, 11]
 
 
+@pytest.fixture
+def sigint(request):
+    """SIGINT's handler set to `request.param` for the test, then put back: a suite started
+    as a shell's background job inherits SIGINT ignored, one started in a terminal not."""
+    previous = signal.signal(signal.SIGINT, request.param)
+    yield request.param
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("sigint", [signal.default_int_handler], indirect=True)
 def test_a_signal_at_start_up_stops_cleanly_and_a_second_ctrl_c_stops_at_once(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, sigint
 ):
     config = tiny_config()
     run = tmp_path / "run"
-    # Python's default, or SIG_IGN in a pytest-xdist worker: whatever was there comes back.
-    sigint_handler = signal.getsignal(signal.SIGINT)
     loop.train_and_evaluate(config, run, max_steps=12)
     before = Checkpoints(run).all_steps(), (run / "metrics.jsonl").read_text()
     load_data = loop.load_data
@@ -222,7 +230,18 @@ def test_a_signal_at_start_up_stops_cleanly_and_a_second_ctrl_c_stops_at_once(
     with pytest.raises(KeyboardInterrupt):  # before a first checkpoint: nothing left behind
         loop.train_and_evaluate(config, tmp_path / "fresh")
     assert not (tmp_path / "fresh").exists()
-    assert signal.getsignal(signal.SIGINT) is sigint_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is sigint  # handlers restored
+
+
+@pytest.mark.parametrize("sigint", [signal.SIG_IGN], indirect=True)
+def test_a_sigint_ignored_at_start_stays_ignored(sigint):
+    with StopSignals() as stop:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)  # to this thread: handled before it returns
+        assert not stop.stop_at(1) and stop.received is None
+        signal.raise_signal(signal.SIGTERM)  # still taken
+        assert stop.stop_at(1) and stop.received == "SIGTERM"
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 # The tiny run in a process of its own: alone (argv: workdir, tests dir) or as one of

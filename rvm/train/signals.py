@@ -21,6 +21,8 @@ class Preempted(Exception):
 class StopSignals:
     """Turns SIGTERM and a first SIGINT (Ctrl-C) into a flag the loop checks between steps;
     a second SIGINT stops at once (KeyboardInterrupt, nothing saved). Main thread only.
+    A signal ignored when the run starts stays ignored: a shell starts its background
+    jobs (`cmd &`) with SIGINT ignored, so that a Ctrl-C meant for it spares them.
 
     In a multi-process run the processes must stop at one step, since saving is
     collective: there JAX's preemption service (started by `jax.distributed`) takes
@@ -37,6 +39,8 @@ class StopSignals:
         # The preemption service's own SIGTERM handler stays in a multi-process run.
         signums = (signal.SIGINT,) if self.multiprocess else (signal.SIGTERM, signal.SIGINT)
         for signum in signums:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue
             try:
                 self.previous[signum] = signal.signal(signum, self._handle)
             except ValueError:  # not the main thread (e.g. some notebook kernels)
