@@ -23,11 +23,12 @@ Which library runs the convolutions is XLA:CPU's choice; `rvm.train.xla` compile
 rvm's jits so that it picks its own (Eigen) path over YNNPACK, faster for these shapes.
 
 `gemm3x3` computes the same 3x3 convolution as one matrix product of the nine shifted
-copies of the input (im2col) with the kernel, differentiated by plain autodiff. Alone
-it is slower (2.3x on the CPU, scanned stack above); it exists for packed runs
-(`rvm.train.pack`): vmapped over K kernels, XLA's convolution becomes one grouped
-convolution, which GPU libraries run slowly, while the product becomes one batched
-matrix product (the vmapped stack above: 1.2 s against 2.5 s for two runs on the CPU).
+copies of the input (im2col) with the kernel, differentiated by plain autodiff. It is
+for packed runs (`rvm.train.pack`) on a GPU: vmapped over K kernels, XLA's convolution
+becomes one grouped convolution, which GPU libraries run slowly, while the product
+becomes one batched matrix product (the GPU plan's `vmap gemm` packs measure it). On
+the CPU it loses: two vmapped (3,4,4) runs trained at 0.61x one run's
+images/s with it, 0.77x with grouped convolutions (`bench/results/cpu_packed.md`).
 `Conv3x3(impl=...)` picks one of `CONV_IMPLS`.
 
 `Conv3x3` (zero padding 1, as Torch's `padding=1`) serves the ResNets; `SameConv`,
