@@ -44,11 +44,12 @@ XLA_GPU_VARIANTS = {
     "autotuning off": ("--xla_gpu_autotune_level=0", ("masked",)),
 }
 # How a pack's runs share a step: a strategy of `rvm.train.pack.STRATEGIES` with the spec
-# fields it takes ("vmap gemm": vmapped with the convolutions as matrix products,
-# `rvm.models.conv.gemm3x3`), or K processes at once.
+# fields it takes ("vmap gemm", "vmap kernel_gemm": vmapped with `model.conv_impl` set,
+# the convolutions or only their kernel gradients as matrix products), or K processes.
 PACK_HOWS = {
     "vmap": {"strategy": "vmap"},
     "vmap gemm": {"strategy": "vmap", "conv_impl": "gemm"},
+    "vmap kernel_gemm": {"strategy": "vmap", "conv_impl": "kernel_gemm"},
     "map": {"strategy": "map"},
     "loop": {"strategy": "loop"},
     "processes": {},

@@ -299,8 +299,9 @@ def report_packed(res: dict, ctx: dict, s: Settings) -> list[str]:
         "processes together), and on a GPU the device's peak bytes in use."
         + (
             " `vmap gemm`: `vmap` with the convolutions computed as matrix products "
-            "(`model.conv_impl`), which vmap batches instead of grouping."
-            if any(label.endswith(" / vmap gemm") for label in res)
+            "(`model.conv_impl`), which vmap batches instead of grouping; `vmap kernel_gemm` "
+            "only their kernel gradients."
+            if any(" / vmap " in label for label in res)
             else ""
         ),
         "",

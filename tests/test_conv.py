@@ -2,6 +2,7 @@
 conv, in every transform."""
 
 import re
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -400,41 +401,63 @@ def test_rvm_jit_keeps_convolutions_out_of_ynnpack():
 
 @pytest.mark.parametrize("strides", [1, 2])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_the_gemm_form_matches_in_values_and_gradients(shape, strides):
+def test_the_gemm_forms_match_in_values_and_gradients(shape, strides):
     x, kernel = inputs(shape)
     y = gemm3x3(x, kernel, strides)
     assert y.shape == conv3x3(x, kernel, strides).shape
     assert_close(y, plain(x, kernel, strides))
     weights = jax.random.normal(jax.random.key(7), y.shape)
-    got = jax.grad(weighted(lambda *a: gemm3x3(*a, strides), weights), argnums=(0, 1))(x, kernel)
     want = jax.grad(weighted(lambda *a: plain(*a, strides), weights), argnums=(0, 1))(x, kernel)
     assert_nontrivial(want)
-    jax.tree.map(assert_close, got, want)
+    forms = {
+        "gemm": lambda *a: gemm3x3(*a, strides),
+        "kernel_gemm": lambda *a: conv3x3(*a, strides, kernel_grad="gemm"),
+    }
+    for form in forms.values():
+        got = jax.grad(weighted(form, weights), argnums=(0, 1))(x, kernel)
+        jax.tree.map(assert_close, got, want)
 
     params = params_of(x, strides)
-    assert_close(
-        Conv3x3(COUT, strides, impl="gemm").apply({"params": params}, x),
-        Conv3x3(COUT, strides).apply({"params": params}, x),
-    )
-    with pytest.raises(ValueError, match="conv impl 'cudnn' is not one of xla, gemm"):
+    for impl in ("gemm", "kernel_gemm"):
+        assert_close(
+            Conv3x3(COUT, strides, impl=impl).apply({"params": params}, x),
+            Conv3x3(COUT, strides).apply({"params": params}, x),
+        )
+    with pytest.raises(ValueError, match="conv impl 'cudnn' is not one of xla, gemm, kernel_gemm"):
         Conv3x3(COUT, impl="cudnn").apply({"params": params}, x)
 
 
-def test_vmapped_over_kernels_the_gemm_form_is_a_batched_product_not_a_grouped_conv():
-    """Why packs on a GPU may take it: K kernels make XLA's convolution a grouped one."""
+def test_vmapped_over_kernels_the_gemm_forms_batch_products_instead_of_grouping_convs():
+    """Why packs on a GPU may take them: lowered for a GPU, K kernels make each of XLA's
+    three convolutions (forward, input and kernel gradients) a grouped one; `gemm` has
+    none left, `kernel_gemm` a batched product for the kernel gradient."""
     x, kernel = inputs(SHAPES[0])
     xs, kernels = jnp.stack([x, -x, 2 * x]), jnp.stack([kernel, 0.5 * kernel, kernel[::-1]])
 
-    def train_hlo(conv):
-        grads = jax.vmap(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), argnums=(0, 1)))
-        return jax.jit(grads).lower(xs, kernels).as_text(), jax.jit(grads)(xs, kernels)
+    def vmapped_grads(conv):
+        return jax.jit(jax.vmap(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), (0, 1))))
 
-    grouped, want = train_hlo(conv3x3)
-    assert re.search(r"feature_group_count = 3\b", grouped)
-    gemm, got = train_hlo(gemm3x3)
-    assert "convolution" not in gemm
-    assert re.search(r"dot_general.*batching_dims = \[0\] x \[0\]", gemm)
-    # sin of outputs up to ~10 amplifies float32 rounding: 3e-5 measured on the CPU.
-    jax.tree.map(lambda g, w: assert_close(g, w, tol=1e-4), got, want)
+    def gpu_ops(conv):
+        hlo = vmapped_grads(conv).trace(xs, kernels).lower(lowering_platforms=("cuda",)).as_text()
+        batched_products = re.findall(r"dot_general.*batching_dims = \[0\] x \[0\]", hlo)
+        return len(re.findall(r"feature_group_count = 3\b", hlo)), len(batched_products)
+
+    kernel_gemm = partial(conv3x3, kernel_grad="gemm")
+    assert gpu_ops(conv3x3) == (3, 0)
+    assert gpu_ops(kernel_gemm) == (2, 1)
+    assert gpu_ops(gemm3x3) == (0, 3)
+    # Compiled here, the convolution's own kernel gradient, which `kernel_gemm` replaces,
+    # is gone: two convolutions (forward, input gradient) and the product.
+    compiled = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(kernel_gemm(x, k))), (0, 1)))
+    hlo = compiled.lower(x, kernel).compile().as_text()
+    assert len(re.findall(r"= \S+ convolution\(", hlo)) == 2
+    assert len(re.findall(r"= \S+ dot\(", hlo)) == 1
+
+    want = vmapped_grads(conv3x3)(xs, kernels)
+    for conv in (gemm3x3, kernel_gemm):
+        # sin of outputs up to ~10 amplifies float32 rounding: 3e-5 measured on the CPU.
+        jax.tree.map(
+            lambda g, w: assert_close(g, w, tol=1e-4), vmapped_grads(conv)(xs, kernels), want
+        )
     for i in range(3):
         assert_close(jax.vmap(gemm3x3)(xs, kernels)[i], conv3x3(xs[i], kernels[i]))

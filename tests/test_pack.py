@@ -85,10 +85,13 @@ STATS_RTOL = 1e-4
 REORDERED_PARAMS_ATOL = 1e-4
 
 
-@pytest.mark.parametrize("strategy, conv_impl", [("vmap", "xla"), ("vmap", "gemm"), ("map", "xla")])
+@pytest.mark.parametrize(
+    "strategy, conv_impl",
+    [("vmap", "xla"), ("vmap", "gemm"), ("vmap", "kernel_gemm"), ("map", "xla")],
+)
 def test_a_pack_compiled_as_one_program_matches_each_run_alone(alone, data, strategy, conv_impl):
     config = tiny_config()
-    config.model.conv_impl = conv_impl  # "gemm": convolutions as (batched) matrix products
+    config.model.conv_impl = conv_impl  # "*gemm": (batched) matrix products, not grouped convs
     runs, metrics = train_pack(config, data, jax.devices()[:1], SEEDS, strategy)
     atol = PARAMS_ATOL if conv_impl == "xla" else REORDERED_PARAMS_ATOL
     for (state, m), got, got_m in zip(alone, runs, metrics, strict=True):

@@ -1,5 +1,7 @@
 """The shared-ResNet family: parameter counts, sharing, masks, readout time, consolidation."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -96,7 +98,7 @@ def test_minimal_shrinks_only_the_levels_in_scope():
         ("blocks_per_level", (3, 1, 4), "at least (1, 2, 2)"),
         ("final_death_rate", 1.0, "model.final_death_rate=1.0 must be a number in [0, 1)"),
         ("dtype", "float16", "model.dtype='float16'"),
-        ("conv_impl", "cudnn", "model.conv_impl='cudnn' is not one of xla, gemm"),
+        ("conv_impl", "cudnn", "model.conv_impl='cudnn' is not one of xla, gemm, kernel_gemm"),
     ],
 )
 def test_bad_model_config_names_field_and_allowed_values(field, value, words):
@@ -374,9 +376,9 @@ def test_sd_strategies_equal_cond_in_outputs_gradients_and_statistics():
 
 
 def test_convolutions_as_matrix_products_train_the_same_network():
-    """`conv_impl="gemm"` (every conv, stem and strided ones included, shared or not, under
-    with stochastic depth branching or masked) gives the XLA convolutions' logits, statistics and
-    gradients to float32 rounding."""
+    """`conv_impl` "gemm" and "kernel_gemm" (every conv, stem and strided ones included,
+    shared or not, with stochastic depth branching or masked) give the XLA convolutions'
+    logits, statistics and gradients to float32 rounding."""
     cfg = model_config((2, 3, 3), "raw", "middle", sd=True)
     model = sharing.build_model(cfg, 10)
     variables = init(model, X)
@@ -394,8 +396,8 @@ def test_convolutions_as_matrix_products_train_the_same_network():
 
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
 
-    for sd_impl in ("cond", "masked"):
-        want, got = step("xla", sd_impl), step("gemm", sd_impl)
+    for conv_impl, sd_impl in itertools.product(("gemm", "kernel_gemm"), ("cond", "masked")):
+        want, got = step("xla", sd_impl), step(conv_impl, sd_impl)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 

@@ -83,7 +83,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
     config.model.unroll = False  # True inlines every block instead of nn.scan (benchmarks)
     config.model.sd_impl = "auto"  # how stochastic depth runs: rvm.models.stochastic_depth.SD_IMPLS
-    # How convolutions compute (rvm.models.conv.CONV_IMPLS): "gemm" for packs vmapped on a GPU.
+    # How convolutions compute (rvm.models.conv.CONV_IMPLS): "gemm" or "kernel_gemm" for packs
+    # vmapped on a GPU (matrix products where vmap would make grouped convolutions).
     config.model.conv_impl = "xla"
     # Random iteration counts: each mini-batch runs the first r blocks of every level in
     # scope (raw or relaxed), r = Poisson(lambda)+1 clipped to the level's depth, lambda

@@ -29,6 +29,10 @@ becomes one grouped convolution, which GPU libraries run slowly, while the produ
 becomes one batched matrix product (the GPU plan's `vmap gemm` packs measure it). On
 the CPU it loses: two vmapped (3,4,4) runs trained at 0.61x one run's
 images/s with it, 0.77x with grouped convolutions (`bench/results/cpu_packed.md`).
+`kernel_gemm` keeps XLA's convolutions for the forward pass and the input gradient
+and computes only the kernel gradient as a product (patches^T @ output gradient): the
+backward convolution a vmap turns into its slowest form (a batch-grouped one) is then a
+batched matrix product, and no patches are kept from the forward pass.
 `Conv3x3(impl=...)` picks one of `CONV_IMPLS`.
 
 `Conv3x3` (zero padding 1, as Torch's `padding=1`) serves the ResNets; `SameConv`,
@@ -51,7 +55,8 @@ Array = jax.Array
 _DIMS = ("NHWC", "HWIO", "NHWC")
 Pads = tuple[tuple[int, int], tuple[int, int]]
 TORCH_PADS: Pads = ((1, 1), (1, 1))  # one zero row/column on each side, as Huang et al.
-CONV_IMPLS = ("xla", "gemm")  # how Conv3x3 computes: conv3x3, or gemm3x3
+# How Conv3x3 computes: conv3x3; gemm3x3; conv3x3 with the kernel gradient as a product.
+CONV_IMPLS = ("xla", "gemm", "kernel_gemm")
 
 
 def same_pads(size: tuple[int, int], kernel: tuple[int, int], strides: int) -> Pads:
@@ -75,22 +80,38 @@ def _conv(x: Array, kernel: Array, strides: int, pads: Pads) -> Array:
 # Stride 2 takes the same VJP rather than plain autodiff: outside a scan both compile
 # to the same ops (44 vs 47 CPU ms for forward + backward, 128x32x32x16 -> 32 channels),
 # and inside one only this VJP avoids the slow path.
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv2d(x: Array, kernel: Array, strides: int, pads: Pads) -> Array:
+# `kernel_grad` "gemm" computes the kernel gradient as a matrix product (`kernel_gemm`).
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv2d(x: Array, kernel: Array, strides: int, pads: Pads, kernel_grad: str) -> Array:
     return _conv(x, kernel, strides, pads)
 
 
-def _fwd(x: Array, kernel: Array, strides: int, pads: Pads) -> tuple[Array, tuple[Array, Array]]:
+def _fwd(
+    x: Array, kernel: Array, strides: int, pads: Pads, kernel_grad: str
+) -> tuple[Array, tuple[Array, Array]]:
     return _conv(x, kernel, strides, pads), (x, kernel)
 
 
-def _bwd(strides: int, pads: Pads, res: tuple[Array, Array], g: Array) -> tuple[Array, Array]:
-    return lax.platform_dependent(
+def _bwd(
+    strides: int, pads: Pads, kernel_grad: str, res: tuple[Array, Array], g: Array
+) -> tuple[Array, Array]:
+    dx, dk = lax.platform_dependent(
         *res,
         g,
         cpu=partial(_canonical_bwd, strides, pads),
         default=partial(_autodiff_bwd, strides, pads),
     )
+    if kernel_grad == "gemm":  # the convolution's dk above has no use left: XLA drops it
+        x, kernel = res
+        patches = _patches(x, kernel.shape[:2], strides, pads)
+        dk = jnp.einsum(
+            "nhwp,nhwo->po",
+            patches,
+            g,
+            preferred_element_type=jnp.promote_types(x.dtype, jnp.float32),
+        )
+        dk = dk.reshape(kernel.shape).astype(kernel.dtype)
+    return dx, dk
 
 
 def _autodiff_bwd(
@@ -149,39 +170,43 @@ def conv2d(x: Array, kernel: Array, strides: int = 1, pads: Pads | None = None) 
     if pads is None:
         pads = same_pads(x.shape[1:3], kernel.shape[:2], int(strides))
     pads = tuple(tuple(int(p) for p in pair) for pair in pads)
-    return _conv2d(x, kernel, int(strides), pads)
+    return _conv2d(x, kernel, int(strides), pads, "conv")
 
 
-def conv3x3(x: Array, kernel: Array, strides: int = 1) -> Array:
+def conv3x3(x: Array, kernel: Array, strides: int = 1, kernel_grad: str = "conv") -> Array:
     """3x3 convolution (zero padding 1) of NHWC `x` with an HWIO `kernel`, with a fast VJP.
 
     Numerically the same as `nn.Conv(features, (3, 3), strides, padding=1)` without
     bias. `kernel` can be any array, e.g. one shared kernel broadcast into every
     iteration of an `nn.scan`; its gradient is summed over iterations by the scan's
-    transpose as usual.
+    transpose as usual. `kernel_grad="gemm"` computes that gradient as a matrix product.
     """
     if kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"kernel {kernel.shape} is not (3, 3, {x.shape[-1]}, Cout)")
-    return _conv2d(x, kernel, int(strides), TORCH_PADS)
+    return _conv2d(x, kernel, int(strides), TORCH_PADS, kernel_grad)
+
+
+def _patches(x: Array, kernel_size: tuple[int, int], strides: int, pads: Pads) -> Array:
+    """[N, Ho, Wo, kh*kw*C_in]: the kernel's shifted (strided) views of the padded input,
+    concatenated in the kernel's HWI order, so an HWIO kernel reshapes into the matrix."""
+    kh, kw = kernel_size
+    padded = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    ho = (padded.shape[1] - kh) // strides + 1
+    wo = (padded.shape[2] - kw) // strides + 1
+    rows, cols = strides * (ho - 1) + 1, strides * (wo - 1) + 1  # a view's strided extent
+    views = [
+        padded[:, i : i + rows : strides, j : j + cols : strides]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.concatenate(views, axis=-1)
 
 
 def gemm3x3(x: Array, kernel: Array, strides: int = 1) -> Array:
-    """`conv3x3` as one matrix product: [N*Ho*Wo, 9*C_in] patches times [9*C_in, C_out].
-
-    The patches concatenate the nine shifted (strided) views of the zero-padded input
-    in the kernel's HWI order, so the HWIO kernel reshapes into the matrix as it is.
-    """
+    """`conv3x3` as one matrix product: [N*Ho*Wo, 9*C_in] patches times [9*C_in, C_out]."""
     if kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
         raise ValueError(f"kernel {kernel.shape} is not (3, 3, {x.shape[-1]}, Cout)")
-    h, w = x.shape[1:3]
-    ho, wo = -(-h // strides), -(-w // strides)
-    padded = jnp.pad(x, ((0, 0), *TORCH_PADS, (0, 0)))
-    views = [
-        padded[:, i : i + strides * (ho - 1) + 1 : strides, j : j + strides * (wo - 1) + 1 : strides]
-        for i in range(3)
-        for j in range(3)
-    ]
-    patches = jnp.concatenate(views, axis=-1)
+    patches = _patches(x, (3, 3), int(strides), TORCH_PADS)
     return jnp.einsum("nhwp,po->nhwo", patches, kernel.reshape(-1, kernel.shape[-1]))
 
 
@@ -191,7 +216,8 @@ class Conv3x3(nn.Module):
     Its params are named `kernel` (3, 3, Cin, Cout) and `bias` (Cout,) as in
     `nn.Conv`. A caller may pass the kernel instead (one kernel shared by every
     iteration of a scan); the module then owns only its bias. `impl` (`CONV_IMPLS`)
-    computes it with `conv3x3`, or with `gemm3x3` (for packs vmapped on a GPU).
+    computes it with `conv3x3`, `gemm3x3`, or `conv3x3` with its kernel gradient as a
+    matrix product (the last two for packs vmapped on a GPU).
     """
 
     features: int
@@ -212,7 +238,10 @@ class Conv3x3(nn.Module):
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         if self.impl not in CONV_IMPLS:
             raise ValueError(f"conv impl {self.impl!r} is not one of {', '.join(CONV_IMPLS)}")
-        y = (gemm3x3 if self.impl == "gemm" else conv3x3)(x, kernel, self.strides)
+        if self.impl == "gemm":
+            y = gemm3x3(x, kernel, self.strides)
+        else:
+            y = conv3x3(x, kernel, self.strides, "gemm" if self.impl == "kernel_gemm" else "conv")
         return y if bias is None else y + bias
 
 

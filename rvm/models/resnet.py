@@ -56,7 +56,9 @@ class Residual(nn.Module):
         norm = lambda name, relu=False: BatchNorm(
             not train, momentum=0.9, epsilon=1e-5, relu=relu, dtype=self.dtype, name=name
         )
-        y = Conv3x3(self.features, self.strides, impl=self.conv_impl, dtype=self.dtype, name="conv1")(x, k1)
+        y = Conv3x3(
+            self.features, self.strides, impl=self.conv_impl, dtype=self.dtype, name="conv1"
+        )(x, k1)
         y = norm("bn1", relu=True)(y)
         y = Conv3x3(self.features, impl=self.conv_impl, dtype=self.dtype, name="conv2")(y, k2)
         return norm("bn2")(y)
@@ -175,7 +177,9 @@ class Level(nn.Module):
             scale = 1.0 if train else 1.0 - float(pad_rate)
             masked = impl != "cond" and run is not True
             block = keep_stats(Block, run) if masked else Block
-            x = block(self.features, 2, self.dtype, self.conv_impl, name="pad")(x, train, None, run, scale, masked)
+            x = block(self.features, 2, self.dtype, self.conv_impl, name="pad")(
+                x, train, None, run, scale, masked
+            )
         inputs = x
 
         length = self.num_blocks if iterations is None else int(iterations)

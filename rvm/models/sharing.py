@@ -57,9 +57,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype={cfg.dtype!r} is not one of float32, bfloat16")
     if cfg.get("conv_impl", "xla") not in CONV_IMPLS:
-        raise ValueError(
-            f"model.conv_impl={cfg.conv_impl!r} is not one of {', '.join(CONV_IMPLS)}"
-        )
+        raise ValueError(f"model.conv_impl={cfg.conv_impl!r} is not one of {', '.join(CONV_IMPLS)}")
 
 
 def levels_in_scope(scope: str) -> tuple[bool, ...]:
