@@ -130,9 +130,21 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_parameters(uninter
     assert untimed_records(tmp_path) == untimed_records(uninterrupted)
 
 
+@pytest.fixture
+def sigint(request):
+    """SIGINT's handler set to `request.param` for the test, then put back: a suite started
+    as a shell's background job inherits SIGINT ignored, one started in a terminal not.
+    A handler set from Python is a caught signal, which `exec` resets to the default, so
+    the runs the test starts also begin as from a terminal."""
+    previous = signal.signal(signal.SIGINT, request.param)
+    yield request.param
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("sigint", [signal.default_int_handler], indirect=True)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_saves_exits_with_the_requeue_code_and_loses_nothing(
-    uninterrupted, tmp_path, signum
+    uninterrupted, tmp_path, signum, sigint
 ):
     """SIGTERM (a scheduler) or Ctrl-C, wherever it lands: the run saves the step it
     stopped at, exits with 75, and its restart ends as the uninterrupted run did."""
@@ -187,15 +199,6 @@ def test_the_host_reads_the_device_only_at_log_points_epoch_ends_and_stops(tmp_p
     monkeypatch.setattr(loop, "_fetched", fetching)
     loop.train_and_evaluate(config, tmp_path, max_steps=11)
     assert reads == [3, 6, 8, 9, 11]
-
-
-@pytest.fixture
-def sigint(request):
-    """SIGINT's handler set to `request.param` for the test, then put back: a suite started
-    as a shell's background job inherits SIGINT ignored, one started in a terminal not."""
-    previous = signal.signal(signal.SIGINT, request.param)
-    yield request.param
-    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("sigint", [signal.default_int_handler], indirect=True)
