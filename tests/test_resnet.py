@@ -1,7 +1,5 @@
 """The shared-ResNet family: parameter counts, sharing, masks, readout time, consolidation."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -327,6 +325,23 @@ def test_blocks_branch_only_under_stochastic_depth_or_a_mask():
     assert has_cond(sharing.build_model(cfg, 10))
 
 
+def train_step(model, variables, **fields):
+    """One training pass of `model` with `fields` changed, dropout key 0, loss mean(logits^2):
+    ((loss, (logits, new batch_stats)), gradients w.r.t. the params)."""
+
+    def loss(params):
+        logits, new = model.clone(**fields).apply(
+            {**variables, "params": params},
+            X,
+            train=True,
+            rngs={"dropout": jax.random.key(0)},
+            mutable=["batch_stats"],
+        )
+        return jnp.mean(logits**2), (logits, new["batch_stats"])
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+
 def test_sd_strategies_equal_cond_in_outputs_gradients_and_statistics():
     """`masked` and `compact` run the draws `cond` runs: the same logits bit for bit, a
     dropped block's BatchNorm statistics untouched, the other statistics and the
@@ -337,18 +352,9 @@ def test_sd_strategies_equal_cond_in_outputs_gradients_and_statistics():
     model = sharing.build_model(cfg, 10)
     variables = init(model, X)
 
-    def step(impl, sd=True):
-        def loss(params):
-            logits, new = model.clone(sd_impl=impl, final_death_rate=0.9 * sd).apply(
-                {**variables, "params": params},
-                X,
-                train=True,
-                rngs={"dropout": jax.random.key(0)},
-                mutable=["batch_stats"],
-            )
-            return jnp.mean(logits**2), (logits, new["batch_stats"])
-
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    step = lambda impl, sd=True: train_step(
+        model, variables, sd_impl=impl, final_death_rate=0.9 * sd
+    )
 
     (_, (logits, stats)), grads = step("cond")
     (_, (all_run, _)), _ = step("cond", sd=False)
@@ -383,22 +389,13 @@ def test_convolutions_as_matrix_products_train_the_same_network():
     model = sharing.build_model(cfg, 10)
     variables = init(model, X)
 
-    def step(conv_impl, sd_impl):
-        def loss(params):
-            logits, new = model.clone(conv_impl=conv_impl, sd_impl=sd_impl).apply(
-                {**variables, "params": params},
-                X,
-                train=True,
-                rngs={"dropout": jax.random.key(0)},
-                mutable=["batch_stats"],
+    for sd_impl in ("cond", "masked"):
+        want = train_step(model, variables, conv_impl="xla", sd_impl=sd_impl)
+        for conv_impl in ("gemm", "kernel_gemm"):
+            got = train_step(model, variables, conv_impl=conv_impl, sd_impl=sd_impl)
+            jax.tree.map(
+                lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want
             )
-            return jnp.mean(logits**2), (logits, new["batch_stats"])
-
-        return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
-
-    for conv_impl, sd_impl in itertools.product(("gemm", "kernel_gemm"), ("cond", "masked")):
-        want, got = step("xla", sd_impl), step(conv_impl, sd_impl)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
 
 
 def test_sd_strategies_branch_as_designed_and_auto_follows_the_platform():

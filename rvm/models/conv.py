@@ -173,6 +173,11 @@ def conv2d(x: Array, kernel: Array, strides: int = 1, pads: Pads | None = None) 
     return _conv2d(x, kernel, int(strides), pads, "conv")
 
 
+def _check_3x3(x: Array, kernel: Array) -> None:
+    if kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
+        raise ValueError(f"kernel {kernel.shape} is not (3, 3, {x.shape[-1]}, Cout)")
+
+
 def conv3x3(x: Array, kernel: Array, strides: int = 1, kernel_grad: str = "conv") -> Array:
     """3x3 convolution (zero padding 1) of NHWC `x` with an HWIO `kernel`, with a fast VJP.
 
@@ -181,8 +186,7 @@ def conv3x3(x: Array, kernel: Array, strides: int = 1, kernel_grad: str = "conv"
     iteration of an `nn.scan`; its gradient is summed over iterations by the scan's
     transpose as usual. `kernel_grad="gemm"` computes that gradient as a matrix product.
     """
-    if kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
-        raise ValueError(f"kernel {kernel.shape} is not (3, 3, {x.shape[-1]}, Cout)")
+    _check_3x3(x, kernel)
     return _conv2d(x, kernel, int(strides), TORCH_PADS, kernel_grad)
 
 
@@ -204,8 +208,7 @@ def _patches(x: Array, kernel_size: tuple[int, int], strides: int, pads: Pads) -
 
 def gemm3x3(x: Array, kernel: Array, strides: int = 1) -> Array:
     """`conv3x3` as one matrix product: [N*Ho*Wo, 9*C_in] patches times [9*C_in, C_out]."""
-    if kernel.shape[:2] != (3, 3) or kernel.shape[2] != x.shape[-1]:
-        raise ValueError(f"kernel {kernel.shape} is not (3, 3, {x.shape[-1]}, Cout)")
+    _check_3x3(x, kernel)
     patches = _patches(x, (3, 3), int(strides), TORCH_PADS)
     return jnp.einsum("nhwp,po->nhwo", patches, kernel.reshape(-1, kernel.shape[-1]))
 
