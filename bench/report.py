@@ -1,8 +1,6 @@
-"""The benchmark report: markdown tables of a run's results, targets with margins, projection.
-
-`derive` computes what the results imply (ceilings, the targets' verdicts, the
-projected wall time of the paper's run) into the JSON document; `render` writes
-the markdown from that document alone. After a change here, redraw committed
+"""The benchmark report: a run's results as markdown tables, with the targets' verdicts
+and the projection that `bench.targets` derives into the JSON document. `render` writes
+the markdown from that document alone. After a change here or there, redraw committed
 reports from their measurements without measuring again:
 
     python -m bench.report bench/results/cpu.json
@@ -21,41 +19,25 @@ from bench.plan import (
     CONV_PASSES,
     EPOCHS,
     LEVELS,
-    TARGET_PACKS,
     TEST_IMAGES,
     TRAIN_IMAGES,
     Settings,
     forward_macs,
     impls,
     model_label,
-    pack_label,
     sharings,
     train_flops,
 )
+from bench.targets import derive, dtype, loop_step, packed_rate, step_s, total_compile_s
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}g}"
 
 
-def _step(r: dict | None) -> float | None:
-    return r["step_s"] if r and r.get("ok") else None
-
-
 def _spread(r: dict) -> str:
     w = r["windows_s"]
     return f"{_fmt(r['step_s'])} [{_fmt(min(w))}-{_fmt(max(w))}]"
-
-
-def _target(name: str, value: float | None, bound: float, at_most: bool, unit: str = "") -> dict:
-    """A target with its margin: how far the value sits inside (+) or outside (-) the bound."""
-    if value is None:
-        return {"target": name, "pass": None, "text": "not measured"}
-    ok = value <= bound if at_most else value >= bound
-    margin = (bound - value) if at_most else (value - bound)
-    verdict = "PASS" if ok else "FAIL"
-    text = f"{verdict}: {value:.3g}{unit} vs {bound:.3g}{unit} (margin {margin:+.3g}{unit})"
-    return {"target": name, "pass": ok, "value": value, "bound": bound, "text": text}
 
 
 def _failures(section: dict) -> list[str]:
@@ -71,19 +53,6 @@ def _failures(section: dict) -> list[str]:
     return lines
 
 
-def _dtype(r: dict) -> str:
-    return r["spec"].get("dtype", "float32")
-
-
-def ceilings(res: dict) -> dict[str, float]:
-    """dtype -> the fastest matmul's GFLOP/s in it: the ceiling FLOP rates are read against."""
-    out: dict[str, float] = {}
-    for r in res.values():
-        if r["ok"]:
-            out[_dtype(r)] = max(out.get(_dtype(r), 0.0), r["gflops"])
-    return out
-
-
 def report_ceiling(res: dict, ctx: dict) -> list[str]:
     lines = ["| matmul | s | GFLOP/s |", "| --- | --- | --- |"]
     for label, r in res.items():
@@ -97,7 +66,7 @@ def report_ceiling(res: dict, ctx: dict) -> list[str]:
 
 def _rvm_of(res: dict, r: dict) -> dict | None:
     """rvm's training run of run `r`'s model, sharing and dtype: what `r` is compared with."""
-    model = lambda x: (x["spec"]["blocks"], x["spec"]["sharing"], _dtype(x))
+    model = lambda x: (x["spec"]["blocks"], x["spec"]["sharing"], dtype(x))
     for other in res.values():
         if other["spec"]["kind"] == "rvm_train" and model(other) == model(r):
             return other
@@ -128,9 +97,9 @@ def report_train(res: dict, ctx: dict, s: Settings) -> list[str]:
                     continue
                 ips = s.batch / r["step_s"]
                 gflops = ips * train_flops(blocks) / 1e9
-                base = _step(_rvm_of(res, r))
+                base = step_s(_rvm_of(res, r))
                 ratio = _fmt(base / r["step_s"]) + "x" if base else "n/a"
-                ceiling = ctx["ceilings"].get(_dtype(r))
+                ceiling = ctx["ceilings"].get(dtype(r))
                 frac = f"{100 * gflops / ceiling:.1f}%" if ceiling else "n/a"
                 lines.append(
                     f"| {model} | {impl} | {_spread(r)} | {ips:.1f} | {ratio} | {gflops:.1f} "
@@ -154,15 +123,10 @@ def report_compile(res: dict, ctx: dict, s: Settings) -> list[str]:
         if r["ok"]:
             lines.append(
                 f"| {label} | {_fmt(r['init_s'])} | {_fmt(r['trace_s'])} | {_fmt(r['lower_s'])} "
-                f"| {_fmt(r['compile_s'])} | {_fmt(_compile_s(r))} | {_fmt(r['first_call_s'])} "
-                f"| {_spread(r)} |"
+                f"| {_fmt(r['compile_s'])} | {_fmt(total_compile_s(r))} "
+                f"| {_fmt(r['first_call_s'])} | {_spread(r)} |"
             )
     return lines
-
-
-def _compile_s(r: dict) -> float:
-    """Trace + lower + XLA compile of the step, measured ahead of time."""
-    return r["trace_s"] + r["lower_s"] + r["compile_s"]
 
 
 def report_steps(res: dict, ctx: dict, s: Settings, note: str) -> list[str]:
@@ -186,7 +150,7 @@ def report_eval(res: dict, ctx: dict, s: Settings) -> list[str]:
     for label, r in res.items():
         if r["ok"]:
             ips = s.eval_batch / r["step_s"]
-            ceiling = ctx["ceilings"].get(_dtype(r))
+            ceiling = ctx["ceilings"].get(dtype(r))
             frac = f"{100 * ips * flops / 1e9 / ceiling:.1f}%" if ceiling else "n/a"
             lines.append(f"| {label} | {_spread(r)} | {ips:.1f} | {frac} |")
     return lines
@@ -213,7 +177,7 @@ def _report_against(res: dict, s: Settings, note: str, base: str, column: str) -
     lines = [note, "", f"| run | s/step | images/s | {column} |", "| --- | --- | --- | --- |"]
     for label, r in res.items():
         if r["ok"]:
-            ref = _step(res.get(label.rsplit("/", 1)[0] + "/ " + base))
+            ref = step_s(res.get(label.rsplit("/", 1)[0] + "/ " + base))
             ratio = f"{ref / r['step_s']:.2f}x" if ref else "n/a"
             lines.append(f"| {label} | {_spread(r)} | {s.batch / r['step_s']:.1f} | {ratio} |")
     return lines
@@ -267,28 +231,6 @@ def report_convs(res: dict, ctx: dict, s: Settings) -> list[str]:
     return lines
 
 
-def _packed_rate(res: dict, label: str, s: Settings) -> float | None:
-    """Images/s of all the runs of `packed` measurement `label` ("model / K=k / how")."""
-    r = res.get(label)
-    if not r or not r.get("ok"):
-        return None
-    return int(label.split(" / ")[1][2:]) * s.batch / r["step_s"]
-
-
-def _best_pack(res: dict, blocks, k: int, s: Settings) -> tuple[str | None, float | None]:
-    """The fastest strategy for K packed runs of `blocks`, and its images/s."""
-    rates = {
-        label.rsplit(" / ", 1)[1]: _packed_rate(res, label, s)
-        for label, r in res.items()
-        if label.startswith(pack_label(blocks, k, "")) and r["spec"]["kind"] == "rvm_pack"
-    }
-    rates = {how: rate for how, rate in rates.items() if rate}
-    if not rates:
-        return None, None
-    best = max(rates, key=rates.get)
-    return best, rates[best]
-
-
 def report_packed(res: dict, ctx: dict, s: Settings) -> list[str]:
     lines = [
         f"K runs of one variant (non-shared, stochastic depth off, batch {s.batch} each), "
@@ -312,7 +254,7 @@ def report_packed(res: dict, ctx: dict, s: Settings) -> list[str]:
         if not r["ok"]:
             continue
         model, k, how = label.split(" / ")
-        rate, one = _packed_rate(res, label, s), _packed_rate(res, f"{model} / K=1 / one run", s)
+        rate, one = packed_rate(res, label, s), packed_rate(res, f"{model} / K=1 / one run", s)
         ratio = f"{rate / one:.2f}x" if one else "n/a"
         rss = r.get("processes_rss_mb", r.get("max_rss_mb"))
         lines.append(
@@ -322,113 +264,14 @@ def report_packed(res: dict, ctx: dict, s: Settings) -> list[str]:
     return lines
 
 
-def pack_targets(res: dict, s: Settings) -> list[dict]:
-    """CPU: two packed runs at least as fast as the two one after another; H200 (GPU
-    plan): 8 packed (3,4,4) runs at >= 4x one run's images/s, 4 (18,18,18) at >= 2x."""
-    bounds = {"cpu": {2: 1.0}, "gpu": {8: 4.0, 4: 2.0}}[s.platform]
-    out = []
-    for blocks, k in TARGET_PACKS[s.platform](s):
-        one = _packed_rate(res, pack_label(blocks, 1, "one run"), s)
-        how, rate = _best_pack(res, blocks, k, s)
-        name = (
-            f"{tuple(blocks)}: {k} packed runs ({how or 'fastest strategy'}) >= {bounds[k]:g}x "
-            "one run's images/s"
-        )
-        out.append(_target(name, rate / one if rate and one else None, bounds[k], False, "x"))
-    return out
-
-
-def sd_on(sd: dict) -> tuple[str, dict | None]:
-    """rvm's stochastic-depth step as shipped (`rvm on`), or else its fastest strategy."""
-    if "rvm on" in sd:
-        return "rvm on", sd["rvm on"]
-    ran = {k: r for k, r in sd.items() if k.startswith("rvm on") and _step(r)}
-    label = min(ran, key=lambda k: ran[k]["step_s"], default="rvm on")
-    return label, ran.get(label)
-
-
-def loop_step(results: dict) -> dict | None:
-    """The benchmark step the loop is read against: the same config, the same strategy."""
-    loop = results.get("loop", {}).get("rvm loop")
-    if "rvm step" in results.get("loop", {}) or not loop or not loop["ok"]:
-        return results.get("loop", {}).get("rvm step")
-    return results.get("stochastic_depth", {}).get(f"rvm on / {loop['sd_impl']}")
-
-
-def targets(results: dict, s: Settings) -> list[dict]:
-    """The suite's targets, for the sections that ran; each with pass/fail and margin."""
-    out = []
-    ratio = lambda a, b: a / b if a and b else None
-    large = tuple(s.large)
-    # CPU: rvm at half PyTorch's speed at least; GPU: three times as fast in bfloat16.
-    mine, theirs, bound = (
-        ("rvm", "torch eager channels_last", 0.5)
-        if s.platform == "cpu"
-        else ("rvm bfloat16", "torch eager channels_last bfloat16 autocast", 3.0)
-    )
-    train = results.get("train", {})
-    if s.platform == "gpu" and "stochastic_depth" in results and "train" not in results:
-        sd = results["stochastic_depth"]  # the same two runs as `train`'s large ones
-        model = model_label(s.large, "nonshared")
-        train = {f"{model} / {mine}": sd.get("rvm off")}
-        train[f"{model} / {theirs}"] = sd.get("torch eager channels_last off")
-    if train:
-        for blocks in (s.small, s.large):
-            for sharing in sharings(s):
-                model = model_label(blocks, sharing)
-                a = _step(train.get(f"{model} / {mine}"))
-                b = _step(train.get(f"{model} / {theirs}"))
-                if a is None and b is None and "train" not in results:
-                    continue
-                name = f"{model}: {mine} >= {bound:g}x {theirs} throughput"
-                out.append(_target(name, ratio(b, a), bound, at_most=False, unit="x"))
-    if "compile" in results:
-        scan, unrolled = results["compile"].get("nn.scan"), results["compile"].get("unrolled")
-        compile_s = lambda r: _compile_s(r) if r and r["ok"] else None
-        name = f"{large} compile time: scan <= 1/3 of unrolled"
-        out.append(_target(name, ratio(compile_s(scan), compile_s(unrolled)), 1 / 3, True, "x"))
-        name = f"{large} step: scan no slower than unrolled"
-        out.append(_target(name, ratio(_step(scan), _step(unrolled)), 1.0, True, "x"))
-    if "relaxed" in results:
-        rel = results["relaxed"]
-        name = f"{large} all levels: relaxed step within 5% of raw"
-        out.append(
-            _target(name, ratio(_step(rel.get("relaxed")), _step(rel.get("raw"))), 1.05, True, "x")
-        )
-    if "stochastic_depth" in results:
-        sd = results["stochastic_depth"]
-        label, on = sd_on(sd)
-        on, off = _step(on), _step(sd.get("rvm off"))
-        if s.platform == "cpu":
-            name = f"{large} rvm: stochastic depth step no slower than off"
-            out.append(_target(name, ratio(on, off), 1.0, True, "x"))
-        else:
-            name = (
-                f"{large} rvm: stochastic depth step at least 15% faster than off "
-                f"(speed-up, {label})"
-            )
-            out.append(_target(name, ratio(off, on), 1.15, False, "x"))
-    if "loop" in results:
-        loop = results["loop"].get("rvm loop")
-        name = f"{large} rvm: the real loop's steps/s >= 0.95x the benchmark step's"
-        out.append(_target(name, ratio(_step(loop_step(results)), _step(loop)), 0.95, False, "x"))
-        if s.platform == "gpu":
-            rate = s.batch / _step(loop) if _step(loop) else None
-            name = f"{large} the paper's run (stochastic depth on, test set every epoch), real loop"
-            out.append(_target(name, rate, 14_000, False, " images/s"))
-    if "packed" in results:
-        out += pack_targets(results["packed"], s)
-    return out
-
-
 def report_loop(res: dict, ctx: dict, s: Settings) -> list[str]:
     r = res.get("rvm loop")
     if not r or not r["ok"]:
         return []
-    spec, step = r["spec"], _step(ctx["loop_step"])
+    spec, step = r["spec"], step_s(ctx["loop_step"])
     return [
         f"`rvm.train.loop.train_and_evaluate` on {tuple(spec['blocks'])} nonshared, "
-        f"{_dtype(r)}, stochastic depth on ({r['sd_impl']}), synthetic images: "
+        f"{dtype(r)}, stochastic depth on ({r['sd_impl']}), synthetic images: "
         f"{spec['epochs']} epochs of {spec['epoch_steps']} steps, {spec['test_images']} test "
         "images evaluated and a checkpoint written after each. A window is an epoch after "
         "the first (which compiles), its evaluation included; the step is the benchmark's "
@@ -461,7 +304,7 @@ def report_xla_gpu(res: dict, ctx: dict, s: Settings) -> list[str]:
     for label, r in res.items():
         if not r["ok"]:
             continue
-        base = _step(ctx["sd"].get(f"rvm on / {r['spec']['sd_impl']}"))
+        base = step_s(ctx["sd"].get(f"rvm on / {r['spec']['sd_impl']}"))
         h = r.get("hlo", {})
         inside = lambda op, h=h: (
             f"{h[f'{op}s_in_command_buffers']} of {h[f'{op}s']}" if h else "n/a"
@@ -473,30 +316,6 @@ def report_xla_gpu(res: dict, ctx: dict, s: Settings) -> list[str]:
             f"| {inside('conditional')} | {_fmt(r['first_call_s'])} |"
         )
     return lines
-
-
-def projection(results: dict, s: Settings) -> list[dict]:
-    """Projected wall time of the paper's run of the large model: every epoch's training
-    steps with stochastic depth on (section `stochastic_depth`) and one evaluation of
-    the test set (section `eval`), for rvm and PyTorch; checkpoints and logging left out.
-    """
-    sd, ev = results.get("stochastic_depth", {}), results.get("eval", {})
-    steps = EPOCHS * (TRAIN_IMAGES // s.batch)
-    out = []
-    torch = "torch eager channels_last"
-    for impl, train_label, eval_label in (
-        ("rvm", sd_on(sd)[0], "rvm evaluate"),
-        (torch, f"{torch} on", f"{torch} no_grad"),
-    ):
-        step, eval_batch_s = _step(sd.get(train_label)), _step(ev.get(eval_label))
-        if not step or not eval_batch_s:
-            continue
-        eval_s = EPOCHS * TEST_IMAGES / s.eval_batch * eval_batch_s
-        row = {"implementation": impl, "dtype": _dtype(sd[train_label]), "step_s": step}
-        row.update(steps=steps, train_h=steps * step / 3600, eval_h=eval_s / 3600)
-        row["total_h"] = row["train_h"] + row["eval_h"]
-        out.append(row)
-    return out
 
 
 def report_projection(rows: list[dict], s: Settings) -> list[str]:
@@ -574,14 +393,6 @@ def render(doc: dict, s: Settings) -> str:
     if doc["projection"]:
         lines += ["## projection", ""] + report_projection(doc["projection"], s) + [""]
     return "\n".join(lines) + "\n"
-
-
-def derive(doc: dict, s: Settings) -> None:
-    """Sets what `doc`'s results imply: the ceilings, the targets' verdicts, the projection."""
-    res = doc["results"]
-    doc["ceiling_gflops"] = ceilings(res.get("ceiling", {}))
-    doc["targets"] = targets(res, s)
-    doc["projection"] = projection(res, s)
 
 
 def redrawn(doc: dict) -> str:

@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script, `bench` still imports as a package
 
 from bench.plan import GPU_MEASUREMENTS, GPU_SETTINGS, MEASUREMENTS, Settings, measurements, plan
-from bench.report import derive, render
+from bench.report import render
+from bench.targets import derive
 from rvm.train import hugepages  # the standard library only: no JAX in this process
 
 # --- Running children --------------------------------------------------------------------

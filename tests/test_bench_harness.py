@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import plan, report, run
+from bench import plan, report, run, targets
 
 
 def test_children_run_on_the_cpu_with_huge_page_malloc_unless_told_otherwise(monkeypatch):
@@ -190,7 +190,9 @@ def test_gpu_targets_and_projection_from_step_times():
     # The loop at 0.02 s a step against its strategy's (masked) 0.016 s.
     loop = {**_timed(specs["loop"]["rvm loop"], 0.02), "eval_s": [1.0, 0.1, 0.12]}
     results["loop"] = {"rvm loop": {**loop, "sd_impl": "masked", "loop_wall_s": 60.0}}
-    verdicts = {t["target"]: (t["pass"], round(t["value"], 3)) for t in report.targets(results, s)}
+    verdicts = {
+        t["target"]: (t["pass"], round(t["value"], 3)) for t in targets.verdicts(results, s)
+    }
     assert verdicts == {
         "(3, 4, 4) nonshared: rvm bfloat16 >= 3x torch eager channels_last bfloat16 autocast "
         "throughput": (False, 1.25),
@@ -204,9 +206,9 @@ def test_gpu_targets_and_projection_from_step_times():
             6400,
         ),
     }
-    missed = [t["text"] for t in report.targets(results, s) if t["pass"] is False]
+    missed = [t["text"] for t in targets.verdicts(results, s) if t["pass"] is False]
     assert "FAIL: 6.4e+03 images/s vs 1.4e+04 images/s (margin -7.6e+03 images/s)" in missed
-    rvm, torch = report.projection(results, s)
+    rvm, torch = targets.projection(results, s)
     assert rvm["steps"] == 500 * 390 and rvm["dtype"] == "bfloat16"
     assert rvm["train_h"] == pytest.approx(500 * 390 * 0.016 / 3600)
     assert rvm["eval_h"] == pytest.approx(500 * 10 * 0.5 / 3600)  # 10 batches of 1000 an epoch
@@ -219,7 +221,7 @@ def test_gpu_targets_and_projection_from_step_times():
         "versions": {},
         "results": results,
     }
-    report.derive(doc, s)
+    targets.derive(doc, s)
     assert doc["projection"] == [rvm, torch] and len(doc["targets"]) == 5
     md = report.render(doc, s)
     assert "| rvm | bfloat16 | 0.016 |" in md
@@ -279,7 +281,7 @@ def test_gpu_plans_loop_and_xla_gpu_children_run(tmp_path):
         report.report_xla_gpu(results["xla_gpu"], {"sd": results["stochastic_depth"]}, s)
     )
     assert f"| {label} |" in text and "| 2x | 0 (0) | 0 of " in text
-    assert report.loop_step(results) is results["stochastic_depth"]["rvm on / cond"]
+    assert targets.loop_step(results) is results["stochastic_depth"]["rvm on / cond"]
 
 
 def test_ceiling_is_the_fastest_matmul_of_numpy_torch_and_xla(tmp_path):
@@ -306,7 +308,7 @@ def test_ceiling_is_the_fastest_matmul_of_numpy_torch_and_xla(tmp_path):
     }
     results["torch bfloat16"] = {"ok": True, "spec": {"dtype": "bfloat16"}, "gflops": 900.0}
     results["failed"] = {"ok": False, "spec": specs["jax 64x64"]}
-    assert report.ceilings(results) == {"float32": 280.0, "bfloat16": 900.0}
+    assert targets.ceilings(results) == {"float32": 280.0, "bfloat16": 900.0}
 
 
 @pytest.mark.parametrize("kind", ["jax_conv", "torch_conv"])

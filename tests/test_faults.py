@@ -291,25 +291,32 @@ def _pair(workdir: Path) -> list[subprocess.Popen]:
     return [_start(workdir, 1, address, str(i)) for i in range(2)]
 
 
+def _stop_pair(workdir: Path, signum: int, to: tuple[int, ...]) -> None:
+    """Starts a pair and sends `signum` to the processes `to` after the first epoch (step
+    8 of 24): both must stop after one step, with its checkpoint."""
+    procs = _pair(workdir)
+    deadline = time.time() + 300
+    while not (workdir / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    for i in to:
+        procs[i].send_signal(signum)
+    stopped = set()
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+        stopped.add(int(re.search(r"(?:SIGTERM|SIGINT) at step (\d+)", out).group(1)))
+    assert len(stopped) == 1, stopped
+    step = stopped.pop()
+    assert step < 24 and step in Checkpoints(workdir).all_steps()
+
+
 def test_two_processes_train_one_run_together(tmp_path):
     """Two processes of one device each train the run of one process with two devices,
     to the bit, through a preemption: SIGTERM to one of them stops both after the same
     step, with its checkpoint, and the records are those of the run that was not stopped,
     wherever the signal landed. The first process alone writes the run's records."""
     together, alone = tmp_path / "together", tmp_path / "alone"
-    procs = _pair(together)
-    deadline = time.time() + 300
-    while not (together / "metrics.jsonl").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    procs[1].send_signal(signal.SIGTERM)  # after the first epoch (step 8 of 24)
-    stopped = set()
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
-        stopped.add(int(re.search(r"SIGTERM at step (\d+)", out).group(1)))
-    assert len(stopped) == 1, stopped
-    step = stopped.pop()
-    assert step < 24 and step in Checkpoints(together).all_steps()
+    _stop_pair(together, signal.SIGTERM, to=(1,))
 
     results = [_results(p) for p in _pair(together)]
     assert results[0] == results[1] == _results(_start(alone, 2))
@@ -321,6 +328,15 @@ def test_two_processes_train_one_run_together(tmp_path):
     assert untimed_records(together) == untimed_records(alone)
     for a, b in zip(final_params(together), final_params(alone), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("sigint", [signal.default_int_handler], indirect=True)
+@pytest.mark.parametrize("to", [(0,), (0, 1)], ids=["one", "both"])
+def test_ctrl_c_stops_every_process_of_a_run_at_one_step(tmp_path, sigint, to):
+    """Ctrl-C in a terminal reaches every process of its group (`both`), a kill -INT one
+    of them: either way each process hands it on to JAX's preemption service, and all
+    stop after one step, saved, instead of one dying inside a collective."""
+    _stop_pair(tmp_path, signal.SIGINT, to)
 
 
 def _damage(step_dir: Path) -> Path:

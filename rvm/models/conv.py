@@ -27,8 +27,8 @@ copies of the input (im2col) with the kernel, differentiated by plain autodiff. 
 for packed runs (`rvm.train.pack`) on a GPU: vmapped over K kernels, XLA's convolution
 becomes one grouped convolution, which GPU libraries run slowly, while the product
 becomes one batched matrix product (the GPU plan's `vmap gemm` packs measure it). On
-the CPU it loses: two vmapped (3,4,4) runs trained at 0.45x one run's
-images/s with it, 0.59x with grouped convolutions (`bench/results/cpu_packed.md`).
+the CPU it loses: two vmapped (3,4,4) runs trained at 0.54x one run's
+images/s with it, 0.69x with grouped convolutions (`bench/results/cpu_packed.md`).
 `kernel_gemm` keeps XLA's convolutions for the forward pass and the input gradient
 and computes only the kernel gradient as a product (patches^T @ output gradient): the
 backward convolution a vmap turns into its slowest form (a batch-grouped one) is then a
