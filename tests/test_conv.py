@@ -434,8 +434,11 @@ def test_vmapped_over_kernels_the_gemm_forms_batch_products_instead_of_grouping_
     x, kernel = inputs(SHAPES[0])
     xs, kernels = jnp.stack([x, -x, 2 * x]), jnp.stack([kernel, 0.5 * kernel, kernel[::-1]])
 
+    def grads(conv):
+        return jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), (0, 1))
+
     def vmapped_grads(conv):
-        return jax.jit(jax.vmap(jax.grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), (0, 1))))
+        return jax.jit(jax.vmap(grads(conv)))
 
     def gpu_ops(conv):
         hlo = vmapped_grads(conv).trace(xs, kernels).lower(lowering_platforms=("cuda",)).as_text()
@@ -448,8 +451,7 @@ def test_vmapped_over_kernels_the_gemm_forms_batch_products_instead_of_grouping_
     assert gpu_ops(gemm3x3) == (0, 3)
     # Compiled here, the convolution's own kernel gradient, which `kernel_gemm` replaces,
     # is gone: two convolutions (forward, input gradient) and the product.
-    compiled = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(kernel_gemm(x, k))), (0, 1)))
-    hlo = compiled.lower(x, kernel).compile().as_text()
+    hlo = jax.jit(grads(kernel_gemm)).lower(x, kernel).compile().as_text()
     assert len(re.findall(r"= \S+ convolution\(", hlo)) == 2
     assert len(re.findall(r"= \S+ dot\(", hlo)) == 1
 
