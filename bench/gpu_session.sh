@@ -12,6 +12,8 @@
 # The .carry folder (git-ignored) is made with:
 #   mkdir -p .carry/wheels && pip download ml_collections==1.1.0 --no-deps -d .carry/wheels
 #   cp ../shared/data/cifar10/{build.py,cifar10_jpeg.tar.gz} .carry/
+#   echo "$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD || echo -dirty)" > .carry/commit
+# (the tree travels without its git history: the report names the commit from that file).
 # ONLY=packed BENCH_S=500: steps 1 and 3 alone, step 3 for those sections of the plan
 # (comma-separated; a second session for the packed runs, which the plan measures last).
 # TINY=1 JAX_PLATFORMS=cpu OUT=/tmp/gpu_out bash bench/gpu_session.sh: a dry run on a CPU
@@ -30,6 +32,9 @@ start=$(date +%s)
 log "1. ml_collections from the carried wheel"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .carry/wheels/*.whl
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+if [ -f .carry/commit ]; then
+  RVM_COMMIT=$(cat .carry/commit) && export RVM_COMMIT && log "commit $RVM_COMMIT"
+fi
 
 if [ -z "$ONLY" ]; then
   log "2. CIFAR-10 from the carried archive"

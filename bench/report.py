@@ -346,6 +346,7 @@ def render(doc: dict, s: Settings) -> str:
         "",
         f"- date: {doc['date']} (wall {doc.get('wall_s', 0) / 60:.1f} min)",
         f"- command: `{doc['command']}`",
+        *([f"- commit: `{doc['commit']}`"] if doc.get("commit") else []),
         f"- machine: {m['cpu']}, {m['logical_cores']} logical cores, {m['memory_gib']} GiB, "
         f"ISA {' '.join(m['isa']) or 'n/a'}; load average at start "
         f"{' / '.join(f'{x:.2f}' for x in m['load_average_at_start'])} (1/5/15 min)"

@@ -236,6 +236,25 @@ def versions() -> dict[str, str]:
     return out
 
 
+def commit(repo: Path = REPO) -> str | None:
+    """The code measured: the checkout's commit, with "-dirty" when tracked files differ
+    from it; where the tree travelled without its git directory (a lent GPU machine),
+    $RVM_COMMIT as the sender recorded it; None when neither says."""
+    if not (repo / ".git").exists():
+        return os.environ.get("RVM_COMMIT") or None
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short=12", "HEAD") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 # --- Main --------------------------------------------------------------------------------
 
 
@@ -315,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         "name": out.name,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "commit": commit(),
         "machine": machine(s.platform),
         "versions": versions(),
         "settings": dataclasses.asdict(s),

@@ -349,6 +349,34 @@ def test_rvm_conv_passes_compile_to_the_convolutions_they_count():
 COMMITTED = sorted((Path(__file__).resolve().parents[1] / "bench" / "results").glob("*.json"))
 
 
+def test_a_report_names_the_commit_it_measured(tmp_path, monkeypatch):
+    """From git where the checkout has its history, else from $RVM_COMMIT (a lent GPU
+    machine gets the tree without it); "-dirty" when tracked files were changed."""
+    monkeypatch.setenv("RVM_COMMIT", "0123abcd")
+    assert run.commit(tmp_path) == "0123abcd"
+    monkeypatch.delenv("RVM_COMMIT")
+    assert run.commit(tmp_path) is None
+    git = lambda *a: subprocess.run(
+        ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    git("init", "-q")
+    (tmp_path / "f").write_text("1")
+    git("add", "f")
+    git("commit", "-q", "-m", "m")
+    head = git("rev-parse", "--short=12", "HEAD")
+    monkeypatch.setenv("RVM_COMMIT", "ignored where git knows")
+    (tmp_path / "untracked").write_text("")
+    assert run.commit(tmp_path) == head
+    (tmp_path / "f").write_text("2")
+    assert run.commit(tmp_path) == f"{head}-dirty"
+    doc = json.loads(COMMITTED[0].read_text())
+    doc.pop("commit", None)  # reports measured before they recorded it
+    assert "- commit:" not in report.redrawn(doc)
+    doc["command"], doc["commit"] = "python bench/run.py", head
+    assert f"- command: `python bench/run.py`\n- commit: `{head}`\n" in report.redrawn(doc)
+
+
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
 def test_committed_reports_are_what_their_measurements_render_to(path):
     """Every committed table, target verdict and projection follows from the JSON beside it."""
