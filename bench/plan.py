@@ -13,6 +13,8 @@ from collections.abc import Callable
 
 WIDTHS = (16, 32, 64)
 NUM_CLASSES = 10
+IMAGE_SHAPE = (32, 32, 3)
+SYNTHETIC_IMAGES = 2048  # synthetic training split the batches are drawn from
 MEASUREMENTS = (
     "ceiling",  # float32 GFLOP/s of a large matmul (numpy, torch and XLA)
     "train",  # training throughput, rvm against the PyTorch twin
@@ -108,6 +110,20 @@ def forward_macs(blocks: tuple[int, ...], size: int = 32, channels: int = 3) -> 
 def train_flops(blocks: tuple[int, ...]) -> int:
     """Training FLOPs per image: 3 x forward (backward = input and kernel gradients) x 2 per MAC."""
     return 3 * 2 * forward_macs(blocks)
+
+
+def conv_pass(spec: dict, passes: dict) -> Callable:
+    """What runs for the spec's `pass`: the forward convolution, either gradient alone
+    (`input_grad`, `kernel_grad`), or all three (`train`)."""
+    if spec["pass"] not in passes:
+        raise ValueError(f"pass={spec['pass']!r}: one of {', '.join(passes)}")
+    return passes[spec["pass"]]
+
+
+def conv_flops(spec: dict) -> float:
+    """FLOPs of one call: a 3x3 same-size conv, x3 with both gradients (`pass` = train)."""
+    hw, c = spec["size"], spec["channels"]
+    return 2 * spec["batch"] * hw * hw * c * c * 9 * (3 if spec["pass"] == "train" else 1)
 
 
 # --- Specs: what each section measures ---------------------------------------------------

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import jax
 
-from bench import measure
+from bench import measure_rvm
 from rvm.train import hugepages
 
 
@@ -54,7 +54,7 @@ def _build(args):
     from rvm.train import loop
     from rvm.train import sharding as shd
 
-    config = measure.rvm_config(
+    config = measure_rvm.rvm_config(
         {
             "blocks": args.blocks,
             "sharing": args.sharing,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -38,7 +37,7 @@ sys.path.insert(0, str(REPO))  # run as a script, `bench` still imports as a pac
 from bench.plan import GPU_MEASUREMENTS, GPU_SETTINGS, MEASUREMENTS, Settings, measurements, plan
 from bench.report import render
 from bench.targets import derive
-from rvm.train import hugepages  # the standard library only: no JAX in this process
+from rvm.train import hugepages, provenance  # no JAX at import: this process has none
 
 # --- Running children --------------------------------------------------------------------
 
@@ -226,35 +225,6 @@ def machine(platform_: str = "cpu") -> dict:
     }
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def commit(repo: Path = REPO) -> str | None:
-    """The code measured: the checkout's commit, with "-dirty" when tracked files differ
-    from it; where the tree travelled without its git directory (a lent GPU machine),
-    $RVM_COMMIT as the sender recorded it; None when neither says."""
-    if not (repo / ".git").exists():
-        return os.environ.get("RVM_COMMIT") or None
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    try:
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        return git("rev-parse", "--short=12", "HEAD") + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 # --- Main --------------------------------------------------------------------------------
 
 
@@ -334,9 +304,9 @@ def main(argv: list[str] | None = None) -> None:
         "name": out.name,
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
-        "commit": commit(),
+        "commit": provenance.commit(),
         "machine": machine(s.platform),
-        "versions": versions(),
+        "versions": provenance.versions((*provenance.PACKAGES, "torch")),
         "settings": dataclasses.asdict(s),
         "results": {},
     }

@@ -336,12 +336,12 @@ def test_rvm_conv_passes_compile_to_the_convolutions_they_count():
     import jax
     import jax.numpy as jnp
 
-    from bench import measure
+    from bench import measure_rvm
 
     x, kernel, g = jnp.ones((2, 4, 4, 2)), jnp.ones((3, 3, 2, 2)), jnp.ones((2, 4, 4, 2))
     counts = {
         name: len(re.findall(r" convolution\(", jax.jit(f).lower(x, kernel, g).compile().as_text()))
-        for name, f in measure.jax_conv_passes().items()
+        for name, f in measure_rvm.jax_conv_passes().items()
     }
     assert counts == {"forward": 1, "input_grad": 1, "kernel_grad": 1, "train": 3}
 
@@ -349,27 +349,9 @@ def test_rvm_conv_passes_compile_to_the_convolutions_they_count():
 COMMITTED = sorted((Path(__file__).resolve().parents[1] / "bench" / "results").glob("*.json"))
 
 
-def test_a_report_names_the_commit_it_measured(tmp_path, monkeypatch):
-    """From git where the checkout has its history, else from $RVM_COMMIT (a lent GPU
-    machine gets the tree without it); "-dirty" when tracked files were changed."""
-    monkeypatch.setenv("RVM_COMMIT", "0123abcd")
-    assert run.commit(tmp_path) == "0123abcd"
-    monkeypatch.delenv("RVM_COMMIT")
-    assert run.commit(tmp_path) is None
-    git = lambda *a: subprocess.run(
-        ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a],
-        check=True, capture_output=True, text=True,
-    ).stdout.strip()  # fmt: skip
-    git("init", "-q")
-    (tmp_path / "f").write_text("1")
-    git("add", "f")
-    git("commit", "-q", "-m", "m")
-    head = git("rev-parse", "--short=12", "HEAD")
-    monkeypatch.setenv("RVM_COMMIT", "ignored where git knows")
-    (tmp_path / "untracked").write_text("")
-    assert run.commit(tmp_path) == head
-    (tmp_path / "f").write_text("2")
-    assert run.commit(tmp_path) == f"{head}-dirty"
+def test_a_report_names_the_commit_it_measured():
+    """The commit itself comes from `rvm.train.provenance` (tested there)."""
+    head = "0123456789ab"
     doc = json.loads(COMMITTED[0].read_text())
     doc.pop("commit", None)  # reports measured before they recorded it
     assert "- commit:" not in report.redrawn(doc)

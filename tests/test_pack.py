@@ -242,6 +242,9 @@ def test_an_interrupted_pack_resumes_to_the_uninterrupted_one(trained, tmp_path)
         assert untimed(run) == untimed(root / f"pack/seed_{seed}")
         for x, y in zip(final_state(run), final_state(root / f"pack/seed_{seed}"), strict=True):
             np.testing.assert_array_equal(x, y)
+        # each run records both starts, the second from the step all its runs held
+        assert [r["step"] for r in metrics.read_jsonl(run / "starts.jsonl")] == [0, 8]
+    assert not (tmp_path / "starts.jsonl").exists()  # a pack's records are its runs'
 
 
 def test_sigterm_saves_every_run_of_the_pack_and_resumes(trained, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from helpers import assert_moved_alike, untimed_records
 from experiments.configs import cifar10
 from rvm.data import load_images
 from rvm.models import sharing
-from rvm.train import epoch, loop, xla
+from rvm.train import epoch, loop, metrics, xla
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
 from rvm.train.task import sum_over_split
@@ -100,6 +100,15 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
     assert any(not np.array_equal(x, y) for x, y in zip(leaves(a.params), leaves(fresh.params)))
     for x, y in zip(leaves(a), leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
+    starts = metrics.read_jsonl(tmp_path / "split/starts.jsonl")
+    assert [r["step"] for r in starts] == [0, 2]
+    assert starts[1]["devices"] == {
+        "platform": "cpu",
+        "kind": jax.devices()[0].device_kind,
+        "count": jax.device_count(),
+        "processes": 1,
+    }
+    assert starts[1]["versions"]["jax"] == jax.__version__
 
 
 def test_eight_devices_match_one_device():

@@ -35,6 +35,7 @@ from rvm.train import (
     metrics,
     optim,
     pack,
+    provenance,
     thinking_task,
     video_task,
     xla,
@@ -351,7 +352,8 @@ def _resume(
 ) -> tuple[Any, Any, list[list[dict]]]:
     """The pack's state and epoch sums from each run's newest checkpoint (fresh where there
     is none), and each run's lines of metrics.jsonl, which travel with its checkpoints;
-    each run's metrics.jsonl and config.json are made to match them."""
+    each run's metrics.jsonl and config.json are made to match them, and its starts.jsonl
+    gains this start (`rvm.train.provenance`)."""
     state, sums = runs.states, runs.sums
     records: list[list[dict]] = [[] for _ in configs]
     resumed = pack.restore(ckpts, runs.run_shapes(state), runs.run_shapes(sums))
@@ -361,7 +363,9 @@ def _resume(
         records = [r.records["records"] for r in resumed]
         logging.info("Resumed %s from step %d", workdir, resumed[0].step)
     if primary:
+        started = provenance.start_record(resumed[0].step if resumed[0] is not None else 0)
         for ck, run_config, run_records, restored in zip(ckpts, configs, records, resumed):
+            metrics.append_jsonl(ck.workdir / "starts.jsonl", started)
             # Epochs logged after the checkpoint we start from (a kill before the save) are
             # redone; lines lost before it (a torn last line) are written again.
             lost = metrics.restore_jsonl(ck.workdir / "metrics.jsonl", run_records)

@@ -70,6 +70,12 @@ def restore_jsonl(path: str | Path, records: list[dict]) -> int:
     return len(set(text.splitlines()) - set(old.splitlines()))
 
 
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Adds `record` as the last line of `path` in one rename, dropping a torn last line."""
+    lines = [*read_jsonl(path), record]
+    _replace(path, "".join(json.dumps(plain(r), sort_keys=True) + "\n" for r in lines))
+
+
 def write_json(path: str | Path, value: Any) -> None:
     _replace(path, json.dumps(plain(value), indent=2, sort_keys=True) + "\n")
 

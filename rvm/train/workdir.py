@@ -86,7 +86,14 @@ def check_writable(workdir: Path, needed_bytes: int) -> None:
 
 # What a start creates in a workdir (a pack: its runs' `seed_<s>` directories too): a
 # start that fails before its first checkpoint removes those of them that were not there.
-_START_FILES = (".lock", "checkpoints", "config.json", "metrics.jsonl", "tensorboard")
+_START_FILES = (
+    ".lock",
+    "checkpoints",
+    "config.json",
+    "metrics.jsonl",
+    "starts.jsonl",
+    "tensorboard",
+)
 
 
 def _start_files(workdir: Path) -> set[str]:

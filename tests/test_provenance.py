@@ -1,0 +1,54 @@
+"""What produced a run: the commit and versions that `starts.jsonl` and benchmark reports
+record, and the file's appends surviving a torn line."""
+
+import json
+import subprocess
+import sys
+
+from rvm.train import metrics, provenance
+
+
+def test_the_commit_comes_from_git_else_from_the_environment(tmp_path, monkeypatch):
+    """From git where the checkout has its history, else from $RVM_COMMIT (a lent GPU
+    machine gets the tree without it); "-dirty" when tracked files were changed."""
+    monkeypatch.setenv("RVM_COMMIT", "0123abcd")
+    assert provenance.commit(tmp_path) == "0123abcd"
+    monkeypatch.delenv("RVM_COMMIT")
+    assert provenance.commit(tmp_path) is None
+    git = lambda *a: subprocess.run(
+        ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    git("init", "-q")
+    (tmp_path / "f").write_text("1")
+    git("add", "f")
+    git("commit", "-q", "-m", "m")
+    head = git("rev-parse", "--short=12", "HEAD")
+    monkeypatch.setenv("RVM_COMMIT", "ignored where git knows")
+    (tmp_path / "untracked").write_text("")
+    assert provenance.commit(tmp_path) == head
+    (tmp_path / "f").write_text("2")
+    assert provenance.commit(tmp_path) == f"{head}-dirty"
+
+
+def test_versions_name_missing_packages():
+    got = provenance.versions(("numpy", "no-such-package-rvm"))
+    assert got["python"] == ".".join(map(str, sys.version_info[:3]))
+    assert got["numpy"] != "not installed"
+    assert got["no-such-package-rvm"] == "not installed"
+
+
+def test_an_append_drops_a_torn_last_line_and_keeps_the_rest(tmp_path):
+    path = tmp_path / "starts.jsonl"
+    metrics.append_jsonl(path, {"step": 0})
+    path.write_text(path.read_text() + '{"step": 4, "ti')  # a kill mid-write
+    metrics.append_jsonl(path, {"step": 2})
+    assert [json.loads(x) for x in path.read_text().splitlines()] == [{"step": 0}, {"step": 2}]
+
+
+def test_the_benchmark_harness_reads_provenance_without_importing_jax():
+    """bench/run.py must not load JAX: its children own the device and the threads."""
+    code = "import sys; from rvm.train import provenance as p; p.commit(); p.versions()"
+    code += "; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
