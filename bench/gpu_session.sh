@@ -8,7 +8,8 @@
 #      stochastic depth on and the test set every epoch, under the fastest stochastic-depth
 #      strategy, blocks and XLA flag set that step 3 measured, for as many epochs as its
 #      loop rate fits in RUN_S seconds (default 150) with compilation: $OUT/{config.json,
-#      metrics.jsonl,results.json,train.log}; the choices and timings in $OUT/session.log.
+#      metrics.jsonl,starts.jsonl,results.json,train.log}; the choices and timings in
+#      $OUT/session.log.
 # The .carry folder (git-ignored) is made with:
 #   mkdir -p .carry/wheels && pip download ml_collections==1.1.0 --no-deps -d .carry/wheels
 #   cp ../shared/data/cifar10/{build.py,cifar10_jpeg.tar.gz} .carry/

@@ -17,6 +17,7 @@ from experiments.configs import cifar10
 from rvm.analysis import angles, readout, report, runs, thinking_longer, trajectories
 from rvm.analysis.paper import PAPER
 from rvm.data import load_images
+from rvm.train import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -265,6 +266,18 @@ def test_cv_accuracy_separates_separable_classes_only():
     assert noise["accuracy"] < 0.5 and noise["chance"] == 0.25
 
 
+def test_a_run_resumed_under_other_code_says_so(tmp_path):
+    config = cifar10.get_config("smoke")
+    start = lambda commit, kind: {"commit": commit, "devices": {"count": 1, "kind": kind}}
+    run = runs.RunInfo(tmp_path, config, [], None, [start("a1", "cpu"), start("a1", "cpu")])
+    assert run.trained_by() == "code a1 on 1 x cpu"
+    run.starts.extend([start("b2-dirty", "H200"), start(None, "H200")])
+    assert (
+        run.trained_by() == "code a1, b2-dirty, of unknown commit (3 commits) on 1 x cpu, 1 x H200"
+    )
+    assert runs.RunInfo(tmp_path, config, [], None).trained_by() == ""
+
+
 def test_tables_group_seeds_and_mark_missing_rows(tmp_path):
     infos = []
     for i, (variant, seed, err) in enumerate(
@@ -332,8 +345,11 @@ def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
         expected |= {f"ablation_{mode}.json", f"ablation_{mode}.csv"}
     assert names == expected
     assert "Paper tables without a run (left out): 1, 2, 3." in md
-    listed = re.findall(r"^- `[^`]+`: .* \(`([^`]+)`\)$", md, re.M)
-    assert not any(Path(p).is_absolute() for p in listed)  # relative to the report
+    # each run: where it is (relative to the report) and what code on which devices trained it
+    listed = dict(re.findall(r"^- `[^`]+`: .* \(`([^`]+)`\); trained by (.*)$", md, re.M))
+    kind = jax.devices()[0].device_kind
+    assert set(listed.values()) == {f"code {provenance.commit()} on 1 x {kind}"}, md
+    assert not any(Path(p).is_absolute() for p in listed)
     ran = {run_dirs["relaxed"].resolve(), run_dirs["nonshared"].resolve()}
     assert {(tmp_path / p).resolve() for p in listed} == ran
     table = (tmp_path / f"{slug}.md").read_text()

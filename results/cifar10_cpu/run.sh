@@ -32,7 +32,7 @@ train() {
   for seed in $2; do
     run=$(name "$1" "$seed")
     mkdir -p "results/cifar10_cpu/$run"
-    cp $workdir/seed_$seed/{config.json,metrics.jsonl,results.json} "results/cifar10_cpu/$run/"
+    cp $workdir/seed_$seed/{config.json,metrics.jsonl,starts.jsonl,results.json} "results/cifar10_cpu/$run/"
     last=$(ls $workdir/seed_$seed/checkpoints | sort -n | tail -1)
     rm -rf "results/cifar10_cpu/$run/checkpoints"
     mkdir -p "results/cifar10_cpu/$run/checkpoints"

@@ -4,8 +4,9 @@
 # EPOCHS epochs (the paper's schedule compressed into them: learning-rate drops at half
 # and three quarters, the relaxation pull over all of them). Needs CIFAR-10 in the
 # official binary layout under DATA (see README). Writes config.json, metrics.jsonl,
-# results.json and train.log into OUT. EXTRA holds further --config.* overrides (such
-# as --config.model.sd_impl=compact); XLA_FLAGS passes through.
+# starts.jsonl (the commit, devices and versions of each start), results.json and
+# train.log into OUT. EXTRA holds further --config.* overrides (such as
+# --config.model.sd_impl=compact); XLA_FLAGS passes through.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 VARIANT=${VARIANT:-all18_relaxed}
@@ -28,7 +29,7 @@ wait $!
 status=$?
 if [ $status -gt 128 ]; then wait $!; status=$?; fi  # woken by the trap: wait for the run
 # What the run wrote, also when it was stopped early (SIGTERM: a checkpoint, exit 75).
-for f in config.json metrics.jsonl results.json; do
+for f in config.json metrics.jsonl starts.jsonl results.json; do
   if [ -f "$WORKDIR/$f" ]; then cp "$WORKDIR/$f" "$OUT/"; fi
 done
 exit $status

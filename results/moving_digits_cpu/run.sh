@@ -5,8 +5,9 @@
 #   (b) Temporal Dropout rates 0, 0.25, 0.5 on the 4-layer CBM
 #   (c) overlap coherence, truncated and full back-propagation on 24-frame videos
 #   (d) frame prediction (10 frames in, 10 out)
-# Each run's config.json, metrics.jsonl and results.json are copied here; summary.md and
-# the figures are then written from the run directories (experiments/sequence_summary.py).
+# Each run's config.json, metrics.jsonl, starts.jsonl and results.json are copied here;
+# summary.md and the figures are then written from the run directories
+# (experiments/sequence_summary.py).
 # Rerunning resumes unfinished runs and skips finished ones. Logs: $WORKDIRS/NAME.log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -24,7 +25,7 @@ train() {  # NAME VARIANT [--config.FIELD=VALUE ...]
       --workdir="$WORKDIRS/$name" >>"$WORKDIRS/$name.log" 2>&1
   fi
   mkdir -p "$OUT/$name"
-  cp "$WORKDIRS/$name"/{config.json,metrics.jsonl,results.json} "$OUT/$name/"
+  cp "$WORKDIRS/$name"/{config.json,metrics.jsonl,starts.jsonl,results.json} "$OUT/$name/"
   echo "$name: $((SECONDS - start)) s"
 }
 

@@ -5,9 +5,10 @@
 #   against the plain recurrent net (no recall, loss at the trained count)
 #   mazes trained on 9x9 cells, tested on 9x9 to 33x33: the same two networks
 # Every test size is evaluated at 1 .. 10x the trained iteration count. Each run's
-# config.json, metrics.jsonl, results.json and final checkpoint are copied here; summary.md
-# and the figure are then written from them (experiments/think_eval.py). Rerunning resumes unfinished
-# runs and skips finished ones; RUNS="ps_plain" trains only the runs named.
+# config.json, metrics.jsonl, starts.jsonl, results.json and final checkpoint are copied
+# here; summary.md and the figure are then written from them (experiments/think_eval.py).
+# Rerunning resumes unfinished runs and skips finished ones; RUNS="ps_plain" trains only
+# the runs named.
 # Logs: $WORKDIRS/NAME.log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -29,7 +30,7 @@ train() {  # NAME CONFIG VARIANT [--config.FIELD=VALUE ...]
   last=$(ls "$WORKDIRS/$name/checkpoints" | sort -n | tail -1)
   rm -rf "$OUT/$name/checkpoints"
   mkdir -p "$OUT/$name/checkpoints"
-  cp "$WORKDIRS/$name"/{config.json,metrics.jsonl,results.json} "$OUT/$name/"
+  cp "$WORKDIRS/$name"/{config.json,metrics.jsonl,starts.jsonl,results.json} "$OUT/$name/"
   cp -r "$WORKDIRS/$name/checkpoints/$last" "$OUT/$name/checkpoints/"
   echo "$name: $((SECONDS - start)) s"
 }

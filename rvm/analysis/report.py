@@ -271,7 +271,11 @@ def write_report(
     md = ["# Report", "", f"Runs: {len(infos)}.", ""]
     # Paths relative to the report, so a committed report names no machine's directories.
     where = {i.workdir: os.path.relpath(i.workdir, out.resolve()) for i in infos}
-    md += [f"- `{names[i.workdir]}`: {i.label} (`{where[i.workdir]}`)" for i in infos]
+    md += [
+        f"- `{names[i.workdir]}`: {i.label} (`{where[i.workdir]}`)"
+        + (f"; trained by {i.trained_by()}" if i.starts else "")
+        for i in infos
+    ]
 
     md += ["", "## Tables", ""]
     for g in groups:

@@ -50,6 +50,7 @@ class RunInfo:
     config: ml_collections.ConfigDict
     metrics: list[dict]
     results: dict | None  # None while the run is unfinished
+    starts: list[dict] = dataclasses.field(default_factory=list)  # starts.jsonl, if written
 
     @property
     def name(self) -> str:
@@ -88,6 +89,18 @@ class RunInfo:
     def label(self) -> str:
         blocks = ",".join(str(b) for b in self.blocks_per_level)
         return f"{self.short_label}, {self.scope} ({blocks}), seed {self.seed}"
+
+    def trained_by(self) -> str:
+        """The commits and devices of the run's starts ("" for runs from before
+        `starts.jsonl`): several commits mean parts of it ran different code."""
+        if not self.starts:
+            return ""
+        commits = dict.fromkeys(s.get("commit") or "of unknown commit" for s in self.starts)
+        devices = dict.fromkeys(
+            f"{s['devices']['count']} x {s['devices']['kind']}" for s in self.starts
+        )
+        many = f" ({len(commits)} commits)" if len(commits) > 1 else ""
+        return f"code {', '.join(commits)}{many} on {', '.join(devices)}"
 
     def scanned_blocks(self, level: int) -> int:
         """Non-padding blocks of a level in the trained network (levels 2-3 lose the padding)."""
@@ -130,7 +143,8 @@ class RunInfo:
 
 
 def read_run_info(workdir: str | Path) -> RunInfo:
-    """Reads `config.json`, `metrics.jsonl` and (if present) `results.json` of a run."""
+    """Reads `config.json`, `metrics.jsonl` and (if present) `results.json` and
+    `starts.jsonl` of a run."""
     workdir = Path(workdir)
     path = workdir / "config.json"
     if not path.is_file():
@@ -147,7 +161,13 @@ def read_run_info(workdir: str | Path) -> RunInfo:
     config = ml_collections.ConfigDict(_with_defaults(saved))
     results_path = workdir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
-    return RunInfo(workdir, config, metrics.read_jsonl(workdir / "metrics.jsonl"), results)
+    return RunInfo(
+        workdir,
+        config,
+        metrics.read_jsonl(workdir / "metrics.jsonl"),
+        results,
+        metrics.read_jsonl(workdir / "starts.jsonl"),
+    )
 
 
 def _with_defaults(saved: dict) -> dict:

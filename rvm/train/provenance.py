@@ -13,6 +13,7 @@ import datetime
 import importlib.metadata
 import os
 import platform
+import shlex
 import socket
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def start_record(step: int) -> dict[str, Any]:
         "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "step": step,
         "commit": commit(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "",
         "host": socket.gethostname(),
         "devices": {
             "platform": device.platform,
