@@ -10,7 +10,7 @@ from helpers import assert_moved_alike, untimed_records
 from experiments.configs import cifar10
 from rvm.data import load_images
 from rvm.models import sharing
-from rvm.train import epoch, loop, metrics, xla
+from rvm.train import epoch, loop, metrics, provenance, xla
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
 from rvm.train.task import sum_over_split
@@ -109,6 +109,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
         "processes": 1,
     }
     assert starts[1]["versions"]["jax"] == jax.__version__
+    assert starts[0]["commit"] == provenance.commit()  # None outside a git checkout
 
 
 def test_eight_devices_match_one_device():
