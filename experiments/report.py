@@ -5,7 +5,8 @@ the model (everything is read from each run's config.json, metrics and checkpoin
       --out reports/middle18
 
 Extra positional arguments are taken as more run directories, so a shell glob after
-`--runs` works (`--runs workdirs/*`). `--noanalyses` skips everything that restores a
+`--runs` works (`--runs workdirs/*`); a pack's workdir (trained with `config.seeds`)
+stands for the runs of all its seeds. `--noanalyses` skips everything that restores a
 checkpoint (ablations, readout time, trajectories); `--readout_examples=1000` evaluates
 each ablation point on the first 1000 test images only, for a quicker look.
 `--binary_dir` (or `--tfds_data_dir`) says where CIFAR-10 is when the runs' own
@@ -26,7 +27,7 @@ from rvm.analysis.paper import PAPER
 from rvm.analysis.report import Options, write_report
 from rvm.train import console
 
-flags.DEFINE_multi_string("runs", None, "Run directories (repeat the flag or list them).")
+flags.DEFINE_multi_string("runs", None, "Run or pack directories (repeat the flag or list them).")
 flags.DEFINE_string("out", None, "Folder for the tables, figures and report.md.")
 flags.DEFINE_bool("analyses", True, "Restore checkpoints for Figures 3-5 and readout time.")
 flags.DEFINE_integer("level", 1, "Level of the ablations, 0-based (paper: 1, the middle).")

@@ -4,6 +4,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import signal
 
 import jax
@@ -12,6 +13,8 @@ import pytest
 from helpers import set_field
 from test_faults import _damage, tiny_config
 
+from rvm.analysis import report
+from rvm.analysis.paper import PAPER
 from rvm.analysis.runs import read_run_info, require_checkpoint
 from rvm.data import load_images
 from rvm.train import epoch, loop, metrics, pack
@@ -219,6 +222,15 @@ def test_each_seed_of_a_pack_is_its_run_trained_alone(trained):
         for x, y in zip(final_state(run), final_state(alone), strict=True):
             np.testing.assert_array_equal(x, y)
     assert json.loads((root / "pack/config.json").read_text())["seeds"] == list(SEEDS)
+
+
+def test_the_report_reads_a_packs_workdir_as_its_runs(trained, tmp_path):
+    root, _ = trained
+    options = report.Options(analyses=False)
+    report.write_report([root / "pack", root / "pack/seed_1"], tmp_path, PAPER, options)
+    md = (tmp_path / "report.md").read_text()
+    assert "Runs: 2." in md
+    assert sorted(re.findall(r", seed (\d+) \(`", md)) == ["0", "1"]
 
 
 def test_an_interrupted_pack_resumes_to_the_uninterrupted_one(trained, tmp_path):

@@ -32,6 +32,7 @@ from rvm.analysis.runs import (
     load_run,
     read_run_info,
     require_checkpoint,
+    runs_in,
 )
 from rvm.data import load_images
 from rvm.train import console
@@ -254,10 +255,12 @@ def write_report(
     paper: Paper,
     options: Options | None = None,
 ) -> list[Path]:
-    """Writes tables, figures and `report.md` into `out_dir`; returns every file written."""
+    """Writes tables, figures and `report.md` into `out_dir` from `run_dirs` (runs, or
+    packs' workdirs: each stands for its seeds' runs); returns every file written."""
     options = options or Options()
-    # A directory given twice must not count as two seeds.
-    infos = [read_run_info(d) for d in dict.fromkeys(Path(d).resolve() for d in run_dirs)]
+    # A pack's workdir stands for its runs; a directory given twice is not two seeds.
+    dirs = dict.fromkeys(r.resolve() for d in run_dirs for r in runs_in(d))
+    infos = [read_run_info(d) for d in dirs]
     if not infos:
         raise ValueError("no run directories given")
     data_cache: dict[str, object] = {}

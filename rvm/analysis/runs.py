@@ -142,6 +142,17 @@ class RunInfo:
         return sharing.count_params(shapes["params"])
 
 
+def runs_in(path: str | Path) -> list[Path]:
+    """The run directories `path` stands for: the directory itself, or for a pack's
+    workdir (its config.json lists `seeds`) each seed's `seed_<s>/`."""
+    path = Path(path)
+    try:
+        seeds = json.loads((path / "config.json").read_text()).get("seeds")
+    except (OSError, json.JSONDecodeError):
+        seeds = None  # `read_run_info` says what is wrong with it
+    return [path] if seeds is None else [path / f"seed_{s}" for s in seeds]
+
+
 def read_run_info(workdir: str | Path) -> RunInfo:
     """Reads `config.json`, `metrics.jsonl` and (if present) `results.json` and
     `starts.jsonl` of a run."""
