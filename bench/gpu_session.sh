@@ -13,7 +13,7 @@
 # The .carry folder (git-ignored) is made with:
 #   mkdir -p .carry/wheels && pip download ml_collections==1.1.0 --no-deps -d .carry/wheels
 #   cp ../shared/data/cifar10/{build.py,cifar10_jpeg.tar.gz} .carry/
-#   echo "$(git rev-parse --short=12 HEAD)$(git diff --quiet HEAD || echo -dirty)" > .carry/commit
+#   python3 -c "from rvm.train import provenance; print(provenance.commit())" > .carry/commit
 # (the tree travels without its git history: the report names the commit from that file).
 # ONLY=packed BENCH_S=500: steps 1 and 3 alone, step 3 for those sections of the plan
 # (comma-separated; a second session for the packed runs, which the plan measures last).

@@ -10,7 +10,7 @@ from rvm.train import metrics, provenance
 
 def test_the_commit_comes_from_git_else_from_the_environment(tmp_path, monkeypatch):
     """From git where the checkout has its history, else from $RVM_COMMIT (a lent GPU
-    machine gets the tree without it); "-dirty" when tracked files were changed."""
+    machine gets the tree without it); "-dirty" when tracked code was changed."""
     monkeypatch.setenv("RVM_COMMIT", "0123abcd")
     assert provenance.commit(tmp_path) == "0123abcd"
     monkeypatch.delenv("RVM_COMMIT")
@@ -20,14 +20,17 @@ def test_the_commit_comes_from_git_else_from_the_environment(tmp_path, monkeypat
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     git("init", "-q")
-    (tmp_path / "f").write_text("1")
-    git("add", "f")
+    for path in ("rvm/f", "results/f"):
+        (tmp_path / path).parent.mkdir()
+        (tmp_path / path).write_text("1")
+        git("add", path)
     git("commit", "-q", "-m", "m")
     head = git("rev-parse", "--short=12", "HEAD")
     monkeypatch.setenv("RVM_COMMIT", "ignored where git knows")
-    (tmp_path / "untracked").write_text("")
+    (tmp_path / "rvm/untracked").write_text("")
+    (tmp_path / "results/f").write_text("2")  # a result written since is not the code
     assert provenance.commit(tmp_path) == head
-    (tmp_path / "f").write_text("2")
+    (tmp_path / "rvm/f").write_text("2")
     assert provenance.commit(tmp_path) == f"{head}-dirty"
 
 

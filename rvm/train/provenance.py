@@ -22,12 +22,14 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
+# What runs: a change here makes a checkout "-dirty"; results and docs written since do not.
+CODE = ("rvm", "experiments", "bench", "pyproject.toml")
 
 
 def commit(repo: Path = REPO) -> str | None:
-    """The checkout's commit, with "-dirty" when tracked files differ from it; where the
-    tree travelled without its git directory (a lent GPU machine, an installed wheel),
-    $RVM_COMMIT as the sender recorded it; None when neither says."""
+    """The checkout's commit, with "-dirty" when its code (`CODE`) differs from it; where
+    the tree travelled without its git directory (a lent GPU machine, an installed
+    wheel), $RVM_COMMIT as the sender recorded it; None when neither says."""
     if not (repo / ".git").exists():
         return os.environ.get("RVM_COMMIT") or None
 
@@ -37,7 +39,7 @@ def commit(repo: Path = REPO) -> str | None:
         ).stdout.strip()
 
     try:
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *CODE)
         return git("rev-parse", "--short=12", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
