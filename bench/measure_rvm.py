@@ -188,7 +188,7 @@ def rvm_loop(spec: dict) -> dict:
     its seconds per step from the loop's own `images_per_sec` in metrics.jsonl (the
     epoch's wall time, evaluation included)."""
     from rvm.models import stochastic_depth
-    from rvm.train import loop
+    from rvm.train import loop, metrics
 
     config = rvm_config(spec)
     config.data.synthetic_train = spec["epoch_steps"] * spec["batch"]
@@ -199,8 +199,7 @@ def rvm_loop(spec: dict) -> dict:
     with tempfile.TemporaryDirectory(prefix="rvm_loop_") as workdir:
         loop.train_and_evaluate(config, workdir, max_steps=spec["epochs"] * spec["epoch_steps"])
         wall = time.perf_counter() - start
-        lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-    epochs = [json.loads(line) for line in lines]
+        epochs = metrics.read_jsonl(Path(workdir) / "metrics.jsonl")
     windows = [spec["batch"] / e["images_per_sec"] for e in epochs[1:]]
     return {
         "first_call_s": spec["batch"] / epochs[0]["images_per_sec"] * spec["epoch_steps"],

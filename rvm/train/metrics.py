@@ -57,12 +57,17 @@ def _replace(path: str | Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def _line(record: dict) -> str:
+    """One record as a line of a JSON-lines file, as every writer here writes it."""
+    return json.dumps(plain(record), sort_keys=True) + "\n"
+
+
 def restore_jsonl(path: str | Path, records: list[dict]) -> int:
     """Makes `path` hold exactly `records`, those of the checkpoint a run resumes from:
     drops what a killed run logged after it (and a torn last line) and writes again
     lines that were lost. Returns how many of `records` the file lacked."""
     path = Path(path)
-    text = "".join(json.dumps(plain(r), sort_keys=True) + "\n" for r in records)
+    text = "".join(map(_line, records))
     old = path.read_text() if path.exists() else ""
     if old == text:
         return 0
@@ -72,8 +77,7 @@ def restore_jsonl(path: str | Path, records: list[dict]) -> int:
 
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Adds `record` as the last line of `path` in one rename, dropping a torn last line."""
-    lines = [*read_jsonl(path), record]
-    _replace(path, "".join(json.dumps(plain(r), sort_keys=True) + "\n" for r in lines))
+    _replace(path, "".join(map(_line, [*read_jsonl(path), record])))
 
 
 def write_json(path: str | Path, value: Any) -> None:
@@ -187,7 +191,7 @@ class MetricWriter:
             return
         record = plain(record)
         with self.path.open("a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write(_line(record))
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)):
