@@ -212,12 +212,12 @@ def rvm_loop(spec: dict) -> dict:
 
 
 def rvm_eval(spec: dict) -> dict:
-    """`rvm.train.image_task.evaluate` over one eval batch of synthetic images per call."""
+    """`rvm.tasks.image.evaluate` over one eval batch of synthetic images per call."""
     import jax
 
     from rvm.data import load_images, normalization_stats
     from rvm.models import sharing
-    from rvm.train import image_task
+    from rvm.tasks import image as image_task
 
     config = rvm_config(spec)
     data = load_images(config.data)

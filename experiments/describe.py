@@ -14,7 +14,8 @@ from ml_collections import config_flags
 
 from experiments import launcher
 from rvm.models import cbm, sharing
-from rvm.train import console, video_task
+from rvm.tasks.video import task as video_task
+from rvm.train import console
 from rvm.train.config_check import task_of, validate
 
 config_flags.DEFINE_config_file("config", None, "Config file, with :variant.", lock_config=True)

@@ -13,7 +13,7 @@ from absl import app, flags
 
 from experiments import launcher
 from rvm.analysis.thinking import evaluate_run, read_run, write_report
-from rvm.train.thinking_task import KINDS
+from rvm.tasks.thinking.task import KINDS
 
 flags.DEFINE_list("runs", None, "Run directories, comma-separated.")
 flags.DEFINE_string("out", None, "Where summary.md and thinking_longer.png go.")

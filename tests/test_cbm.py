@@ -7,7 +7,7 @@ import pytest
 from helpers import random_variables
 
 from rvm.models import cbm
-from rvm.train import clips
+from rvm.tasks.video import clips
 
 
 def np_conv(x, k, b=0.0, stride=1):

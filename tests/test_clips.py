@@ -8,7 +8,7 @@ import numpy as np
 from helpers import random_variables
 
 from rvm.models import cbm
-from rvm.train import clips
+from rvm.tasks.video import clips
 
 WINDOW = 5
 clip_losses = jax.jit(clips.clip_losses, static_argnums=3)

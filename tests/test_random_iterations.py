@@ -10,8 +10,8 @@ from experiments.configs import cifar10
 from rvm.errors import ConfigError
 from rvm.models import sharing
 from rvm.models.stochastic_depth import iteration_masks
+from rvm.tasks.image import make_loss_fn, random_iterations
 from rvm.train.config_check import check_resume, validate
-from rvm.train.image_task import make_loss_fn, random_iterations
 
 X = jax.random.normal(jax.random.key(42), (4, 8, 8, 3))
 LABELS = jnp.arange(4) % 10

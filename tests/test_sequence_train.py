@@ -12,7 +12,9 @@ from helpers import set_field
 from experiments.configs import moving_digits
 from experiments.describe import describe
 from rvm.analysis.runs import NotARunError, read_run_info
-from rvm.train import image_quality, loop, video_task
+from rvm.tasks.video import image_quality
+from rvm.tasks.video import task as video_task
+from rvm.train import loop
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
 from rvm.train.config_check import validate

@@ -16,7 +16,8 @@ from rvm.analysis.thinking import evaluate_run, read_run, write_report
 from rvm.data.mazes import make_mazes, maze_split
 from rvm.data.prefix_sums import make_prefix_sums, prefix_sum_split
 from rvm.models.thinking import ThinkingNet
-from rvm.train import progressive, thinking_task
+from rvm.tasks.thinking import progressive
+from rvm.tasks.thinking import task as thinking_task
 from rvm.train.config_check import validate
 from rvm.train.loop import train_and_evaluate
 

@@ -107,7 +107,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.train.max_clip = 10
     config.train.max_overlap = 3
     config.train.coherence_weight = 1.0
-    config.train.handover = "clip_end"  # see rvm.train.clips: "overlap_start" makes it zero
+    config.train.handover = "clip_end"  # see rvm.tasks.video.clips: "overlap_start" makes it zero
 
     # Adam: at this budget SGD left the ConvLSTM stacks near chance (see rvm.train.optim)
     config.optim = ml_collections.ConfigDict()

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from rvm.analysis.readout import save_figure
 from rvm.analysis.runs import LEVEL_NAMES, LoadedRun, RunInfo
 from rvm.models import sharing
-from rvm.train.image_task import RECALIBRATION_IMAGES
+from rvm.tasks.image import RECALIBRATION_IMAGES
 from rvm.train.relaxation import max_pairwise_angles
 
 # How the consolidation table and the angle plot were obtained, for the report.

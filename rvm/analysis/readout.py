@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from rvm.analysis.runs import LEVEL_NAMES, LoadedRun
-from rvm.train.image_task import RECALIBRATION_IMAGES
+from rvm.tasks.image import RECALIBRATION_IMAGES
 
 STATISTICS = {  # the readout-time curves, and how their statistics were obtained
     "trained": "BatchNorm statistics as trained: iterations past the trained depth reuse the "

@@ -25,7 +25,8 @@ from rvm.data import ImageData, eval_batches, load_images, normalization_stats, 
 from rvm.errors import UserError
 from rvm.models import sharing
 from rvm.models.recalibrate import recalibrate
-from rvm.train import image_task, loop, metrics, xla
+from rvm.tasks import image as image_task
+from rvm.train import loop, metrics, xla
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
 from rvm.train.config_check import ADDED_FIELDS

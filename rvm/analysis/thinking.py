@@ -1,7 +1,7 @@
 """The "thinking longer" report: accuracy against iterations per test size, from run records.
 
 Everything comes from each run directory's config.json, metrics.jsonl and results.json
-(the curves are computed at the end of training by `rvm.train.thinking_task`), so the
+(the curves are computed at the end of training by `rvm.tasks.thinking.task`), so the
 report can be rebuilt without retraining. It writes `summary.md` (a table per problem:
 exact-match accuracy at the trained count, the best count and 10x, halting) and
 `thinking_longer.png` (one panel per run, one curve per size).
@@ -44,7 +44,8 @@ def evaluate_run(
     import ml_collections
 
     from rvm.errors import ConfigError
-    from rvm.train import loop, thinking_task
+    from rvm.tasks.thinking import task as thinking_task
+    from rvm.train import loop
     from rvm.train.checkpoint import Checkpoints
 
     path = Path(path)

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from rvm.analysis import readout
 from rvm.analysis.runs import LEVEL_NAMES, LoadedRun
-from rvm.train.image_task import RECALIBRATION_IMAGES
+from rvm.tasks.image import RECALIBRATION_IMAGES
 
 # Points of test error within which error "holds": about one binomial standard error
 # of a 10,000-image test error near 23% (0.42 points).

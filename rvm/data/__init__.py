@@ -2,13 +2,13 @@
 
 from rvm.data.cifar10 import (
     DataNotFoundError,
-    ImageData,
     hold_out,
     load_binary,
     load_images,
     load_tfds,
     write_binary,
 )
+from rvm.data.image_data import ImageData
 from rvm.data.pipeline import (
     augment,
     batch_indices,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rvm.data.cifar10 import ImageData
+from rvm.data.image_data import ImageData
 
 
 def make_synthetic(

@@ -26,7 +26,7 @@ over its channels, which means the same at every iteration.
 
 `iterations` is a Python int, static per compiled program. `encode`, `step` and
 `readout` are the pieces, for training schemes that run some iterations outside
-the scan (`rvm.train.progressive`); `trajectory` emits a value after every
+the scan (`rvm.tasks.thinking.progressive`); `trajectory` emits a value after every
 iteration from one scan, for evaluating every count in one compiled program.
 """
 

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import flax.linen as nn
@@ -26,20 +25,10 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from rvm import tasks
 from rvm.errors import ConfigError, UserError
 from rvm.models import sharing
-from rvm.train import (
-    checkpoint,
-    epoch,
-    image_task,
-    metrics,
-    optim,
-    pack,
-    provenance,
-    thinking_task,
-    video_task,
-    xla,
-)
+from rvm.train import checkpoint, epoch, metrics, optim, pack, provenance, xla
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.config_check import check_resume, task_of, validate
@@ -47,14 +36,6 @@ from rvm.train.signals import Preempted, StopSignals
 from rvm.train.state import TrainState
 from rvm.train.step import epoch_step, train_step
 from rvm.train.task import Task
-
-# Each module exposes load_data(config) and make_task(config, data, mesh).
-TASK_MODULES: dict[str, ModuleType] = {
-    "image": image_task,
-    "motion": video_task,
-    "prediction": video_task,
-    "thinking": thinking_task,
-}
 
 
 @dataclasses.dataclass
@@ -84,8 +65,8 @@ class Run:
 
 
 def load_data(config: ml_collections.ConfigDict) -> Any:
-    """The host-side data of the config's task (`ImageData`, `video_task.VideoData`)."""
-    return TASK_MODULES[task_of(config)].load_data(config)
+    """The host-side data of the config's task (`ImageData`, `rvm.tasks.video.task.VideoData`)."""
+    return tasks.MODULES[task_of(config)].load_data(config)
 
 
 def _task_and_optimizer(
@@ -94,7 +75,7 @@ def _task_and_optimizer(
     """The config's task on `mesh`, its optimiser, steps per epoch and in all."""
     shd.check_divisible(config.batch_size, mesh, "batch_size")
     shd.check_divisible(config.eval_batch_size, mesh, "eval_batch_size")
-    task = TASK_MODULES[task_of(config)].make_task(config, data, mesh)
+    task = tasks.MODULES[task_of(config)].make_task(config, data, mesh)
     steps_per_epoch = task.num_train // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(

@@ -3,9 +3,9 @@
 `rvm.train.loop` owns what every run shares (state, optimiser, the jitted step,
 checkpoints, resume, metrics files, faults); a task supplies what differs: the
 model, its data on device, how a batch is drawn and scored, and what is
-evaluated after each epoch and at the end. A task module (`image_task`,
-`video_task`) exposes `load_data(config)` (host data) and
-`make_task(config, data, mesh) -> Task`; the config field `task` picks the module.
+evaluated after each epoch and at the end. A task module (`rvm.tasks`) exposes
+`load_data(config)` (host data), `make_task(config, data, mesh) -> Task` and
+`validate(config)`; the config field `task` picks the module.
 """
 
 from __future__ import annotations

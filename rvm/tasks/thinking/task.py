@@ -2,7 +2,7 @@
 
 `config.task="thinking"`; `config.data.kind` picks the problem ("mazes",
 "prefix_sums"). The network trains on one size (`data.train_size`: cells per side,
-or bits) with the losses of `rvm.train.progressive`, and is tested on every size
+or bits) with the losses of `rvm.tasks.thinking.progressive`, and is tested on every size
 of `data.test_sizes` (larger ones included) at iterations 1 .. `eval.factor` x
 the trained count m, in ONE compiled scan per size that emits after every
 iteration whether each example is solved exactly (every pixel or bit right) and
@@ -32,7 +32,8 @@ from rvm.data import pipeline
 from rvm.data.mazes import check_size, maze_split
 from rvm.data.prefix_sums import check_length, prefix_sum_split
 from rvm.models.thinking import NORMS, ThinkingNet, check_iterations, warn_if_unseen
-from rvm.train import progressive, sharding, xla
+from rvm.tasks.thinking import progressive
+from rvm.train import sharding, xla
 from rvm.train.state import TrainState
 from rvm.train.task import Task, sum_over_split
 

@@ -1,6 +1,6 @@
 """Video tasks on moving digits for the training loop: motion recognition, frame prediction.
 
-The sequence analogue of `image_task`. The training videos sit on every device as
+The sequence analogue of `rvm.tasks.image`. The training videos sit on every device as
 uint8 [N, T, H, W, 1]; a step gathers its batch by index (a pure function of
 (seed, step), so a resumed run sees the same batches) and constrains it to be
 sharded over the `data` mesh axis. There is no augmentation: a flip or a shift
@@ -9,7 +9,7 @@ in time would change the motion class.
 * `task="motion"`: a `VideoClassifier` over a CBM or ConvRNN stack, trained with
   per-frame cross-entropy by full back-propagation through the sequence,
   truncated back-propagation over consecutive clips, or overlap coherence
-  training (`config.train.scheme`; see `rvm.train.clips`). Evaluation reads the
+  training (`config.train.scheme`; see `rvm.tasks.video.clips`). Evaluation reads the
   class at the last frame (whole-sequence error) and at the last of the first
   25% of the frames (anticipation error). The network is causal, so the logits
   at frame k of one pass over the whole sequence are those of a pass over the
@@ -44,8 +44,12 @@ from rvm.data.moving_digits import (
     make_motion_digits,
     make_moving_digits,
 )
+from rvm.errors import ConfigError
 from rvm.models import cbm
-from rvm.train import clips, image_quality, sharding, xla
+from rvm.models.recurrent import NORMS
+from rvm.tasks.video import clips, image_quality
+from rvm.train import sharding, xla
+from rvm.train.fields import boolean, choice, nonnegative, pair, positive_int
 from rvm.train.state import TrainState
 from rvm.train.step import LossFn
 from rvm.train.task import Task, sum_over_split
@@ -291,3 +295,98 @@ def make_task(config: ml_collections.ConfigDict, data: VideoData, mesh) -> Task:
         unit="sequences",
         summary=f"{m.kind} stack of depth {m.depth}, base width {stack_width(config)}, {scheme}",
     )
+
+
+# --- Validation (called by rvm.train.config_check before anything compiles) ------------
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the motion and prediction configs of `experiments/configs/moving_digits.py`
+    (called by `rvm.train.config_check` before anything compiles)."""
+    m, d = config.model, config.data
+    choice(config, "model.kind", ("cbm", *cbm.RNN_CELLS))
+    for field in ("depth", "base_width", "kernel_size", "num_stages"):
+        positive_int(config, f"model.{field}")
+    choice(config, "model.norm", NORMS)
+    choice(config, "model.merge", cbm.MERGES)
+    rate = m.td_rate
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ConfigError(f"model.td_rate={rate!r} must be a number in [0, 1)")
+    if rate and m.kind != "cbm":
+        raise ConfigError(
+            f"model.td_rate={rate!r} needs model.kind='cbm' (Temporal Dropout acts on a CBM's "
+            f"temporal unit), not {m.kind!r}"
+        )
+    boolean(config, "model.match_params")
+    if m.match_params and m.kind == "cbm":
+        raise ConfigError(
+            "model.match_params=True sizes a ConvRNN stack to the CBM's parameter count; "
+            "it needs model.kind in " + ", ".join(cbm.RNN_CELLS)
+        )
+    for field in ("num_train", "num_test", "num_frames", "canvas", "digit_size"):
+        positive_int(config, f"data.{field}")
+    nonnegative(config, "data.seed")
+    if d.digit_size > d.canvas:
+        raise ConfigError(f"data.digit_size={d.digit_size} must be at most data.canvas={d.canvas}")
+    pair(config, "data.speed")
+    choice(config, "train.scheme", SCHEMES)
+    if config.task == "motion":
+        pair(config, "data.radius")
+        if d.num_frames < 3:
+            raise ConfigError(f"data.num_frames={d.num_frames} must be >= 3 to tell motions apart")
+        _validate_scheme(config)
+    else:
+        _validate_prediction(config)
+
+
+def _validate_scheme(config: ml_collections.ConfigDict) -> None:
+    t, frames = config.train, config.data.num_frames
+    if t.scheme == "tbptt":
+        positive_int(config, "train.clip_len")
+    elif t.scheme == "overlap":
+        for field in ("min_clip", "max_clip", "max_overlap"):
+            positive_int(config, f"train.{field}")
+        if not 2 <= t.min_clip <= t.max_clip <= frames:
+            raise ConfigError(
+                f"train.min_clip={t.min_clip}, train.max_clip={t.max_clip} need "
+                f"2 <= min_clip <= max_clip <= data.num_frames={frames}"
+            )
+        if t.max_overlap >= t.min_clip:
+            raise ConfigError(
+                f"train.max_overlap={t.max_overlap} must be below train.min_clip={t.min_clip} "
+                "so that every clip advances"
+            )
+        nonnegative(config, "train.coherence_weight")
+        choice(config, "train.handover", clips.HANDOVERS)
+
+
+def _validate_prediction(config: ml_collections.ConfigDict) -> None:
+    m, d = config.model, config.data
+    if config.train.scheme != "full":
+        raise ConfigError(
+            f"train.scheme={config.train.scheme!r}: frame prediction trains end to end, "
+            "so only 'full' is allowed"
+        )
+    positive_int(config, "data.num_digits")
+    positive_int(config, "data.num_input")
+    if d.canvas < image_quality.SSIM_WINDOW:
+        raise ConfigError(
+            f"data.canvas={d.canvas} is below the {image_quality.SSIM_WINDOW}-pixel SSIM window"
+        )
+    if d.num_input >= d.num_frames:
+        raise ConfigError(
+            f"data.num_input={d.num_input} must be below data.num_frames={d.num_frames} "
+            "(the rest are predicted)"
+        )
+    # The decoder doubles the top feature map (stem stride 2, then the stages' strides).
+    top = -(-d.canvas // 2)
+    for s in cbm.width_schedule(m.depth, 1, m.num_stages)[1]:
+        top = -(-top // s)
+    size = top
+    while size < d.canvas:
+        size *= 2
+    if size != d.canvas:
+        raise ConfigError(
+            f"data.canvas={d.canvas} cannot be decoded by doubling the {top}x{top} top feature "
+            f"map (use a canvas of {top} times a power of two)"
+        )

@@ -23,10 +23,12 @@ import optax
 from flax import struct
 
 from rvm.data import ImageData, load_images, pipeline
+from rvm.errors import ConfigError
 from rvm.models import sharing as weight_sharing
 from rvm.models.recalibrate import recalibrate
-from rvm.models.stochastic_depth import iteration_masks
+from rvm.models.stochastic_depth import SD_IMPLS, iteration_masks
 from rvm.train import sharding, xla
+from rvm.train.fields import boolean, choice, positive
 from rvm.train.relaxation import max_angles, max_pairwise_angles
 from rvm.train.state import TrainState
 from rvm.train.task import Task, sum_over_split
@@ -235,3 +237,29 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
         summary=f"{config.model.sharing} sharing, scope {config.model.scope}",
         relax_mask=mask_fn,
     )
+
+
+# --- Validation (called by rvm.train.config_check before anything compiles) ------------
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks the image fields (called by `rvm.train.config_check` before anything compiles)."""
+    try:
+        weight_sharing.validate(config.model)
+    except ValueError as e:  # the model's own checks, which name the field already
+        raise ConfigError(str(e)) from e
+    for field in ("data.flip", "data.crop", "model.stochastic_depth"):
+        boolean(config, field)
+    if "sd_impl" in config.model:  # configs written before the field run "auto"
+        choice(config, "model.sd_impl", SD_IMPLS)
+    if config.model.get("random_iterations", False):
+        if config.model.sharing not in ("raw", "relaxed"):
+            raise ConfigError("model.random_iterations=True needs model.sharing raw or relaxed")
+        if not config.model.iterations_mean >= 1 or not config.model.iterations_sigma >= 0:
+            raise ConfigError("model.iterations_mean must be >= 1, model.iterations_sigma >= 0")
+    for field in ("pull_start", "pull_end"):
+        positive(config, f"optim.{field}")
+    choice(config, "data.normalization", ("feature", "channel"))
+    holdout = config.data.holdout
+    if isinstance(holdout, bool) or not isinstance(holdout, int) or holdout < 0:
+        raise ConfigError(f"data.holdout={holdout!r} must be a non-negative integer")

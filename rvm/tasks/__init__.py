@@ -1,0 +1,21 @@
+"""The tasks the one training loop (`rvm.train.loop`) trains, one module or package per family.
+
+A task module exposes `load_data(config)` (host data), `make_task(config, data, mesh)`
+(a `rvm.train.task.Task`) and `validate(config)` (its fields, before anything
+compiles); `config.task` picks it from `MODULES`.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from rvm.tasks import image
+from rvm.tasks.thinking import task as thinking
+from rvm.tasks.video import task as video
+
+MODULES: dict[str, ModuleType] = {
+    "image": image,
+    "motion": video,
+    "prediction": video,
+    "thinking": thinking,
+}
