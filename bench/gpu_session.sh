@@ -71,8 +71,10 @@ runs = [
 best = min(runs, key=lambda r: r["step_s"])["spec"] if runs else {}
 loop = res.get("loop", {}).get("rvm loop", {})
 # Compilation, initialisation and the last evaluation take about 45 s; relaxation's
-# per-epoch angles about 10% of an epoch on top of the non-shared loop measured.
-epochs = int((run_s - 45) / (390 * loop["step_s"] * 1.1)) if loop.get("ok") else 15
+# per-epoch angles about 10% of an epoch on top of the non-shared loop's whole epochs
+# (evaluation and checkpoint included) measured.
+epoch_step_s = loop.get("epoch_step_s", loop.get("step_s"))
+epochs = int((run_s - 45) / (390 * epoch_step_s * 1.1)) if loop.get("ok") else 15
 epochs = 1 if tiny else max(2, min(epochs, 60))
 print(best.get("sd_impl", "auto"), bool(best.get("unroll")), best.get("xla_flags", ""), epochs, sep="\n")
 PY
