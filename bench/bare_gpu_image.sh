@@ -9,7 +9,10 @@
 #      pip, CIFAR-10's archive and build.py from SHARED, the commit);
 #   3. TINY=1 JAX_PLATFORMS=cpu bash bench/gpu_session.sh in that environment (first on
 #      PATH; no PYTHONPATH, no pip configuration, so pip sees .carry/wheels alone), into OUT
-#      (default /tmp/rvm_bare_out), then its session.log, gpu.md and the run's records;
+#      (default /tmp/rvm_bare_out), then its session.log, gpu.md and the run's records.
+#      The benchmark gets BENCH_S (default 1500) seconds and the run RUN_S (default 400)
+#      where a GPU session gives 330 and 150: on a 2-core CPU a tiny measurement spends
+#      30-50 s compiling, and the session's 330 s would end inside `stochastic_depth`;
 #   4. the README's smoke run, python -m experiments.train
 #      --config=experiments/configs/cifar10.py:smoke, in the same environment;
 #   5. the versions of jax, jaxlib, flax, optax and orbax-checkpoint before and after, which
@@ -25,6 +28,8 @@ OUT=${OUT:-/tmp/rvm_bare_out}
 SHARED=${SHARED:-../shared/data/cifar10}
 JAX_VERSION=${JAX_VERSION:-0.11.2}
 LOG=${LOG:-bench/results/bare_gpu_image.log}
+BENCH_S=${BENCH_S:-1500}
+RUN_S=${RUN_S:-400}
 if ! "$PY312" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2> /dev/null; then
   echo "PY312=$PY312 is not a Python 3.12; set PY312 to one" >&2
   exit 2
@@ -62,10 +67,10 @@ python3 -c "from rvm.train import provenance; print(provenance.commit())" > .car
 ls .carry/wheels
 echo "$(du -sh .carry | cut -f1) in .carry; commit $(cat .carry/commit)"
 
-step "3. TINY=1 JAX_PLATFORMS=cpu OUT=$OUT bash bench/gpu_session.sh"
+step "3. TINY=1 JAX_PLATFORMS=cpu BENCH_S=$BENCH_S RUN_S=$RUN_S OUT=$OUT bash bench/gpu_session.sh"
 t0=$(date +%s)
 env -u PYTHONPATH -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null PATH="$BARE/bin:$PATH" \
-  TINY=1 JAX_PLATFORMS=cpu OUT="$OUT" bash bench/gpu_session.sh
+  TINY=1 JAX_PLATFORMS=cpu BENCH_S="$BENCH_S" RUN_S="$RUN_S" OUT="$OUT" bash bench/gpu_session.sh
 session=$?
 echo "gpu_session.sh exit status $session after $(($(date +%s) - t0)) s"
 step "3a. its session.log"

@@ -33,7 +33,8 @@
 # ONLY=packed BENCH_S=500: steps 1 and 3 alone, step 3 for those sections of the plan
 # (comma-separated; a second session for the packed runs, which the plan measures last).
 # TINY=1 JAX_PLATFORMS=cpu OUT=/tmp/gpu_out bash bench/gpu_session.sh: a dry run on a CPU
-# (tiny models, one epoch at batch 1,000; no device checked, PyTorch not needed).
+# (tiny models, one epoch at batch 1,000 in float32; no device checked, PyTorch not needed;
+# on a 2-core CPU give it BENCH_S=1500 RUN_S=400, as bench/bare_gpu_image.sh does).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?OUT: where the results go}
@@ -129,8 +130,9 @@ log "fastest step: sd_impl=$SD_IMPL unroll=$UNROLL XLA_FLAGS='$FLAGS'; $EPOCHS e
 log "4. the paper's (18,18,18) run, $EPOCHS epochs"
 rm -rf /tmp/rvm_gpu_run  # a fresh run, not the resumption of an earlier one
 EXTRA="--config.model.sd_impl=$SD_IMPL --config.model.unroll=$UNROLL"
-if [ "$TINY" = 1 ]; then  # (1,2,2), an epoch of 50 steps
+if [ "$TINY" = 1 ]; then  # (1,2,2), an epoch of 50 steps, float32 (XLA:CPU emulates bfloat16)
   EXTRA="$EXTRA --config.model.blocks_per_level=(1,2,2) --config.batch_size=1000"
+  EXTRA="$EXTRA --config.model.dtype=float32"
 fi
 XLA_FLAGS="$FLAGS${XLA_FLAGS:+ $XLA_FLAGS}" EXTRA="$EXTRA" EPOCHS=$EPOCHS DATA=/tmp/c10 OUT="$OUT" \
   WORKDIR=/tmp/rvm_gpu_run timeout -k 20 -s TERM $((RUN_S + 30)) results/cifar10_gpu/run.sh \

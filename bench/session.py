@@ -13,8 +13,9 @@ of the files the session runs (`SESSION_FILES`: the benchmark's parent and child
 the launcher of the training run, with `--data` CIFAR-10's `build.py`), and with
 `--device` checks that jax sees a GPU and PyTorch has CUDA; it prints one line and
 exits 1 when anything is missing. `check` reads a benchmark's JSON and exits 1, naming
-them, when a section the session exists for (`--sections`) or any section that ran
-measured nothing; with `--run` it also wants the training run's `metrics.jsonl` there.
+them, when rvm measured nothing in a section the session exists for (`--sections`), or
+every rvm measurement that ran in another section failed; with `--run` it also wants
+the training run's `metrics.jsonl` there.
 This module itself imports only the standard library.
 """
 
@@ -151,16 +152,28 @@ def preflight(files: list[Path], device: bool) -> tuple[bool, str]:
     return True, f"preflight ok in {took:.1f} s: {', '.join(versions)}"
 
 
-def unmeasured(doc: dict | None, sections: list[str]) -> list[str]:
-    """The sections of `sections`, and any other section of the benchmark's result that
-    ran (one measurement at least started), where nothing was measured."""
-    results = (doc or {}).get("results", {})
-    out = [
-        name for name in sections if not any(r.get("ok") for r in results.get(name, {}).values())
+def _ours(section: dict) -> list[dict]:
+    """A section's measurements of rvm (JAX's matmul in `ceiling`), or all of them where it
+    has none: PyTorch's alone do not make a section measured."""
+    ours = [
+        r
+        for r in section.values()
+        if r.get("spec", {}).get("kind", "").startswith(("rvm", "jax"))
+        or r.get("spec", {}).get("library") == "jax"
     ]
+    return ours or list(section.values())
+
+
+def unmeasured(doc: dict | None, sections: list[str]) -> list[str]:
+    """The sections of `sections` where rvm measured nothing, and any other section of the
+    benchmark's result where rvm's measurements that ran all failed (exited with an error;
+    not those left out or cut short by the deadline)."""
+    results = (doc or {}).get("results", {})
+    ok = lambda section: any(r.get("ok") for r in _ours(section))
+    out = [name for name in sections if not ok(results.get(name, {}))]
     for name, section in results.items():
-        started = [r for r in section.values() if "log_tail" in r or r.get("ok")]
-        if name not in out and started and not any(r.get("ok") for r in started):
+        crashed = [r for r in _ours(section) if r.get("error", "").startswith("exit status")]
+        if name not in out and crashed and not ok(section):
             out.append(name)
     return out
 

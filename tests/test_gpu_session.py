@@ -3,6 +3,7 @@ sections that measured nothing. No device, no benchmark run; `bench/bare_gpu_ima
 runs the whole session in a bare environment."""
 
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -88,24 +89,27 @@ def test_installed_pins_what_is_installed():
     assert len({p.split("==")[0].lower() for p in pins}) == len(pins)
 
 
-def test_check_names_the_sections_that_measured_nothing(tmp_path):
+def test_check_names_the_sections_where_rvm_measured_nothing(tmp_path):
+    rvm, torch = {"spec": {"kind": "rvm_train"}}, {"spec": {"kind": "torch_train"}}
     ok = {"ok": True, "step_s": 1.0}
     crashed = {"ok": False, "error": "exit status 1", "log_tail": "ModuleNotFoundError"}
+    cut = {"ok": False, "error": "timed out after 41 s", "log_tail": ""}
     late = {"ok": False, "error": "not run: too little time left before --deadline"}
     doc = {
         "results": {
-            "stochastic_depth": {"rvm off": ok, "torch eager channels_last off": crashed},
-            "loop": {"rvm loop": crashed},
-            "eval": {"rvm evaluate": crashed, "torch": crashed},
-            "train": {"rvm": late},  # cut by the deadline: not what this session is for
+            "stochastic_depth": {"rvm off": {**rvm, **ok}, "torch off": {**torch, **crashed}},
+            "loop": {"rvm loop": {**rvm, **crashed}, "torch": {**torch, **ok}},
+            "ceiling": {"torch": {**torch, **ok}, "jax": {"spec": {"library": "jax"}, **crashed}},
+            "eval": {"rvm evaluate": {**rvm, **cut}, "torch": {**torch, **crashed}},
+            "train": {"rvm": {**rvm, **late}},  # the deadline's: not what the session is for
         }
     }
     need = ["stochastic_depth", "loop", "xla_gpu"]
-    assert session.unmeasured(doc, need) == ["loop", "xla_gpu", "eval"]
+    assert session.unmeasured(doc, need) == ["loop", "xla_gpu", "ceiling"]
     assert session.unmeasured(None, ["packed"]) == ["packed"]
     assert session.summary(doc)[-1] == "train: 0 of 1 measured, 1 not run before the deadline"
     result = tmp_path / "gpu.json"
-    result.write_text('{"results": {"loop": {"rvm loop": {"ok": true}}}}')
+    result.write_text(json.dumps({"results": {"loop": {"rvm loop": {**rvm, **ok}}}}))
     assert session.main(["check", str(result), "--sections", "loop"]) == 0
     assert session.main(["check", str(result), "--sections", "loop", "--run", str(tmp_path)]) == 1
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
