@@ -184,12 +184,24 @@ def rvm_processes(spec: dict) -> dict:
 def rvm_loop(spec: dict) -> dict:
     """`rvm.train.loop.train_and_evaluate` itself on synthetic images, `epochs` epochs of
     `epoch_steps` steps, the `test_images` evaluated after each epoch and a checkpoint
-    written, as in a real run. A window is one epoch after the first (which compiles):
-    its seconds per step from the loop's own `images_per_sec` in metrics.jsonl (the
-    epoch's wall time, evaluation included)."""
+    written, as in a real run. A window is one epoch after the first (which compiles).
+    An epoch's wall time comes from the loop's own `images_per_sec` in metrics.jsonl; it
+    holds the epoch's training steps, its evaluation (`eval_sec` of the same record) and
+    the checkpoint written after the previous epoch (timed here around
+    `Checkpoints.save`, which writes synchronously). `step_s` is the training steps'
+    alone: the epoch less those two, per step; `epoch_step_s` the whole epoch's."""
     from rvm.models import stochastic_depth
-    from rvm.train import loop, metrics
+    from rvm.train import checkpoint, loop, metrics
 
+    saves: dict[int, float] = {}  # step -> seconds its checkpoint took to write
+    save = checkpoint.Checkpoints.save
+
+    def timed_save(self, step, *args, **kwargs):
+        start = time.perf_counter()
+        save(self, step, *args, **kwargs)
+        saves[step] = time.perf_counter() - start
+
+    checkpoint.Checkpoints.save = timed_save
     config = rvm_config(spec)
     config.data.synthetic_train = spec["epoch_steps"] * spec["batch"]
     config.data.synthetic_test = spec["test_images"]
@@ -200,13 +212,22 @@ def rvm_loop(spec: dict) -> dict:
         loop.train_and_evaluate(config, workdir, max_steps=spec["epochs"] * spec["epoch_steps"])
         wall = time.perf_counter() - start
         epochs = metrics.read_jsonl(Path(workdir) / "metrics.jsonl")
-    windows = [spec["batch"] / e["images_per_sec"] for e in epochs[1:]]
+    steps = spec["epoch_steps"]
+    epoch_s = [steps * spec["batch"] / e["images_per_sec"] for e in epochs]
+    eval_s = [e["eval_sec"] for e in epochs]
+    # The checkpoint written at the end of the previous epoch (none before the first).
+    ckpt_s = [saves.get(e["step"] - steps, 0.0) for e in epochs]
+    train_s = [t - v - c for t, v, c in zip(epoch_s, eval_s, ckpt_s)]
+    windows = [t / steps for t in train_s[1:]]
     return {
-        "first_call_s": spec["batch"] / epochs[0]["images_per_sec"] * spec["epoch_steps"],
+        "first_call_s": epoch_s[0],
         "windows_s": windows,
         "step_s": statistics.median(windows),
+        "epoch_windows_s": [t / steps for t in epoch_s[1:]],
+        "epoch_step_s": statistics.median([t / steps for t in epoch_s[1:]]),
         "loop_wall_s": wall,
-        "eval_s": [e.get("eval_sec", float("nan")) for e in epochs],
+        "eval_s": eval_s,
+        "checkpoint_s": [saves[step] for step in sorted(saves)],
         "sd_impl": stochastic_depth.sd_impl_for(config.model.sd_impl),
     }
 

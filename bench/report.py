@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,15 @@ from bench.plan import (
     sharings,
     train_flops,
 )
-from bench.targets import derive, dtype, loop_step, packed_rate, step_s, total_compile_s
+from bench.targets import (
+    derive,
+    dtype,
+    loop_epoch_s,
+    loop_step,
+    packed_rate,
+    step_s,
+    total_compile_s,
+)
 
 
 def _fmt(x: float | None, digits: int = 3) -> str:
@@ -269,22 +278,29 @@ def report_loop(res: dict, ctx: dict, s: Settings) -> list[str]:
     if not r or not r["ok"]:
         return []
     spec, step = r["spec"], step_s(ctx["loop_step"])
+    median = lambda xs: statistics.median(xs) if xs else None
+    epoch = loop_epoch_s(r)
     return [
         f"`rvm.train.loop.train_and_evaluate` on {tuple(spec['blocks'])} nonshared, "
         f"{dtype(r)}, stochastic depth on ({r['sd_impl']}), synthetic images: "
         f"{spec['epochs']} epochs of {spec['epoch_steps']} steps, {spec['test_images']} test "
         "images evaluated and a checkpoint written after each. A window is an epoch after "
-        "the first (which compiles), its evaluation included; the step is the benchmark's "
-        "of the same config and strategy.",
+        "the first (which compiles). `s/step` is the epoch's training steps alone: its "
+        "wall time less its evaluation and the checkpoint written in it, per step; the "
+        "target reads it against the benchmark's step of the same config and strategy. "
+        "`epoch s/step` is the whole epoch's, evaluation and checkpoint included; "
+        "`evaluation s` and `checkpoint s` the median per epoch.",
         "",
-        "| run | s/step | images/s | steps/s | vs step | evaluation s | wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| run | s/step | images/s | steps/s | vs step | epoch s/step | evaluation s "
+        "| checkpoint s | wall s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| loop | {_spread(r)} | {s.batch / r['step_s']:.1f} | {1 / r['step_s']:.1f} "
-        f"| {_fmt(step / r['step_s'] if step else None)}x "
-        f"| {_fmt(max(r['eval_s'][1:], default=None))} | {r['loop_wall_s']:.0f} |",
+        f"| {_fmt(step / r['step_s'] if step else None)}x | {_fmt(epoch)} "
+        f"| {_fmt(median(r['eval_s'][1:]))} | {_fmt(median(r.get('checkpoint_s', [])))} "
+        f"| {r['loop_wall_s']:.0f} |",
         f"| step | {_spread(ctx['loop_step']) if step else 'n/a'} "
         f"| {_fmt(s.batch / step if step else None)} | {_fmt(1 / step if step else None)} "
-        "| 1x | | |",
+        "| 1x | | | | |",
     ]
 
 

@@ -98,6 +98,11 @@ def sd_on(sd: dict) -> tuple[str, dict | None]:
     return label, ran.get(label)
 
 
+def loop_epoch_s(loop: dict | None) -> float | None:
+    """The loop's seconds per step over whole epochs, evaluation and checkpoint included."""
+    return loop.get("epoch_step_s", loop["step_s"]) if step_s(loop) else None
+
+
 def loop_step(results: dict) -> dict | None:
     """The benchmark step the loop is read against: the same config, the same strategy."""
     loop = results.get("loop", {}).get("rvm loop")
@@ -160,11 +165,17 @@ def verdicts(results: dict, s: Settings) -> list[dict]:
             )
             out.append(target(name, ratio(off, on), 1.15, False, "x"))
     if "loop" in results:
+        # The loop's training steps alone (its epochs less evaluation and checkpoint):
+        # what the host's dispatch costs against the benchmark's step.
         loop = results["loop"].get("rvm loop")
-        name = f"{large} rvm: the real loop's steps/s >= 0.95x the benchmark step's"
+        name = (
+            f"{large} rvm: the real loop's training steps/s >= 0.95x the benchmark step's "
+            "(evaluation and checkpoint apart)"
+        )
         out.append(target(name, ratio(step_s(loop_step(results)), step_s(loop)), 0.95, False, "x"))
         if s.platform == "gpu":
-            rate = s.batch / step_s(loop) if step_s(loop) else None
+            epoch = loop_epoch_s(loop)
+            rate = s.batch / epoch if epoch else None
             name = f"{large} the paper's run (stochastic depth on, test set every epoch), real loop"
             out.append(target(name, rate, 14_000, False, " images/s"))
     if "packed" in results:

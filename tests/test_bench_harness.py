@@ -187,8 +187,10 @@ def test_gpu_targets_and_projection_from_step_times():
         }
         for section in ("train", "stochastic_depth", "eval")
     }
-    # The loop at 0.02 s a step against its strategy's (masked) 0.016 s.
+    # The loop's training steps at 0.02 s a step against its strategy's (masked) 0.016 s;
+    # its whole epochs, evaluation and checkpoint included, at 0.025 s a step.
     loop = {**_timed(specs["loop"]["rvm loop"], 0.02), "eval_s": [1.0, 0.1, 0.12]}
+    loop.update(epoch_step_s=0.025, checkpoint_s=[0.3, 0.2, 0.25])
     results["loop"] = {"rvm loop": {**loop, "sd_impl": "masked", "loop_wall_s": 60.0}}
     verdicts = {
         t["target"]: (t["pass"], round(t["value"], 3)) for t in targets.verdicts(results, s)
@@ -200,14 +202,15 @@ def test_gpu_targets_and_projection_from_step_times():
         "autocast throughput": (False, 1.25),
         "(18, 18, 18) rvm: stochastic depth step at least 15% faster than off (speed-up, "
         "rvm on / masked)": (True, 1.25),
-        "(18, 18, 18) rvm: the real loop's steps/s >= 0.95x the benchmark step's": (False, 0.8),
+        "(18, 18, 18) rvm: the real loop's training steps/s >= 0.95x the benchmark step's "
+        "(evaluation and checkpoint apart)": (False, 0.8),
         "(18, 18, 18) the paper's run (stochastic depth on, test set every epoch), real loop": (
             False,
-            6400,
+            5120,
         ),
     }
     missed = [t["text"] for t in targets.verdicts(results, s) if t["pass"] is False]
-    assert "FAIL: 6.4e+03 images/s vs 1.4e+04 images/s (margin -7.6e+03 images/s)" in missed
+    assert "FAIL: 5.12e+03 images/s vs 1.4e+04 images/s (margin -8.88e+03 images/s)" in missed
     rvm, torch = targets.projection(results, s)
     assert rvm["steps"] == 500 * 390 and rvm["dtype"] == "bfloat16"
     assert rvm["train_h"] == pytest.approx(500 * 390 * 0.016 / 3600)
@@ -225,7 +228,8 @@ def test_gpu_targets_and_projection_from_step_times():
     assert doc["projection"] == [rvm, torch] and len(doc["targets"]) == 5
     md = report.render(doc, s)
     assert "| rvm | bfloat16 | 0.016 |" in md
-    assert "| loop | 0.02 [0.02-0.02] | 6400.0 | 50.0 | 0.8x | 0.12 | 60 |" in md
+    # Training steps, whole epoch, evaluation and checkpoint (medians after the first epoch).
+    assert "| loop | 0.02 [0.02-0.02] | 6400.0 | 50.0 | 0.8x | 0.025 | 0.11 | 0.25 | 60 |" in md
     # Each PyTorch run against rvm's run in its own dtype.
     row = lambda impl: next(
         r for r in md.splitlines() if r.startswith(f"| (18, 18, 18) nonshared | {impl} |")
@@ -268,6 +272,13 @@ def test_gpu_plans_loop_and_xla_gpu_children_run(tmp_path):
     assert loop["ok"], loop.get("log_tail")
     assert len(loop["windows_s"]) == loop_spec["epochs"] - 1 and loop["step_s"] > 0
     assert loop["sd_impl"] == "cond" and len(loop["eval_s"]) == loop_spec["epochs"]
+    # A checkpoint per epoch; each window is its epoch less its evaluation and the
+    # checkpoint written in it (the previous epoch's), per step.
+    assert len(loop["checkpoint_s"]) == loop_spec["epochs"]
+    ckpts, evals = loop["checkpoint_s"], loop["eval_s"]
+    for i, (train, epoch) in enumerate(zip(loop["windows_s"], loop["epoch_windows_s"])):
+        apart = (evals[i + 1] + ckpts[i]) / loop_spec["epoch_steps"]
+        assert 0 < train < epoch and epoch - train == pytest.approx(apart)
     label = "command buffers with loops and conditionals / cond"
     step = runner({**specs["xla_gpu"][label], **tiny}, label)
     assert step["ok"], step.get("log_tail")
