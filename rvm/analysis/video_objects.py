@@ -146,3 +146,61 @@ def weight_rms(params: dict) -> dict:
         out["rnn_input_kernel_rms"] = rms(pick(lambda n: "rnn/ih" in n))
         out["rnn_recurrent_kernel_rms"] = rms(pick(lambda n: "rnn/h" in n))
     return out
+
+
+def write_summary(out_dir: str, machine: str) -> None:
+    """summary.md, j_since_key.png and j_vs_flops.png from the runs' results.json in out_dir."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))}
+    lines = [
+        f"# Video objects on the CPU ({machine})",
+        "",
+        "Made by `run.sh` in this folder. J: mask IoU x 100 over frames 1..23 of 64 test",
+        "videos (held-out digits), +- its standard error over videos; decay: J of the first",
+        "quarter of the frames minus the last quarter; FLOPs per frame from XLA's cost",
+        "analysis of each compiled part at batch 1 (a multiply-add counts 2).",
+        "",
+        "| run | val J | test J | decay | MFLOPs/frame | effective MFLOPs | frames/s b1 | b32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        eff = r.get("effective_flops_per_frame")
+        fps = [r.get(f"frames_per_sec_batch{b}", 0) for b in (1, 32)]
+        lines.append(
+            f"| {name} | {r['val_J']:.1f} | {r['test_J']:.1f} +- {r['test_J_se']:.1f} "
+            f"| {r['test_J_decay']:.1f} | {r['flops_per_frame'] / 1e6:.2f} "
+            f"| {'' if eff is None else f'{eff / 1e6:.2f}'} "
+            f"| {fps[0]:.0f} | {fps[1]:.0f} |"
+        )
+    for name, r in runs.items():
+        if "rnn_recurrent_kernel_rms" in r:
+            lines += [
+                "",
+                f"{name}: kernel RMS, recurrent {r['rnn_recurrent_kernel_rms']:.4f}, "
+                f"input {r['rnn_input_kernel_rms']:.4f}, trunk {r['trunk_kernel_rms']:.4f}.",
+            ]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, r in runs.items():
+        if "test_J_since_key" in r:
+            ax.plot(r["test_J_since_key"], marker="o", label=name)
+    ax.set(xlabel="frames since the key frame", ylabel="test J", title="J against key-frame age")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "j_since_key.png", dpi=120)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, r in runs.items():
+        ax.scatter(r["flops_per_frame"] / 1e6, r["test_J"])
+        ax.annotate(name, (r["flops_per_frame"] / 1e6, r["test_J"]), fontsize=7)
+    ax.set(xlabel="MFLOPs per frame", ylabel="test J", title="J against compute")
+    fig.tight_layout()
+    fig.savefig(out / "j_vs_flops.png", dpi=120)
