@@ -12,10 +12,12 @@ from types import ModuleType
 from rvm.tasks import image
 from rvm.tasks.thinking import task as thinking
 from rvm.tasks.video import task as video
+from rvm.tasks.video_objects import task as video_objects
 
 MODULES: dict[str, ModuleType] = {
     "image": image,
     "motion": video,
     "prediction": video,
     "thinking": thinking,
+    "video_objects": video_objects,
 }

@@ -1,0 +1,138 @@
+"""Video-object systems: dual at K = 1 is the big network, predictive-corrective sums
+reproduce a linear per-frame network, FLOP accounting, schedules and config errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.configs import video_objects as configs
+from rvm.analysis import video_objects as measures
+from rvm.errors import ConfigError
+from rvm.models import video_objects as vo
+from rvm.models.conv import SameConv
+from rvm.train.config_check import validate
+
+TINY = dict(widths=(2, 4, 4), blocks=(1, 2, 2), small_features=2)
+
+
+def _video(seed=0, frames=4, size=16):
+    rng = np.random.default_rng(seed)
+    x = rng.random((2, frames, size, size, 1)).astype(np.float32)
+    m0 = np.zeros_like(x)
+    m0[:, 0, 4:10, 4:10] = 1.0
+    return jnp.asarray(np.concatenate([x, m0], -1))
+
+
+def _perturb(tree, key):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [v + 0.5 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+@pytest.fixture(scope="module")
+def dual_pair():
+    video = _video()
+    model1 = vo.VideoObjects("dual", key_every=1, **TINY)
+    model2 = vo.VideoObjects("dual", key_every=2, **TINY)
+    variables = jax.jit(model2.init)(jax.random.PRNGKey(0), video)
+    return video, model1, model2, variables
+
+
+def test_dual_with_k1_uses_only_the_big_network(dual_pair):
+    video, model1, model2, variables = dual_pair
+    params = dict(variables["params"])
+    noisy = {
+        **variables,
+        "params": {**params, "small": _perturb(params["small"], jax.random.PRNGKey(1))},
+    }
+    # with K = 2 the small network makes every other mask: perturbing it changes them
+    apply2, apply1 = jax.jit(model2.apply), jax.jit(model1.apply)
+    assert not np.allclose(apply2(variables, video), apply2(noisy, video), atol=1e-3)
+    out, out_noisy = apply1(variables, video), apply1(noisy, video)
+    np.testing.assert_array_equal(out, out_noisy)
+    # and the masks are the per-frame big network's (the frame system with these weights)
+    frame = vo.VideoObjects("frame", **TINY)
+    big_only = {"params": {"big": params["big"]}, "batch_stats": variables["batch_stats"]}
+    np.testing.assert_allclose(out, jax.jit(frame.apply)(big_only, video), atol=1e-5)
+
+
+def test_linear_predictive_corrective_sums_reproduce_the_per_frame_output():
+    x = _video(frames=7)[..., :1]
+    conv = SameConv(3, (3, 3), use_bias=False)
+    params = conv.init(jax.random.PRNGKey(0), x[:, 0])
+    f = lambda v: vo.fold(lambda a: conv.apply(params, a), v)
+    kind, ref = vo.pc_schedule(x, every=100)  # no thresholds: one re-initialisation
+    np.testing.assert_array_equal(kind[:, 0], vo.REINIT)
+    assert (kind[:, 1:] == vo.UPDATE).all()
+    corrections = f(x - vo.take_frames(x, ref))
+    per_frame = f(x)
+    assert not np.allclose(corrections[:, 1:], per_frame[:, 1:], atol=1e-2)
+    summed = vo.predictive_corrective(per_frame, corrections, kind)
+    np.testing.assert_allclose(summed, per_frame, atol=1e-5)
+
+
+def test_pc_schedule_reinitialises_every_k_and_ignores_still_frames():
+    x = np.zeros((1, 6, 4, 4, 1), np.float32)
+    x[0, 1] = 0.5  # a large change
+    x[0, 2] = 0.5  # no change
+    x[0, 3:] = 0.51  # a small change that stays below the ignore threshold
+    kind, ref = vo.pc_schedule(jnp.asarray(x), every=4, ignore_threshold=0.05)
+    np.testing.assert_array_equal(kind[0], [0, 1, 2, 2, 0, 2])
+    np.testing.assert_array_equal(ref[0], [0, 0, 1, 1, 1, 4])
+    kind, _ = vo.pc_schedule(jnp.asarray(x), every=10, reinit_threshold=0.3)
+    np.testing.assert_array_equal(kind[0], [0, 0, 1, 1, 1, 1])
+
+
+def test_flop_accounting_of_a_tiny_network_matches_a_hand_count():
+    x = jnp.zeros((1, 8, 8, 2))
+    conv = SameConv(4, (3, 3), use_bias=False)
+    params = conv.init(jax.random.PRNGKey(0), x)
+    flops = measures.compiled_flops(lambda p, x: conv.apply(p, x), params, x)
+    # XLA counts the multiply-adds that touch the image, not the zero padding: along
+    # each axis of 8 pixels a 3-tap kernel has 3 * 8 - 2 taps inside; x2 channels in, x4 out
+    assert flops == 2 * (3 * 8 - 2) ** 2 * 2 * 4
+    two = SameConv(4, (3, 3), use_bias=False)
+    flops2 = measures.compiled_flops(
+        lambda p, x: two.apply(p, conv.apply(p, x)[..., :2]), params, x
+    )
+    assert flops2 == 2 * flops
+
+
+def test_iou_and_j_summary():
+    masks = np.zeros((1, 3, 4, 4), np.uint8)
+    masks[0, :, :2, :2] = 1
+    masks[0, 2] = 0  # target fully hidden: J = 1 if nothing is predicted
+    logits = np.full((1, 3, 4, 4), -1.0)
+    logits[0, 1, :2, :1] = 1.0  # half the mask
+    iou = np.asarray(measures.mask_iou(jnp.asarray(logits), jnp.asarray(masks)))
+    np.testing.assert_allclose(iou[0], [0.0, 0.5, 1.0])
+    s = measures.summarize_j(iou, key_every=2)
+    assert s["J"] == pytest.approx(75.0) and s["J_since_key"] == [100.0, 50.0]
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("model.key_every", 0, "model.key_every=0 must be a positive integer"),
+        ("model.ignore_threshold", -0.1, "model.ignore_threshold=-0.1 must be a non-negative"),
+        ("model.reinit_threshold", -1.0, "model.reinit_threshold"),
+        ("data.num_frames", 1, "num_frames must be >= 2"),
+        ("data.distractors", (1, 4), "4 distractors and the target need 5 cells"),
+        ("model.system", "tracker", "model.system='tracker' is not one of"),
+        ("model.pc_layers", (3, 2), "model.pc_layers"),
+    ],
+)
+def test_bad_configs_fail_before_compiling(field, value, match):
+    config = configs.get_config("dual")
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=match) as err:
+        validate(config)
+    assert "\n" not in str(err.value)
+
+
+def test_every_variant_validates():
+    for variant in configs.variants():
+        validate(configs.get_config(variant))
