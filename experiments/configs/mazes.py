@@ -48,7 +48,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.data.train_size = 9  # cells per side
     config.data.test_sizes = (9, 13, 21)
     config.data.num_train = 10000
-    config.data.num_test = 100  # per size
+    config.data.num_test = 1000  # per size, read at the end only
+    # every choice (the count reported, tuning) is made on this split, never on the test one
+    config.data.num_val = 200  # per size; 200: the 10m curves of large mazes cost minutes per 100
+    config.data.eval_stream = 1  # 0: the val/test splits of the first runs, tuned on its test
 
     config.model = ml_collections.ConfigDict()
     config.model.width = 32
@@ -62,6 +65,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.train.grad_iterations = 10  # k
     config.train.progressive_weight = 1.0  # a; 0 is the plain loss at m
     config.train.counts = "uniform"  # or "poisson"
+    # uniform counts: "fixed_k" n ~ U{0..m-k}, k fixed; "reference" Bansal et al.'s code,
+    # n ~ U{0..m-1}, k ~ U{1..m-n} (rvm.tasks.thinking.progressive)
+    config.train.draw = "fixed_k"
     config.train.sigma = 0.5  # log-normal spread of the Poisson rate
 
     config.eval = ml_collections.ConfigDict()
@@ -89,6 +95,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.data.test_sizes = (3, 4)
         config.data.num_train = 128
         config.data.num_test = 32
+        config.data.num_val = 32
         config.eval_batch_size = 32
         config.num_epochs = 2
         config.log_every_steps = 2

@@ -49,7 +49,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.data.train_size = 32  # bits
     config.data.test_sizes = (32, 64, 128)
     config.data.num_train = 10000
-    config.data.num_test = 1000  # per size
+    config.data.num_test = 1000  # per size, read at the end only
+    # every choice (the count reported, tuning) is made on this split, never on the test one
+    config.data.num_val = 1000  # per size
+    config.data.eval_stream = 1  # 0: the val/test splits of the first runs, tuned on its test
 
     config.model = ml_collections.ConfigDict()
     config.model.width = 64
@@ -63,6 +66,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.train.grad_iterations = 10  # k
     config.train.progressive_weight = 1.0  # a; 0 is the plain loss at m
     config.train.counts = "uniform"  # or "poisson"
+    # uniform counts: "fixed_k" n ~ U{0..m-k}, k fixed; "reference" Bansal et al.'s code,
+    # n ~ U{0..m-1}, k ~ U{1..m-n} (rvm.tasks.thinking.progressive)
+    config.train.draw = "fixed_k"
     config.train.sigma = 0.5  # log-normal spread of the Poisson rate
 
     config.eval = ml_collections.ConfigDict()
@@ -92,6 +98,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.data.test_sizes = (8, 12)
         config.data.num_train = 256
         config.data.num_test = 64
+        config.data.num_val = 64
         config.batch_size = 64
         config.eval_batch_size = 64
         config.num_epochs = 2
