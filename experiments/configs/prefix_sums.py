@@ -7,21 +7,27 @@ Command (any variant below after the colon):
 
 Variants:
   recall_prog  recall (the input concatenated to the state at every iteration) and the
-               progressive loss of Bansal et al. 2022 (n ~ U{0..m-k} iterations without
-               gradient, then k with; weight 1 as in their prefix-sum runs)
+               progressive loss of Bansal et al. 2022 (weight 1 as in their prefix-sum
+               runs) with rvm's fixed-k draw (`train.draw="fixed_k"`: n ~ U{0..m-k}
+               iterations without gradient, then k = 10 with);
+               `--config.train.draw=reference` is the draw of their code (n ~ U{0..m-1},
+               then k ~ U{1..m-n})
   plain        the same network without recall, trained at m iterations (full BPTT)
   poisson      recall, Huginn-style counts (Poisson(lambda) + 1, lambda log-normal
                around m), backprop through the last k iterations only
   smoke        a tiny run that trains in under a minute on a CPU
 The test sizes are evaluated at 1 .. 10 m iterations (eval.factor) in one compiled
-program per size; `python -m experiments.think_eval --runs ...` writes the figure.
+program per size. Every choice is made on the validation split of each size
+(`data.num_val`): the per-epoch `val_error` and the count reported per size; the test
+split (`data.num_test`) is read at the end. `python -m experiments.think_eval --runs ...`
+writes the figure, summary and curves.
 
-Hardware, time and result (results/thinking_cpu/run.sh; summary.md and README.md there):
-on the 2-core CPU VM shared with another run, recall_prog trained in 20 min (5,000
-steps) and solved 100% of 32-, 64- and 128-bit strings (128 bits from 42 iterations on,
-twice the trained 20; 512 bits from 150 on) and kept them solved up to 200 iterations;
-plain solved 32 bits at 19-20 iterations only and collapsed past them (0% at 40), 16.2%
-of 64-bit strings at best.
+Hardware, time and result: results/thinking_cpu/run.sh trained recall_prog (fixed-k
+draw) and plain on the 2-core CPU VM, 5,000 steps in about 20 min each; their accuracies
+on fresh validation and test splits up to 512 bits, with intervals, are in
+results/thinking_cpu/summary.md (curves.json beside it). The runs were recorded before
+the validation split existed and were tuned while looking at stream 0's test split:
+they were evaluated again on stream 1.
 """
 
 from __future__ import annotations
