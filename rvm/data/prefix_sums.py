@@ -44,6 +44,7 @@ def make_prefix_sums(seed: int, num: int, length: int) -> PrefixSums:
     return PrefixSums(bits, labels)
 
 
-def prefix_sum_split(seed: int, length: int, split: str, num: int) -> PrefixSums:
-    """The fixed `split` ("train" or "test") of `length`-bit strings under the dataset seed."""
-    return make_prefix_sums(split_seed(seed, check_length(length), split), num, length)
+def prefix_sum_split(seed: int, length: int, split: str, num: int, stream: int = 0) -> PrefixSums:
+    """The fixed `split` ("train", "val" or "test"; `rvm.data.mazes.split_seed`) of
+    `length`-bit strings under the dataset seed."""
+    return make_prefix_sums(split_seed(seed, check_length(length), split, stream), num, length)

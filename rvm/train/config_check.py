@@ -48,6 +48,10 @@ ADDED_FIELDS = {
     "model.random_iterations": False,
     "model.iterations_mean": 2.0,
     "model.iterations_sigma": 0.5,
+    # thinking runs recorded before their validation split and the reference count draw
+    "data.num_val": 0,
+    "data.eval_stream": 0,
+    "train.draw": "fixed_k",
 }
 
 

@@ -382,7 +382,9 @@ def _write_results(
         val = [r for r in run_records if "val_error" in r]
         if val:
             best = min(val, key=lambda r: r["val_error"])
-            results.update(best_val_epoch=best["epoch"], test_error_at_best_val=best["test_error"])
+            results["best_val_epoch"] = best["epoch"]
+            if "test_error" in best:  # tasks that read their test split after every epoch
+                results["test_error_at_best_val"] = best["test_error"]
         if primary:
             metrics.write_json(path / "results.json", results)
         finals[seed] = results

@@ -12,9 +12,17 @@ whose prediction equals that of the previous `eval.halt_patience` iterations,
 and the results report its accuracy and the iterations it saves against running
 all factor x m.
 
-After each epoch: `test_error` (% not solved exactly) on the trained size at m.
-At the end, results.json holds the curves per size (`rvm.analysis.thinking` turns
-them into a figure and a table).
+Every choice is made on a validation split of each size (`data.num_val` examples,
+its own seed stream: `rvm.data.mazes.split_seed`), never on the test split: after
+each epoch `val_error` (% not solved exactly) on the trained size at m, and at the
+end the count reported per size is the one with the best validation accuracy
+(`chosen_iterations`; the fewest iterations among ties). The test split (`data.num_test`
+per size) is read at the end only: results.json holds its curves, and the counts of
+examples solved at every count and at halting, from which `rvm.analysis.thinking`
+draws the figure, the table and the Wilson intervals. `data.eval_stream` > 0 draws
+other validation and test splits than stream 0 (whose test split the first CPU runs
+were tuned while looking at). A config without a validation split (`num_val=0`, the
+runs recorded before it existed) reports `test_error` after each epoch, as it did.
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ class Split(NamedTuple):
 class ThinkingData(NamedTuple):
     train: Split
     tests: dict[int, Split]  # size -> test split; the trained size among them
+    vals: dict[int, Split]  # size -> validation split; empty without one
 
 
 @struct.dataclass
@@ -56,21 +65,24 @@ class DeviceSplit:
     labels: jax.Array
 
 
-def _split(kind: str, seed: int, size: int, split: str, num: int) -> Split:
+def _split(kind: str, seed: int, size: int, split: str, num: int, stream: int = 0) -> Split:
     if kind == "mazes":
-        mazes = maze_split(seed, size, split, num)
+        mazes = maze_split(seed, size, split, num, stream)
         return Split(mazes.images, mazes.labels)
-    sums = prefix_sum_split(seed, size, split, num)
+    sums = prefix_sum_split(seed, size, split, num, stream)
     return Split(sums.bits[..., None], sums.labels)
 
 
 def load_data(config: ml_collections.ConfigDict) -> ThinkingData:
-    """The fixed train split of the trained size and a test split of every test size."""
+    """The fixed train split of the trained size, and a validation and a test split of
+    every test size."""
     d = config.data
     sizes = sorted({d.train_size, *d.test_sizes})
+    num_val, stream = d.get("num_val", 0), d.get("eval_stream", 0)
     return ThinkingData(
         _split(d.kind, d.seed, d.train_size, "train", d.num_train),
-        {s: _split(d.kind, d.seed, s, "test", d.num_test) for s in sizes},
+        {s: _split(d.kind, d.seed, s, "test", d.num_test, stream) for s in sizes},
+        {s: _split(d.kind, d.seed, s, "val", num_val, stream) for s in sizes} if num_val else {},
     )
 
 
@@ -134,7 +146,7 @@ def accuracy_curve(
     patience: int = 1,
 ) -> dict[str, Any]:
     """Exact-match and per-position accuracy (%) after 1..`iterations` iterations, and
-    halting, on `split`."""
+    halting, on `split`, with the counts of examples solved (for intervals)."""
     # The labels ride as a last input channel: eval_batches pads one-dimensional labels only.
     packed = np.concatenate([split.inputs, split.labels[..., None]], axis=-1)
     index = np.zeros(len(packed), np.int32)
@@ -143,15 +155,14 @@ def accuracy_curve(
         batch_sums, packed, index, batch_size, mesh
     )
     n = len(packed)
-    accuracy = [100.0 * float(s) / n for s in solved]
-    best = int(np.argmax(accuracy))
     mean_halt = float(halt_iterations) / n
     return {
-        "accuracy": accuracy,
+        "examples": n,
+        "solved": [int(round(float(s))) for s in solved],
+        "accuracy": [100.0 * float(s) / n for s in solved],
         # % of pixels or bits right: progress that exact match cannot show
         "position_accuracy": [100.0 * float(p) / n for p in positions],
-        "best_accuracy": accuracy[best],
-        "best_iterations": best + 1,
+        "halt_solved": int(round(float(solved_halt))),
         "halt_accuracy": 100.0 * float(solved_halt) / n,
         "halt_iterations": mean_halt,
         "halt_saved_iterations": iterations - mean_halt,
@@ -161,17 +172,31 @@ def accuracy_curve(
 def size_results(
     config: ml_collections.ConfigDict, model: ThinkingNet, variables: dict, data: ThinkingData, mesh
 ) -> dict[str, dict]:
-    """The curves of every test size up to `eval.factor` x m (results.json's `sizes`)."""
+    """The test curves of every test size up to `eval.factor` x m (results.json's `sizes`),
+    and where there is a validation split, its curve and the count it chooses."""
     m, kind = config.train.iterations, config.data.kind
     most = config.eval.factor * m
+    curve_of = partial(
+        accuracy_curve,
+        model,
+        variables,
+        iterations=most,
+        batch_size=config.eval_batch_size,
+        mesh=mesh,
+        patience=config.eval.halt_patience,
+    )
     out = {}
     for size, split in sorted(data.tests.items()):
-        curve = accuracy_curve(
-            model, variables, split, most, config.eval_batch_size, mesh, config.eval.halt_patience
-        )
+        curve = curve_of(split)
         span = extent(kind, size)
         curve["accuracy_at_trained"] = curve["accuracy"][m - 1]
         curve["accuracy_at_max"] = curve["accuracy"][-1]
+        if size in data.vals:
+            val = curve_of(data.vals[size])
+            chosen = choose_count(val["solved"])
+            curve["val"] = {k: val[k] for k in ("examples", "solved", "accuracy")}
+            curve["chosen_iterations"] = chosen
+            curve["accuracy_at_chosen"] = curve["accuracy"][chosen - 1]
         # positions right when every one is predicted 0 (no path, even parity)
         curve["all_zero_position_accuracy"] = 100.0 * float(np.mean(split.labels == 0))
         # the fewest iterations whose receptive field spans the problem
@@ -180,6 +205,11 @@ def size_results(
         )
         out[str(size)] = curve
     return out
+
+
+def choose_count(solved: list[int]) -> int:
+    """The iteration count (1-based) that solves the most examples; the fewest among ties."""
+    return int(np.argmax(solved)) + 1
 
 
 # --- The task ---------------------------------------------------------------------------
@@ -202,16 +232,18 @@ def make_get_batch(config: ml_collections.ConfigDict, mesh):
 def make_task(config: ml_collections.ConfigDict, data: ThinkingData, mesh) -> Task:
     """The thinking-longer task of `experiments/configs/{mazes,prefix_sums}.py` on `data`."""
     model = build_model(config)
-    m, trained = config.train.iterations, data.tests[config.data.train_size]
+    m, size = config.train.iterations, config.data.train_size
     curve = partial(accuracy_curve, batch_size=config.eval_batch_size, mesh=mesh)
+    # what the epochs are watched on: validation, or the test split of runs without one
+    watched, key = (data.vals, "val_error") if data.vals else (data.tests, "test_error")
 
     def epoch_metrics(state: TrainState) -> dict:
-        acc = curve(model, state.variables, trained, m)["accuracy"][-1]
-        return {"test_error": 100.0 - acc}
+        acc = curve(model, state.variables, watched[size], m)["accuracy"][-1]
+        return {key: 100.0 - acc}
 
     def final_results(state: TrainState) -> dict:
         sizes = size_results(config, model, state.variables, data, mesh)
-        trained_curve = sizes[str(config.data.train_size)]
+        trained_curve = sizes[str(size)]
         return {
             "test_error": 100.0 - trained_curve["accuracy_at_trained"],
             "trained_iterations": m,
@@ -222,7 +254,9 @@ def make_task(config: ml_collections.ConfigDict, data: ThinkingData, mesh) -> Ta
     train = DeviceSplit(data.train.inputs, data.train.labels)
     t = config.train
     scheme = (
-        "plain" if t.progressive_weight == 0 else f"{t.counts} counts, a={t.progressive_weight}"
+        "plain"
+        if t.progressive_weight == 0
+        else f"{progressive.draw_name(t)} counts, a={t.progressive_weight}"
     )
     return Task(
         model=model,
@@ -262,6 +296,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check(size, f"data.test_sizes[{i}]")
     for field in ("num_train", "num_test"):
         check_iterations(d[field], f"data.{field}")  # a positive integer, like a count
+    for field in ("num_val", "eval_stream"):
+        value = d.get(field, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"data.{field}={value!r} must be an integer >= 0")
     for field in ("width", "blocks"):
         check_iterations(m[field], f"model.{field}")
     if not isinstance(m.recall, bool):
@@ -278,6 +316,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _number_in(config, "train.progressive_weight", 0, 1)
     if t.counts not in progressive.COUNTS:
         raise ValueError(f"train.counts={t.counts!r} is not one of {', '.join(progressive.COUNTS)}")
+    draw = t.get("draw", "fixed_k")
+    if draw not in progressive.DRAWS:
+        raise ValueError(f"train.draw={draw!r} is not one of {', '.join(progressive.DRAWS)}")
+    if draw == "reference" and t.counts != "uniform":
+        raise ValueError(
+            f"train.draw='reference' draws uniform counts, not train.counts={t.counts!r}"
+        )
     _number_in(config, "train.sigma", 0, 10)
     check_iterations(config.eval.factor, "eval.factor")
     check_iterations(config.eval.halt_patience, "eval.halt_patience")
