@@ -178,7 +178,7 @@ def test_bad_thinking_equilibrium_config_fails():
     config = eq_configs.get_config("mazes_smoke")
     config_check.validate(config)
     set_field(config, "equilibrium.max_iter", 0)
-    with pytest.raises(ConfigError, match="max_iter"):
+    with pytest.raises(ValueError, match="max_iter"):
         config_check.validate(config)
 
 
