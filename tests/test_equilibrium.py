@@ -10,6 +10,7 @@ from helpers import set_field
 
 from experiments.configs import equilibrium as eq_configs
 from rvm.errors import ConfigError
+from rvm.models import sharing
 from rvm.models.equilibrium import (
     Backward,
     Equilibrium,
@@ -112,9 +113,9 @@ def test_jacobian_penalty_matches_exact_frobenius_norm_in_expectation():
     g = lambda z: f(w, X, z)
     jac = jax.jacobian(g)(z).reshape(B * D, B * D)
     exact = float(jnp.sum(jac**2)) / z.size
-    one = float(jacobian_penalty(g, z, jax.random.key(4), samples=1))
+    one = [float(jacobian_penalty(g, z, jax.random.key(k), samples=1)) for k in (5, 6)]
     many = float(jacobian_penalty(g, z, jax.random.key(4), samples=4000))
-    assert abs(one - exact) / exact > 0.02  # one sample is noisy
+    assert abs(one[0] - one[1]) / exact > 0.02  # one sample is a random estimate
     assert abs(many - exact) / exact < 0.05  # fixed seed; the estimator's std is ~2%
 
 
@@ -187,3 +188,13 @@ def test_backward_and_solver_objects_check_themselves():
         Backward(mode="exact")
     with pytest.raises(ValueError, match="damping"):
         Solver(damping=0.0)
+
+
+@pytest.mark.parametrize("variant", eq_configs.VARIANTS)
+def test_every_equilibrium_config_validates(variant):
+    config = eq_configs.get_config(variant)
+    config_check.validate(config)
+    if config.get("task", "image") == "image":
+        model = sharing.build_model(config.model, 10)
+        shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
+        assert "cell" in shapes["params"]["level2"]  # a level solved to its fixed point

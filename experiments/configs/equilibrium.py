@@ -7,7 +7,7 @@ Command (CIFAR-10, every level of the (3,4,4) ResNet one block solved to equilib
 
 Variants (`rvm.models.equilibrium`, `rvm.models.equilibrium_resnet`):
   all3, middle3      CIFAR-10 (3,4,4), `model.sharing="equilibrium"` on every level or the
-                     middle one; the other fields are cifar10.py's all3_raw / middle3_raw
+                     middle one; the other fields are cifar10.py's all3_raw
   all3_jac           all3 with Jacobian regularisation (Bai et al. 2021)
   all3_phantom       all3 with the phantom gradient (Geng et al. 2021) instead of implicit
   mazes, prefix_sums the thinking nets of mazes.py:recall_prog / prefix_sums.py:recall_prog
