@@ -69,10 +69,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         # The trained count m stays what the evaluation curves are measured against.
         config.equilibrium = solver_section(norm="layer", max_iter=3 * config.train.iterations)
         return config
-    base = (
-        "smoke" if variant == "smoke" else ("middle3_raw" if variant == "middle3" else "all3_raw")
-    )
-    config = cifar10.get_config(base)
+    config = cifar10.get_config("smoke" if variant == "smoke" else "all3_raw")
+    if variant == "middle3":
+        config.model.scope = "middle"
     config.model.sharing = "equilibrium"
     config.model.stochastic_depth = False  # no drops inside a fixed point
     config.model.equilibrium = solver_section()
