@@ -22,7 +22,8 @@ train() {  # name config workdir flags...
   python -m experiments.train --config="$config" --workdir="$workdir" "$@"
   copy "$workdir" "$name"
 }
-THINK_EPOCHS=${THINK_EPOCHS:-3}
+THINK_EPOCHS=${THINK_EPOCHS:-1}
+THINK_TRAIN=${THINK_TRAIN:-640}  # training examples: 20 steps of 32 (README.md: the budget)
 for run in ${RUNS:-mazes prefix_sums cifar_raw cifar_deq}; do
   case $run in
     cifar_raw)
@@ -35,11 +36,11 @@ for run in ${RUNS:-mazes prefix_sums cifar_raw cifar_deq}; do
         --config.model.equilibrium.backward_max_iter="$MAX_ITER" ;;
     mazes)  # 9x9 training mazes, tested on 9x9 and 13x13; a short budget (README.md)
       train mazes_deq experiments/configs/equilibrium.py:mazes workdirs/eq_mazes \
-        --config.num_epochs="$THINK_EPOCHS" --config.data.num_train=3000 \
-        --config.data.test_sizes="(9,13)" --config.eval.factor=3 ;;
+        --config.num_epochs="$THINK_EPOCHS" --config.data.num_train="$THINK_TRAIN" \
+        --config.log_every_steps=5 --config.data.test_sizes="(9,13)" --config.eval.factor=3 ;;
     prefix_sums)  # 32-bit training strings, tested on 32 and 64 bits
       train prefix_sums_deq experiments/configs/equilibrium.py:prefix_sums workdirs/eq_prefix_sums \
-        --config.num_epochs="$THINK_EPOCHS" --config.data.num_train=3000 \
-        --config.data.test_sizes="(32,64)" --config.eval.factor=3 ;;
+        --config.num_epochs="$THINK_EPOCHS" --config.data.num_train="$THINK_TRAIN" \
+        --config.log_every_steps=5 --config.data.test_sizes="(32,64)" --config.eval.factor=3 ;;
   esac
 done
