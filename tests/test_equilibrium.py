@@ -15,13 +15,14 @@ from rvm.models.equilibrium import (
     Backward,
     Equilibrium,
     Solver,
+    Spec,
     implicit_fixed_point,
     jacobian_penalty,
     phantom_fixed_point,
     solve,
     solver_metrics,
 )
-from rvm.models.equilibrium_resnet import Cell
+from rvm.models.equilibrium_resnet import Cell, EquilibriumLevel
 from rvm.train import config_check
 
 D, B = 6, 3
@@ -198,3 +199,18 @@ def test_every_equilibrium_config_validates(variant):
         model = sharing.build_model(config.model, 10)
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
         assert "cell" in shapes["params"]["level2"]  # a level solved to its fixed point
+
+
+def test_equilibrium_level_runs_a_given_number_of_solver_iterations():
+    """Readout-time ablations of an equilibrium level: `iterations` is the solver's count."""
+    spec = Spec("none", Solver("iterate", 1e-3, 30))
+    level = EquilibriumLevel(4, False, spec)
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+    variables = level.init(jax.random.key(1), x, False)
+    run = jax.jit(
+        lambda n: level.apply(variables, x, False, n, mutable=["solver"]), static_argnums=0
+    )
+    ((two, _), sown2), ((six, _), sown6) = run(2), run(6)
+    count = lambda sown: int(sown["solver"]["stats"][0].iterations)
+    assert (count(sown2), count(sown6)) == (2, 6)
+    assert float(jnp.max(jnp.abs(two - six))) > 1e-6
