@@ -292,6 +292,10 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
     sd_impl: str = "auto"  # how training executes stochastic depth: SD_IMPLS
     conv_impl: str = "xla"  # how convolutions compute: rvm.models.conv.CONV_IMPLS
+    # Levels whose one block is solved to its fixed point (rvm.models.equilibrium_resnet),
+    # with `equilibrium`, an `rvm.models.equilibrium.Spec`.
+    equilibrium_levels: tuple[bool, ...] = (False, False, False)
+    equilibrium: Any = None
 
     @nn.compact
     def __call__(
@@ -330,6 +334,20 @@ class ResNet(nn.Module):
         activations = []
         for i, features in enumerate(self.widths):
             downsample = i > 0
+            if self.equilibrium_levels[i]:
+                # imported here: the equilibrium level builds on this module's Block
+                from rvm.models.equilibrium_resnet import EquilibriumLevel
+
+                x, acts = EquilibriumLevel(
+                    features,
+                    downsample,
+                    self.equilibrium,
+                    self.dtype,
+                    self.conv_impl,
+                    name=f"level{i + 1}",
+                )(x, train, iterations[i])
+                activations.append(acts)
+                continue
             x, acts = Level(
                 features,
                 self.blocks_per_level[i] - int(downsample),

@@ -6,7 +6,10 @@ The four modes differ only in which network is built and trained:
   relaxed    trained as `nonshared` with a pull of each in-scope kernel towards
              its set's mean (`rvm.train.relaxation`), then `consolidate`d into
              the `raw` network;
-  minimal    the levels in scope keep their padding block and one block.
+  minimal    the levels in scope keep their padding block and one block;
+  equilibrium  the levels in scope keep their padding block and one block run to its
+             fixed point (`rvm.models.equilibrium_resnet`; config section
+             `model.equilibrium`, experiments/configs/equilibrium.py).
 A *set* is the stacked conv1 (or conv2) kernels of one level's scanned blocks.
 """
 
@@ -19,9 +22,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from rvm.models.conv import CONV_IMPLS
+from rvm.models.equilibrium import spec_from_config
 from rvm.models.resnet import ResNet
 
-SHARING_MODES = ("nonshared", "raw", "relaxed", "minimal")
+SHARING_MODES = ("nonshared", "raw", "relaxed", "minimal", "equilibrium")
 SCOPES = ("middle", "all")
 NUM_LEVELS = 3
 KERNELS = ("conv1", "conv2")
@@ -56,6 +60,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"model.unroll={cfg.unroll!r} must be True or False")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"model.dtype={cfg.dtype!r} is not one of float32, bfloat16")
+    if cfg.sharing == "equilibrium":
+        if "equilibrium" not in cfg:
+            raise ValueError("model.sharing='equilibrium' needs a model.equilibrium section")
+        spec_from_config(cfg.equilibrium, "model.equilibrium")
     if cfg.get("conv_impl", "xla") not in CONV_IMPLS:
         raise ValueError(f"model.conv_impl={cfg.conv_impl!r} is not one of {', '.join(CONV_IMPLS)}")
 
@@ -87,7 +95,10 @@ def build_model(
     validate(cfg)
     raw = cfg.sharing == "raw" or (cfg.sharing == "relaxed" and consolidated)
     shared = levels_in_scope(cfg.scope) if raw else (False,) * NUM_LEVELS
+    solved = cfg.sharing == "equilibrium"
     return ResNet(
+        equilibrium_levels=levels_in_scope(cfg.scope) if solved else (False,) * NUM_LEVELS,
+        equilibrium=spec_from_config(cfg.equilibrium, "model.equilibrium") if solved else None,
         blocks_per_level=trained_blocks(cfg),
         shared_levels=shared,
         num_classes=num_classes,

@@ -24,6 +24,11 @@ BatchNorm statistics would be those of the trained iteration counts and mean
 something else after more iterations; `norm="layer"` normalises each position
 over its channels, which means the same at every iteration.
 
+With an `equilibrium` spec, `solve` runs F to its fixed point h* = F(h*, x) instead
+(`rvm.models.equilibrium`: no tape through the solve, implicit or phantom gradients);
+the parameters are those of the iterated net, so every curve below applies to it too:
+plain iteration from h_0 is the solver without acceleration.
+
 `iterations` is a Python int, static per compiled program. `encode`, `step` and
 `readout` are the pieces, for training schemes that run some iterations outside
 the scan (`rvm.tasks.thinking.progressive`); `trajectory` emits a value after every
@@ -41,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from rvm.models.conv import SameConv
+from rvm.models.equilibrium import Equilibrium
 
 Array = jax.Array
 NORMS = ("none", "layer")
@@ -92,12 +98,19 @@ class ThinkingNet(nn.Module):
     num_classes: int = 2
     norm: str = "none"
     head_kernel: int = 3  # 1: each position's answer is read from its own state alone
+    # An `rvm.models.equilibrium.Spec`: `solve` runs the iteration to its fixed point.
+    equilibrium: Any = None
 
     def setup(self):
         k = (3,) * self.dims
         hk = (self.head_kernel,) * self.dims
         self.embed = SameConv(self.width, k, use_bias=False)
         self.iteration = Iteration(self.width, self.blocks, self.recall, self.dims, self.norm)
+        if self.equilibrium is not None:  # the same iteration's params, solved to equilibrium
+            spec = self.equilibrium
+            self.deq = Equilibrium(
+                self.iteration, spec.solver, spec.backward, spec.jacobian_samples
+            )
         head = max(self.width // 2, self.num_classes)
         self.head = nn.Sequential(
             [
@@ -130,6 +143,12 @@ class ThinkingNet(nn.Module):
             length=iterations,
         )
         return scan(self, h, None)[0]
+
+    def solve(self, x: Array, jacobian_key: Array | None = None, solver: Any = None):
+        """(logits at the fixed point h* = F(h*, x) from h_0, solver `Stats`, Jacobian
+        penalty or None); `solver` overrides the spec's forward solver."""
+        h, stats, penalty = self.deq(self.encode(x), x, jacobian_key, solver)
+        return self.readout(h), stats, penalty
 
     def __call__(self, x: Array, iterations: int = 1) -> Array:
         return self.readout(self.think(self.encode(x), x, iterations))

@@ -24,6 +24,7 @@ from flax import struct
 
 from rvm.data import ImageData, load_images, pipeline
 from rvm.errors import ConfigError
+from rvm.models import equilibrium
 from rvm.models import sharing as weight_sharing
 from rvm.models.recalibrate import recalibrate
 from rvm.models.stochastic_depth import SD_IMPLS, iteration_masks
@@ -86,11 +87,14 @@ def make_loss_fn(model: nn.Module, draw_masks: Callable[[jax.Array], list] | Non
             train=train,
             masks=masks,
             rngs={"dropout": rng},
-            mutable=["batch_stats"],
+            mutable=["batch_stats", "solver"],
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        error = jnp.mean(jnp.argmax(logits, -1) != labels)
-        return loss, (updates["batch_stats"], {"error": error})
+        metrics = {"error": jnp.mean(jnp.argmax(logits, -1) != labels)}
+        if "solver" in updates:  # equilibrium levels: their solves' statistics
+            loss, solved = equilibrium.add_solver_terms(loss, updates["solver"], model.equilibrium)
+            metrics.update(solved)
+        return loss, (updates["batch_stats"], metrics)
 
     return loss_fn
 

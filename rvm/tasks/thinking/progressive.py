@@ -17,6 +17,9 @@ Three ways to train a `ThinkingNet` (config section `train`), each a switch:
   "fixed_k" (rvm's first runs) n ~ U{0, ..., m - k} with k fixed, or "reference"
   (the draw of Bansal et al.'s code) n ~ U{0, ..., m - 1}, then k ~ U{1, ..., m - n}.
 
+`train.scheme="equilibrium"` replaces all of these by the loss at the net's fixed point
+(`equilibrium_loss_fn`).
+
 n is drawn on device every step, so the n iterations without gradient run in a
 `lax.fori_loop` with a traced trip count: one compiled step serves every n. Its
 carry and the parameters it reads are stop_gradient'ed, so autodiff sees a loop
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from rvm.models.equilibrium import solver_metrics
 from rvm.models.thinking import ThinkingNet
 from rvm.train.step import LossFn
 
@@ -127,7 +131,13 @@ def exact_match_error(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def make_loss_fn(model: ThinkingNet, train: ml_collections.ConfigDict) -> LossFn:
     """`loss_fn(params, batch_stats, (x, labels), rng, train)` for `rvm.train.step`."""
+<<<<<<< HEAD
     a, m = train.progressive_weight, train.iterations
+=======
+    a, m, k = train.progressive_weight, train.iterations, train.grad_iterations
+    if train.get("scheme", "progressive") == "equilibrium":
+        return equilibrium_loss_fn(model)
+>>>>>>> equilibrium
 
     def loss_fn(params, batch_stats, batch, rng, is_training):
         del is_training  # the net has no dropout or batch statistics
@@ -147,6 +157,25 @@ def make_loss_fn(model: ThinkingNet, train: ml_collections.ConfigDict) -> LossFn
             if not isinstance(k_drawn, int):
                 metrics.update(grad_iterations=k_drawn.astype(jnp.float32))
             metrics.setdefault("error", exact_match_error(logits, labels))
+        return loss, (batch_stats, metrics)
+
+    return loss_fn
+
+
+def equilibrium_loss_fn(model: ThinkingNet) -> LossFn:
+    """The loss at the fixed point (`ThinkingNet.solve`, `train.scheme="equilibrium"`),
+    with the Jacobian penalty when the spec weights it, and the solver's statistics."""
+    spec = model.equilibrium
+
+    def loss_fn(params, batch_stats, batch, rng, is_training):
+        x, labels = batch
+        key = rng if spec.jacobian_weight > 0 and is_training else None
+        logits, stats, penalty = model.apply({"params": params}, x, key, method=ThinkingNet.solve)
+        loss = per_position_loss(logits, labels)
+        metrics = {"error": exact_match_error(logits, labels), **solver_metrics(stats)}
+        if penalty is not None:
+            loss = loss + spec.jacobian_weight * penalty
+            metrics["jacobian"] = penalty
         return loss, (batch_stats, metrics)
 
     return loss_fn

@@ -23,10 +23,14 @@ draws the figure, the table and the Wilson intervals. `data.eval_stream` > 0 dra
 other validation and test splits than stream 0 (whose test split the first CPU runs
 were tuned while looking at). A config without a validation split (`num_val=0`, the
 runs recorded before it existed) reports `test_error` after each epoch, as it did.
+A net trained to equilibrium (`train.scheme`) also reports, per size, its accuracy
+at the solver's fixed point and the iterations the solver took (allowed `eval.factor`
+x its maximum); its per-epoch error and `test_error` are at the fixed point.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -39,6 +43,7 @@ from flax import struct
 from rvm.data import pipeline
 from rvm.data.mazes import check_size, maze_split
 from rvm.data.prefix_sums import check_length, prefix_sum_split
+from rvm.models.equilibrium import spec_from_config
 from rvm.models.thinking import NORMS, ThinkingNet, check_iterations, warn_if_unseen
 from rvm.tasks.thinking import progressive
 from rvm.train import sharding, xla
@@ -46,6 +51,8 @@ from rvm.train.state import TrainState
 from rvm.train.task import Task, sum_over_split
 
 KINDS = ("mazes", "prefix_sums")
+# progressive: the losses of `progressive`; equilibrium: the loss at the fixed point.
+SCHEMES = ("progressive", "equilibrium")
 
 
 class Split(NamedTuple):
@@ -86,10 +93,15 @@ def load_data(config: ml_collections.ConfigDict) -> ThinkingData:
     )
 
 
+def is_equilibrium(config: ml_collections.ConfigDict) -> bool:
+    return config.train.get("scheme", "progressive") == "equilibrium"
+
+
 def build_model(config: ml_collections.ConfigDict) -> ThinkingNet:
     m = config.model
     dims = 2 if config.data.kind == "mazes" else 1
-    return ThinkingNet(m.width, m.blocks, m.recall, dims, 2, m.norm, m.get("head_kernel", 3))
+    spec = spec_from_config(config.equilibrium) if is_equilibrium(config) else None
+    return ThinkingNet(m.width, m.blocks, m.recall, dims, 2, m.norm, m.get("head_kernel", 3), spec)
 
 
 def extent(kind: str, size: int) -> int:
@@ -169,6 +181,33 @@ def accuracy_curve(
     }
 
 
+@xla.jit(static_argnames=("model", "solver"))
+def _solver_sums(model, variables, packed, weight, solver):
+    x, labels = packed[..., :-1].astype(jnp.float32), packed[..., -1].astype(jnp.int32)
+    logits, stats, _ = model.apply(variables, x, None, solver, method=ThinkingNet.solve)
+    right = jnp.argmax(logits, -1) == labels
+    solved = jnp.all(right.reshape(right.shape[0], -1), axis=1)
+    return jnp.sum(solved * weight), stats.iterations, (~stats.converged).astype(jnp.int32)
+
+
+def solver_results(
+    model: ThinkingNet, variables: dict, split: Split, solver, batch_size: int, mesh=None
+) -> dict[str, float]:
+    """Exact-match accuracy (%) at the solver's fixed point on `split`, the mean
+    f-evaluations per batch and the batches that stopped at the maximum unconverged."""
+    packed = np.concatenate([split.inputs, split.labels[..., None]], axis=-1)
+    index = np.zeros(len(packed), np.int32)
+    batch_sums = lambda p, _, w: _solver_sums(model, variables, p, w, solver)
+    solved, iterations, nonconverged = sum_over_split(batch_sums, packed, index, batch_size, mesh)
+    batches = -(-len(packed) // batch_size)
+    return {
+        "solver_accuracy": 100.0 * float(solved) / len(packed),
+        "solver_iterations": float(iterations) / batches,
+        "solver_nonconverged_batches": int(nonconverged),
+        "solver_max_iter": solver.max_iter,
+    }
+
+
 def size_results(
     config: ml_collections.ConfigDict, model: ThinkingNet, variables: dict, data: ThinkingData, mesh
 ) -> dict[str, dict]:
@@ -203,6 +242,12 @@ def size_results(
         curve["iterations_to_see_all"] = next(
             (t for t in range(1, 100 * most) if model.radius(t) >= span - 1), None
         )
+        if model.equilibrium is not None:  # the fixed point, allowed eval.factor x max_iter
+            solver = model.equilibrium.solver
+            solver = dataclasses.replace(solver, max_iter=config.eval.factor * solver.max_iter)
+            curve.update(
+                solver_results(model, variables, split, solver, config.eval_batch_size, mesh)
+            )
         out[str(size)] = curve
     return out
 
@@ -238,14 +283,29 @@ def make_task(config: ml_collections.ConfigDict, data: ThinkingData, mesh) -> Ta
     watched, key = (data.vals, "val_error") if data.vals else (data.tests, "test_error")
 
     def epoch_metrics(state: TrainState) -> dict:
+        if model.equilibrium is not None:  # at the fixed point, as trained
+            solved = solver_results(
+                model,
+                state.variables,
+                watched[size],
+                model.equilibrium.solver,
+                config.eval_batch_size,
+                mesh,
+            )
+            split = key.removesuffix("_error")
+            record = {f"{split}_{k}": v for k, v in solved.items() if k != "solver_max_iter"}
+            return {key: 100.0 - solved["solver_accuracy"], **record}
         acc = curve(model, state.variables, watched[size], m)["accuracy"][-1]
         return {key: 100.0 - acc}
 
     def final_results(state: TrainState) -> dict:
         sizes = size_results(config, model, state.variables, data, mesh)
         trained_curve = sizes[str(size)]
+        error = 100.0 - trained_curve["accuracy_at_trained"]
+        if model.equilibrium is not None:
+            error = 100.0 - trained_curve["solver_accuracy"]
         return {
-            "test_error": 100.0 - trained_curve["accuracy_at_trained"],
+            "test_error": error,
             "trained_iterations": m,
             "max_iterations": config.eval.factor * m,
             "sizes": sizes,
@@ -258,6 +318,8 @@ def make_task(config: ml_collections.ConfigDict, data: ThinkingData, mesh) -> Ta
         if t.progressive_weight == 0
         else f"{progressive.draw_name(t)} counts, a={t.progressive_weight}"
     )
+    if model.equilibrium is not None:
+        scheme = f"solved to equilibrium ({model.equilibrium.solver.name})"
     return Task(
         model=model,
         train_data=jax.device_put(train, sharding.replicated(mesh)),
@@ -314,6 +376,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"train.iterations={t.iterations}"
         )
     _number_in(config, "train.progressive_weight", 0, 1)
+    scheme = t.get("scheme", "progressive")
+    if scheme not in SCHEMES:
+        raise ValueError(f"train.scheme={scheme!r} is not one of {', '.join(SCHEMES)}")
+    if scheme == "equilibrium":
+        if "equilibrium" not in config:
+            raise ValueError("train.scheme='equilibrium' needs an equilibrium section")
+        if not m.recall:
+            raise ValueError("train.scheme='equilibrium' needs model.recall=True (x enters F)")
+        spec_from_config(config.equilibrium)
     if t.counts not in progressive.COUNTS:
         raise ValueError(f"train.counts={t.counts!r} is not one of {', '.join(progressive.COUNTS)}")
     draw = t.get("draw", "fixed_k")

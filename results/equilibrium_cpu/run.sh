@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Equilibrium against raw sharing on real CIFAR-10, (3,4,4), every level, at one short
+# CPU budget: EPOCHS epochs each (default 1) with the same schedule (learning-rate drops
+# at 50% and 75% of training), seed 0; the equilibrium solves capped at MAX_ITER forward
+# and backward iterations (default 8) so that an epoch fits this 2-core VM. Then the
+# thinking nets (mazes, prefix sums) solved to equilibrium. Each run's records are copied
+# here (config.json, metrics.jsonl, starts.jsonl, results.json); rerunning resumes.
+# Needs CIFAR-10 in the official binary layout under data/cifar10 (README); on the
+# project's machines: python3 ../shared/data/cifar10/build.py data/cifar10
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+EPOCHS=${EPOCHS:-1}
+MAX_ITER=${MAX_ITER:-8}
+OUT=results/equilibrium_cpu
+copy() {  # workdir -> results/equilibrium_cpu/<name>
+  mkdir -p "$OUT/$2"
+  cp "$1"/{config.json,metrics.jsonl,starts.jsonl,results.json} "$OUT/$2/"
+}
+train() {  # name config workdir flags...
+  local name=$1 config=$2 workdir=$3
+  shift 3
+  python -m experiments.train --config="$config" --workdir="$workdir" "$@"
+  copy "$workdir" "$name"
+}
+THINK_EPOCHS=${THINK_EPOCHS:-1}
+THINK_TRAIN=${THINK_TRAIN:-640}  # training examples: 20 steps of 32 (README.md: the budget)
+for run in ${RUNS:-mazes prefix_sums cifar_raw cifar_deq}; do
+  case $run in
+    cifar_raw)
+      train all3_raw_e$EPOCHS experiments/configs/cifar10.py:all3_raw workdirs/eq_all3_raw_e$EPOCHS \
+        --config.num_epochs="$EPOCHS" --config.data.source=binary ;;
+    cifar_deq)
+      train all3_deq_e$EPOCHS experiments/configs/equilibrium.py:all3 workdirs/eq_all3_deq_e$EPOCHS \
+        --config.num_epochs="$EPOCHS" --config.data.source=binary \
+        --config.model.equilibrium.max_iter="$MAX_ITER" \
+        --config.model.equilibrium.backward_max_iter="$MAX_ITER" ;;
+    mazes)  # 9x9 training mazes, tested on 9x9 and 13x13; a short budget (README.md)
+      train mazes_deq experiments/configs/equilibrium.py:mazes workdirs/eq_mazes \
+        --config.num_epochs="$THINK_EPOCHS" --config.data.num_train="$THINK_TRAIN" \
+        --config.log_every_steps=5 --config.data.test_sizes="(9,13)" --config.eval.factor=3 ;;
+    prefix_sums)  # 32-bit training strings, tested on 32 and 64 bits
+      train prefix_sums_deq experiments/configs/equilibrium.py:prefix_sums workdirs/eq_prefix_sums \
+        --config.num_epochs="$THINK_EPOCHS" --config.data.num_train="$THINK_TRAIN" \
+        --config.log_every_steps=5 --config.data.test_sizes="(32,64)" --config.eval.factor=3 ;;
+  esac
+done
