@@ -131,13 +131,9 @@ def exact_match_error(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def make_loss_fn(model: ThinkingNet, train: ml_collections.ConfigDict) -> LossFn:
     """`loss_fn(params, batch_stats, (x, labels), rng, train)` for `rvm.train.step`."""
-<<<<<<< HEAD
     a, m = train.progressive_weight, train.iterations
-=======
-    a, m, k = train.progressive_weight, train.iterations, train.grad_iterations
     if train.get("scheme", "progressive") == "equilibrium":
         return equilibrium_loss_fn(model)
->>>>>>> equilibrium
 
     def loss_fn(params, batch_stats, batch, rng, is_training):
         del is_training  # the net has no dropout or batch statistics
