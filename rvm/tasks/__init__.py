@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from rvm.tasks import image
+from rvm.tasks import glimpses, image, tracker
 from rvm.tasks.thinking import task as thinking
 from rvm.tasks.video import task as video
 
 MODULES: dict[str, ModuleType] = {
+    "glimpses": glimpses,
     "image": image,
     "motion": video,
     "prediction": video,
     "thinking": thinking,
+    "tracker": tracker,
 }
