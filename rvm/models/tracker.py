@@ -1,4 +1,4 @@
-"""A Re3-style recurrent tracker (Gordon, Farhadi & Fox 2018) whose box at t places its glimpse at t+1.
+"""A Re3-style recurrent tracker (Gordon, Farhadi & Fox 2018): its box at t places the next glimpse.
 
 Per frame, the tracker reads two glimpse pyramids (`rvm.models.glimpse`) centred on its
 own previous box with `context` times its longer side: one from the previous frame,
