@@ -29,6 +29,7 @@ EXPECTED = {
     "03_readout_time",
     "04_visual_sequences",
     "05_thinking_longer",
+    "07_where_to_look",
 }
 KERNEL = "rvm-test-python"
 CELL_TIMEOUT_S = 600  # per cell; a whole smoke notebook takes well under a minute on an idle CPU
