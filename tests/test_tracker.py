@@ -16,6 +16,7 @@ from rvm.models.glimpse import crop_to_box
 from rvm.models.tracker import Re3, track
 from rvm.tasks import glimpses as glimpses_task
 from rvm.tasks import tracker as tracker_task
+from rvm.train.metrics import read_jsonl
 from rvm.train.sharding import data_mesh
 
 MODEL = Re3(size=8, scales=2, features=2, hidden=6)
@@ -143,3 +144,26 @@ def test_glimpse_config_errors(field, value, message):
     set_field(config, field, value)
     with pytest.raises(ConfigError, match=message):
         glimpses_task.validate(config)
+
+
+def test_tracker_run_resumes_exactly_through_the_curriculum(tmp_path):
+    from rvm.train import loop
+
+    config = tracker_config.get_config("smoke")
+    config.data.update(canvas=24, digit_size=12, num_train=32, num_val=8, num_test=8)
+    config.data.update(train_frames=9, test_frames=10)
+    config.model.update(size=8, features=2, hidden=4)
+    config.train.update(max_unroll=8, stage_steps=1)
+    config.update(batch_size=16, eval_batch_size=8, num_epochs=2, log_every_steps=2)
+    config.eval.update(reset_every=4, num_shown=1, speed_batches=())
+
+    straight = loop.train_and_evaluate(config, tmp_path / "straight")
+    assert loop.train_and_evaluate(config, tmp_path / "split", max_steps=1)["step"] == 1
+    split = loop.train_and_evaluate(config, tmp_path / "split")
+    assert straight["finished"] and straight["step"] == 4
+    assert split == straight
+    records = read_jsonl(tmp_path / "straight/metrics.jsonl")
+    # unroll 2 then 4 in epoch 1, 8 from step 2 on: the epoch means show the switch
+    assert [r["train_unroll"] for r in records] == [3.0, 8.0]
+    assert [r["train_p_own"] for r in records] == pytest.approx([0.25, 1.0])
+    assert 0 <= straight["test"]["mean_iou"] <= 1

@@ -72,6 +72,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.eval.recovery_window = 5
     config.eval.occluded_below = 0.5  # visible share of the target's shape
     config.eval.num_shown = 4
+    config.eval.speed_batches = (1, 32)  # track steps per second measured at these batch sizes
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adam"

@@ -20,7 +20,7 @@ Evaluation tracks whole test videos from the true first box alone, with the LSTM
 reset every `eval.reset_every` frames (0: never) to the state after the first frame,
 and reports `rvm.analysis.measures.tracking_scores`; results.json also holds the scores
 without resets, per-frame IoU of the first `eval.num_shown` tracks (for the figure)
-and track steps per second at batch 1 and 32.
+and track steps per second at each batch size of `eval.speed_batches`.
 """
 
 from __future__ import annotations
@@ -254,7 +254,7 @@ def make_task(config: ml_collections.ConfigDict, data: TrackData, mesh) -> Task:
             "shown_ious": test[shown].tolist(),
             "shown_occluded": data.test.occluded[shown].tolist(),
             "steps_per_sec": {
-                str(b): steps_per_second(model, state.params, data.test, b) for b in (1, 32)
+                str(b): steps_per_second(model, state.params, data.test, b) for b in e.speed_batches
             },
             "device": jax.devices()[0].device_kind,
         }
@@ -314,5 +314,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"eval.reset_every={e.reset_every!r} must be a non-negative integer")
     positive_int(config, "eval.recovery_window")
     positive_int(config, "eval.num_shown")
+    for i, b in enumerate(e.speed_batches):
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise ConfigError(f"eval.speed_batches[{i}]={b!r} must be a positive integer")
     if not 0 < e.occluded_below <= 1:
         raise ConfigError(f"eval.occluded_below={e.occluded_below!r} must be in (0, 1]")
