@@ -131,3 +131,48 @@ def test_policies_place_glimpses_as_documented():
             assert np.all(np.abs(np.asarray(locations)) <= 1) and np.std(locations) > 0.2
         else:
             assert np.all(np.asarray(locations[0]) == 0) and np.any(np.asarray(locations[1:]) != 0)
+
+
+def test_summary_sets_runs_against_the_targets(tmp_path):
+    import json
+
+    from experiments.configs import glimpses as glimpses_config
+    from experiments.configs import tracker as tracker_config
+    from rvm.analysis.where_to_look import write_summary
+
+    scores = {
+        "mean_iou": 0.8,
+        "success_rate": 0.85,
+        "failure_rate": 0.02,
+        "auc": 0.7,
+        "recovery": 0.9,
+        "occlusions": 10,
+        "failure_rate_occluded": 0.1,
+    }
+    runs = {
+        "track": (
+            tracker_config.get_config("lstm"),
+            {"test": scores, "test_no_reset": scores, "steps_per_sec": {"1": 900.0, "32": 5e3}},
+        ),
+        "ram": (
+            glimpses_config.get_config("cluttered_ram"),
+            {"test_error": 6.0, "test_error_interval": [5.0, 7.0], "val_error": 6.5},
+        ),
+    }
+    runs["ram"][1].update(flops_per_image={"60": 1e6, "100": 1e6}, shown_predictions=[1] * 2)
+    runs["ram"][1]["shown_locations"] = [[[0.0, 0.0]] * 2] * 3
+    runs["track"][1].update(test_frames=8, shown_ious=[[1.0] * 8], shown_occluded=[[False] * 8])
+    for name, (config, results) in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config.to_json())
+        results.update(params=10, step=5)
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    text = write_summary([tmp_path / "track", tmp_path / "ram"], tmp_path, "a test VM", "run.sh")
+    assert "test error 6.00% against the target 5.0%: missed by 1" in text
+    assert "success_rate 0.85 (>= 0.9): missed by 0.05" in text
+    assert "mean_iou 0.8 (>= 0.75): met" in text
+    assert "900 track steps/s at batch 1 (>= 1,000): missed by 100" in text
+    assert "= 1.00" in text  # RAM's operations per image do not grow with the canvas
+    assert (tmp_path / "tracker_iou.png").is_file() and (
+        tmp_path / "glimpse_locations.png"
+    ).is_file()
