@@ -14,8 +14,8 @@ from rvm.analysis.measures import recovery, tracking_scores, wilson
 from rvm.errors import ConfigError
 from rvm.models.glimpse import crop_to_box
 from rvm.models.tracker import Re3, track
-from rvm.tasks import glimpses as glimpses_task
 from rvm.tasks import tracker as tracker_task
+from rvm.train.config_check import validate
 from rvm.train.metrics import read_jsonl
 from rvm.train.sharding import data_mesh
 
@@ -126,7 +126,7 @@ def test_tracker_config_errors(field, value, message):
     config = tracker_config.get_config("smoke")
     set_field(config, field, value)
     with pytest.raises(ConfigError, match=message):
-        tracker_task.validate(config)
+        validate(config)  # what train_and_evaluate calls first
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_glimpse_config_errors(field, value, message):
     config = glimpses_config.get_config("smoke")
     set_field(config, field, value)
     with pytest.raises(ConfigError, match=message):
-        glimpses_task.validate(config)
+        validate(config)
 
 
 def test_tracker_run_resumes_exactly_through_the_curriculum(tmp_path):
