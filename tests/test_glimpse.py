@@ -169,8 +169,8 @@ def test_summary_sets_runs_against_the_targets(tmp_path):
         (tmp_path / name / "results.json").write_text(json.dumps(results))
     text = write_summary([tmp_path / "track", tmp_path / "ram"], tmp_path, "a test VM", "run.sh")
     assert "test error 6.00% against the target 5.0%: missed by 1" in text
-    assert "success_rate 0.85 (>= 0.9): missed by 0.05" in text
-    assert "mean_iou 0.8 (>= 0.75): met" in text
+    assert "success_rate 0.850 (>= 0.9): missed by 0.05" in text
+    assert "mean_iou 0.800 (>= 0.75): met" in text
     assert "900 track steps/s at batch 1 (>= 1,000): missed by 100" in text
     assert "= 1.00" in text  # RAM's operations per image do not grow with the canvas
     assert (tmp_path / "tracker_iou.png").is_file() and (

@@ -126,17 +126,29 @@ def target_lines(glimpses: dict[str, dict], trackers: dict[str, dict]) -> list[s
     for name, run in trackers.items():
         s = run["results"]["test"]
         for key, (op, target) in TRACKER_TARGETS.items():
-            lines.append(f"- {name}: {key} {s[key]} ({op} {target}): {_met(s[key], op, target)}")
+            value = "-" if s[key] is None else f"{s[key]:.3f}"
+            lines.append(f"- {name}: {key} {value} ({op} {target}): {_met(s[key], op, target)}")
         rate = run["results"]["steps_per_sec"]["1"]
         lines.append(
             f"- {name}: {rate:,.0f} track steps/s at batch 1 (>= {STEPS_TARGET:,.0f}): "
             f"{_met(rate, '>=', STEPS_TARGET)}"
         )
+    lstm = [r for r in trackers.values() if r["config"]["model"]["recurrent"]]
+    feedforward = [r for r in trackers.values() if not r["config"]["model"]["recurrent"]]
+    if lstm and feedforward:
+        a = lstm[0]["results"]["test"]["failure_rate_occluded"]
+        b = feedforward[0]["results"]["test"]["failure_rate_occluded"]
+        verdict = "met" if a is not None and b is not None and a < b else "missed"
+        lines.append(
+            f"- failure rate on occluded frames, LSTM {lstm[0]['dir'].name} {a:.3f} against "
+            f"feed-forward {feedforward[0]['dir'].name} {b:.3f} (LSTM below): {verdict}"
+        )
     return lines
 
 
 def iou_figure(trackers: dict[str, dict], path: Path) -> None:
-    """IoU over the first shown test track of each tracker, occluded frames shaded."""
+    """IoU over the shown test track with the most occluded frames, of each tracker,
+    occluded frames shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,13 +156,15 @@ def iou_figure(trackers: dict[str, dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 3))
     first = next(iter(trackers.values()))["results"]
-    for t in np.flatnonzero(first["shown_occluded"][0]):
+    shown = int(np.argmax(np.sum(first["shown_occluded"], axis=1)))
+    for t in np.flatnonzero(first["shown_occluded"][shown]):
         ax.axvspan(t - 0.5, t + 0.5, color="0.88", lw=0)
     for name, run in trackers.items():
-        ax.plot(run["results"]["shown_ious"][0], label=name)
+        ax.plot(run["results"]["shown_ious"][shown], label=name)
     ax.axhline(0.5, color="grey", ls="--", lw=0.8)
     ax.set(xlabel="frame", ylabel="IoU with the true box", ylim=(0, 1.02))
-    ax.set_title("test track 0 (shaded: under half of the target visible)", fontsize=9)
+    track = first.get("shown_tracks", list(range(len(first["shown_ious"]))))[shown]
+    ax.set_title(f"test track {track} (shaded: under half of the target visible)", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -203,9 +217,13 @@ def write_summary(runs: list[str | Path], out: str | Path, machine: str, command
     ]
     if glimpses:
         lines += ["## Glimpse recognition (60x60 canvases)", "", *glimpse_table(glimpses), ""]
-        ram = [v for v in glimpses.values() if v["config"]["model"].get("policy") == "learned"]
-        if ram and ram[-1]["config"]["model"]["kind"] == "ram":
-            locations_figure(ram[-1], out / "glimpse_locations.png")
+        learned = [
+            v
+            for v in glimpses.values()
+            if v["config"]["model"]["kind"] == "ram" and v["config"]["model"]["policy"] == "learned"
+        ]
+        if learned:  # the first learned-policy run named
+            locations_figure(learned[0], out / "glimpse_locations.png")
             lines += ["![glimpse locations](glimpse_locations.png)", ""]
     if trackers:
         frames = next(iter(trackers.values()))["results"]["test_frames"]
