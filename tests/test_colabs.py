@@ -30,6 +30,7 @@ EXPECTED = {
     "04_visual_sequences",
     "05_thinking_longer",
     "06_video_objects",
+    "07_where_to_look",
     "08_equilibrium",
 }
 KERNEL = "rvm-test-python"

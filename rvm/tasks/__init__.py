@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from rvm.tasks import image
+from rvm.tasks import glimpses, image, tracker
 from rvm.tasks.thinking import task as thinking
 from rvm.tasks.video import task as video
 from rvm.tasks.video_objects import task as video_objects
 
 MODULES: dict[str, ModuleType] = {
+    "glimpses": glimpses,
     "image": image,
     "motion": video,
     "prediction": video,
     "thinking": thinking,
+    "tracker": tracker,
     "video_objects": video_objects,
 }

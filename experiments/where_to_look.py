@@ -1,0 +1,29 @@
+r"""The where-to-look report of finished runs: `summary.md`, the glimpse and IoU figures.
+
+  python -m experiments.where_to_look --runs=DIR1,DIR2 --out=DIR [--machine=...] [--command=...]
+
+Each DIR is a run directory of a `task="glimpses"` or `task="tracker"` config (or a copy
+of its config.json and results.json); nothing is retrained.
+"""
+
+from absl import app, flags
+
+from experiments import launcher
+from rvm.analysis.where_to_look import write_summary
+
+flags.DEFINE_list("runs", None, "Run directories, comma-separated.")
+flags.DEFINE_string("out", None, "Where summary.md and the figures go.")
+flags.DEFINE_string("machine", "the machine at hand", "The machine the runs trained on.")
+flags.DEFINE_string("command", "", "The command that made the runs.")
+flags.mark_flags_as_required(["runs", "out"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    with launcher.user_errors():
+        print(write_summary(FLAGS.runs, FLAGS.out, FLAGS.machine, FLAGS.command))
+
+
+if __name__ == "__main__":
+    app.run(main)
