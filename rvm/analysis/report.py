@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from rvm.analysis import angles, readout, trajectories
 from rvm.analysis.paper import EPOCHS as PAPER_EPOCHS
 from rvm.analysis.paper import Paper
+from rvm.analysis.records import runs_in
 from rvm.analysis.runs import (
     LEVEL_NAMES,
     NotARunError,
@@ -32,7 +33,6 @@ from rvm.analysis.runs import (
     load_run,
     read_run_info,
     require_checkpoint,
-    runs_in,
 )
 from rvm.data import load_images
 from rvm.train import console

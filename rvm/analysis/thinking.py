@@ -9,10 +9,11 @@ exact-match accuracy at the trained count, the best count and 10x, halting) and
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from rvm.analysis.records import read_records
 
 # The targets the CPU results are held against: problem -> size -> exact match (%).
 TARGETS = {"prefix_sums": {64: 95.0, 128: 80.0}, "mazes": {13: 90.0, 21: 50.0}}
@@ -22,16 +23,9 @@ COLLAPSE_POINTS = 10.0
 
 def read_run(path: str | Path) -> dict[str, Any]:
     """The records of one run directory (or a folder of copied records)."""
-    path = Path(path)
-    lines = (path / "metrics.jsonl").read_text().splitlines()
-    results = path / "results.json"
-    return {
-        "name": path.name,
-        "config": json.loads((path / "config.json").read_text()),
-        "metrics": [json.loads(line) for line in lines if line.strip()],
-        # None while the run is unfinished: it has per-epoch numbers only
-        "results": json.loads(results.read_text()) if results.exists() else None,
-    }
+    records = read_records(path)
+    # results: None while the run is unfinished: it has per-epoch numbers only
+    return {k: getattr(records, k) for k in ("name", "config", "metrics", "results")}
 
 
 def evaluate_run(
