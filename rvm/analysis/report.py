@@ -40,7 +40,9 @@ from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE, with_added_fiel
 
 METHODS = ("nonshared", "relaxed", "raw", "minimal")  # the paper's row order
 METHOD_NAMES = {"nonshared": "Non-shared", "relaxed": "Relaxed", "raw": "Raw", "minimal": "Minimal"}
-_NOT_A_DIFFERENCE = RESUME_SAFE | {"seed"}  # fields that do not make another experiment
+# Fields that do not make another experiment: like the seed, the key streams change only
+# which random draws a run makes.
+_NOT_A_DIFFERENCE = RESUME_SAFE | {"seed", "rng_streams"}
 
 
 @dataclasses.dataclass(frozen=True)
