@@ -17,7 +17,8 @@ from absl import app, flags
 
 from experiments import launcher
 from rvm.analysis import thinking_longer
-from rvm.analysis.runs import load_run, read_run_info, runs_in
+from rvm.analysis.records import runs_in
+from rvm.analysis.runs import load_run, read_run_info
 from rvm.data import load_images
 from rvm.train import console
 

@@ -1,5 +1,7 @@
-"""Helpers shared by several test modules (pytest puts this folder on `sys.path`)."""
+"""Helpers shared by the test modules (pytest puts this folder on `sys.path`): one tiny
+config, fake variables, record comparisons. No test module imports another."""
 
+import ast
 import functools
 from pathlib import Path
 
@@ -7,7 +9,39 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.configs import cifar10
 from rvm.train import metrics
+
+# The smoke CIFAR-10 config shrunk to seconds: 256 images / batch 32 = 8 steps an epoch, a
+# checkpoint every epoch, 3 epochs. As command-line overrides, for launched processes.
+TINY = {
+    "model.blocks_per_level": "(1,2,2)",
+    "data.synthetic_train": "256",
+    "data.synthetic_test": "64",
+    "batch_size": "32",
+    "eval_batch_size": "64",
+    "num_epochs": "3",
+    "log_every_steps": "4",
+}
+
+
+def tiny_config(sharing: str = "relaxed", **fields):
+    """The config of `TINY` with `model.sharing` and top-level `fields` set: the one tiny
+    run every training test starts from."""
+    config = cifar10.get_config("smoke")
+    for field, value in TINY.items():
+        set_field(config, field, ast.literal_eval(value))
+    config.model.sharing = sharing
+    for field, value in fields.items():
+        config[field] = value
+    return config
+
+
+def damage(step_dir: Path) -> Path:
+    """Truncates the largest file of a checkpoint step to a third; returns it."""
+    victim = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    return victim
 
 
 def random_variables(module, *args, seed=0, scale=0.5, **kwargs):

@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 
 from experiments.configs import cifar10
-from rvm.analysis import angles, readout, report, runs, thinking_longer, trajectories
+from rvm.analysis import (
+    angles,
+    readout,
+    records,
+    report,
+    runs,
+    sequences,
+    thinking,
+    thinking_longer,
+    trajectories,
+)
 from rvm.analysis.paper import PAPER
 from rvm.data import load_images
 from rvm.train import provenance
@@ -93,6 +103,33 @@ def test_non_run_directories_are_named_in_the_error(tmp_path):
     with pytest.raises(runs.NotARunError, match=re.escape(f"{tmp_path} has no checkpoint")):
         runs.load_run(tmp_path)
     assert not (tmp_path / "checkpoints").exists()  # looking must not create it
+
+
+def test_the_reports_read_a_run_through_one_reader(tmp_path):
+    """config, metrics (a torn last line dropped), results and starts, read by `records`
+    alike for the image tables, the thinking report and the moving-digits summary; without
+    importing JAX."""
+    config = json.loads(cifar10.get_config("smoke").to_json())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n{"epo')
+    (tmp_path / "starts.jsonl").write_text('{"step": 0}\n')
+    read = records.read_records(tmp_path)
+    assert (read.config, read.metrics, read.results) == (config, [{"epoch": 1}, {"epoch": 2}], None)
+    assert read.starts == [{"step": 0}] and read.name == tmp_path.name
+    (tmp_path / "results.json").write_text('{"test_error": 5.0}')
+    info, think, seq = (
+        f(tmp_path) for f in (runs.read_run_info, thinking.read_run, sequences.read_run)
+    )
+    for got in (info.metrics, think["metrics"], seq["metrics"]):
+        assert got == [{"epoch": 1}, {"epoch": 2}]
+    assert info.results == think["results"] == seq["results"] == {"test_error": 5.0}
+    assert think["config"] == config and seq["config"].to_dict() == info.config.to_dict()
+    for reader in (thinking.read_run, sequences.read_run):
+        with pytest.raises(records.NotARunError, match="has no config.json"):
+            reader(tmp_path / "nothing")
+    code = "import sys, rvm.analysis.records, rvm.analysis.thinking; print('jax' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_load_run_restores_the_trained_state(loaded):

@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import set_field, untimed_records
+from helpers import TINY, damage, set_field, tiny_config, untimed_records
 
-from experiments.configs import cifar10
 from rvm.data import load_images
 from rvm.train import loop, metrics, optim
 from rvm.train import sharding as shd
@@ -31,27 +30,6 @@ from rvm.train.config_check import check_resume, validate
 from rvm.train.signals import PREEMPTED_EXIT_CODE, StopSignals
 
 REPO = Path(__file__).resolve().parents[1]
-# 256 images / batch 32 = 8 steps an epoch, a checkpoint every epoch, 3 epochs.
-OVERRIDES = {
-    "model.blocks_per_level": "(1,2,2)",
-    "data.synthetic_train": "256",
-    "data.synthetic_test": "64",
-    "batch_size": "32",
-    "eval_batch_size": "64",
-    "num_epochs": "3",
-    "log_every_steps": "4",
-}
-
-
-def tiny_config():
-    config = cifar10.get_config("smoke")
-    for key, value in OVERRIDES.items():
-        node, name = config, key
-        if "." in key:
-            section, name = key.split(".")
-            node = config[section]
-        node[name] = eval(value)
-    return config
 
 
 def launch(workdir: Path) -> subprocess.Popen:
@@ -61,7 +39,7 @@ def launch(workdir: Path) -> subprocess.Popen:
         "experiments.train",
         "--config=experiments/configs/cifar10.py:smoke",
     ]
-    args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    args += [f"--config.{k}={v}" for k, v in TINY.items()]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     return subprocess.Popen(
         [*args, f"--workdir={workdir}"],
@@ -256,7 +234,7 @@ if len(sys.argv) > 3:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(sys.argv[3], num_processes=2, process_id=int(sys.argv[4]))
 sys.path.insert(0, sys.argv[2])
-from test_faults import tiny_config
+from helpers import tiny_config
 from rvm.train import loop, signals
 try:
     print("RESULTS", loop.train_and_evaluate(tiny_config(), sys.argv[1]))
@@ -339,18 +317,12 @@ def test_ctrl_c_stops_every_process_of_a_run_at_one_step(tmp_path, sigint, to):
     _stop_pair(tmp_path, signal.SIGINT, to)
 
 
-def _damage(step_dir: Path) -> Path:
-    victim = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
-    return victim
-
-
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     config = tiny_config()
     loop.train_and_evaluate(config, tmp_path, max_steps=16)
     ckpts = Checkpoints(tmp_path)
     assert ckpts.all_steps() == [8, 16]
-    _damage(tmp_path / "checkpoints" / "16")
+    damage(tmp_path / "checkpoints" / "16")
     with caplog.at_level("WARNING"):
         result = loop.train_and_evaluate(config, tmp_path, max_steps=17)
     assert result["step"] == 17
@@ -359,7 +331,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
     assert Checkpoints(tmp_path).all_steps() == [8, 16, 17]  # 16 written anew
 
     for step in Checkpoints(tmp_path).all_steps():
-        _damage(tmp_path / "checkpoints" / str(step))
+        damage(tmp_path / "checkpoints" / str(step))
     with pytest.raises(CheckpointError, match=f"no usable checkpoint in {tmp_path}"):
         loop.train_and_evaluate(config, tmp_path)
     # All of them are aside now; starting again must not start the run over either.

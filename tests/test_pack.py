@@ -5,13 +5,13 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 
 import jax
 import numpy as np
 import pytest
-from helpers import set_field
-from test_faults import _damage, tiny_config
+from helpers import damage, set_field, tiny_config
 
 from rvm.analysis import report
 from rvm.analysis.paper import PAPER
@@ -19,7 +19,7 @@ from rvm.analysis.runs import read_run_info, require_checkpoint
 from rvm.data import load_images
 from rvm.train import epoch, loop, metrics, pack
 from rvm.train import sharding as shd
-from rvm.train.checkpoint import Checkpoints
+from rvm.train.checkpoint import CheckpointError, Checkpoints
 from rvm.train.config_check import validate
 
 STEPS = 3
@@ -81,7 +81,9 @@ def test_a_looped_pack_is_bitwise_each_run_alone(alone, data):
 # 3 steps on the CPU: |difference| <= 2e-4 on BatchNorm variances of ~1e2 and below 1e-6
 # on parameters; losses and errors agree to 1e-6.
 PARAMS_RTOL, PARAMS_ATOL = 1e-4, 1e-5
-STATS_RTOL = 1e-4
+# Running means near 0 (4e-5) move by rounding alone (1e-8) when the convolutions' sums are
+# reordered ("gemm"): relative error there means nothing.
+STATS_RTOL, STATS_ATOL = 1e-4, 1e-7
 # Where the arithmetic itself is reordered (a run's batch sums spread over devices, or
 # its convolutions computed as matrix products), more: on parameters after 3 steps, up
 # to 1.2e-5 over 8 devices on an AMD EPYC, 2.4e-5 as matrix products.
@@ -102,7 +104,7 @@ def test_a_pack_compiled_as_one_program_matches_each_run_alone(alone, data, stra
         for x, y in zip(leaves(state.params), leaves(got.params), strict=True):
             np.testing.assert_allclose(y, x, rtol=PARAMS_RTOL, atol=atol)
         for x, y in zip(leaves(state.batch_stats), leaves(got.batch_stats), strict=True):
-            np.testing.assert_allclose(y, x, rtol=STATS_RTOL)
+            np.testing.assert_allclose(y, x, rtol=STATS_RTOL, atol=STATS_ATOL)
         assert got_m.keys() == m.keys()
         for k in m:
             np.testing.assert_allclose(got_m[k], m[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -174,6 +176,7 @@ TIMING = ("eval_sec", "images_per_sec")
 def e2e_config(**fields):
     config = tiny_config()
     config.num_epochs = 2  # 16 steps
+    config.pack_strategy = "loop"
     for k, v in fields.items():
         config[k] = v
     return config
@@ -193,22 +196,40 @@ def untimed(workdir):
     ]
 
 
+def assert_same_runs(got, want) -> None:
+    """Each seed of the pack in `got` is bit for bit the one in `want`: records and state."""
+    for seed in SEEDS:
+        run, other = got / f"seed_{seed}", want / f"seed_{seed}"
+        assert untimed(run) == untimed(other)
+        for x, y in zip(final_state(run), final_state(other), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """The pack of seeds 0 and 1 in one workdir, and each seed trained alone in another."""
+    """Each seed trained alone, and (when first asked for) the uninterrupted pack of seeds
+    0 and 1 of each strategy, in `root/<strategy>`."""
     root = tmp_path_factory.mktemp("e2e")
-    packed = loop.train_and_evaluate(e2e_config(seeds=SEEDS), root / "pack")
     for seed in SEEDS:
         loop.train_and_evaluate(e2e_config(seed=seed), root / f"alone_{seed}")
-    return root, packed
+    packs = {}
+
+    def uninterrupted(strategy):
+        if strategy not in packs:
+            config = e2e_config(seeds=SEEDS, pack_strategy=strategy)
+            packs[strategy] = loop.train_and_evaluate(config, root / strategy)
+        return root / strategy, packs[strategy]
+
+    return root, uninterrupted
 
 
 def test_each_seed_of_a_pack_is_its_run_trained_alone(trained):
-    root, packed = trained
+    root, uninterrupted = trained
+    pack_dir, packed = uninterrupted("loop")
     assert packed["finished"] and sorted(packed["runs"]) == list(SEEDS)
-    assert untimed(root / "pack/seed_0") != untimed(root / "pack/seed_1")
+    assert untimed(pack_dir / "seed_0") != untimed(pack_dir / "seed_1")
     for seed in SEEDS:
-        run, alone = root / f"pack/seed_{seed}", root / f"alone_{seed}"
+        run, alone = pack_dir / f"seed_{seed}", root / f"alone_{seed}"
         assert json.loads((run / "config.json").read_text()) == json.loads(
             (alone / "config.json").read_text()
         )
@@ -221,84 +242,120 @@ def test_each_seed_of_a_pack_is_its_run_trained_alone(trained):
         require_checkpoint(run)
         for x, y in zip(final_state(run), final_state(alone), strict=True):
             np.testing.assert_array_equal(x, y)
-    assert json.loads((root / "pack/config.json").read_text())["seeds"] == list(SEEDS)
+    assert json.loads((pack_dir / "config.json").read_text())["seeds"] == list(SEEDS)
+
+
+def test_a_vmapped_pack_writes_each_seed_as_a_run_of_its_own(trained):
+    """The GPU default through the loop: one vectorised program over 2 groups of 4 devices.
+    Each seed's records are those of its run alone up to the drift of reordered sums over
+    16 steps (1% in train loss measured on XLA:CPU against a run data-parallel over 8)."""
+    root, uninterrupted = trained
+    pack_dir, packed = uninterrupted("vmap")
+    assert packed["finished"] and sorted(packed["runs"]) == list(SEEDS)
+    for seed in SEEDS:
+        got, want = untimed(pack_dir / f"seed_{seed}"), untimed(root / f"alone_{seed}")
+        assert [r["step"] for r in got] == [r["step"] for r in want] == [8, 16]
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys()
+            np.testing.assert_allclose(g["train_loss"], w["train_loss"], rtol=3e-2)
+        run = pack_dir / f"seed_{seed}"
+        assert packed["runs"][seed] == json.loads((run / "results.json").read_text())
+        assert read_run_info(run).seed == seed
+    assert untimed(pack_dir / "seed_0") != untimed(pack_dir / "seed_1")
 
 
 def test_the_report_reads_a_packs_workdir_as_its_runs(trained, tmp_path):
-    root, _ = trained
+    pack_dir, _ = trained[1]("loop")
     options = report.Options(analyses=False)
-    report.write_report([root / "pack", root / "pack/seed_1"], tmp_path, PAPER, options)
+    report.write_report([pack_dir, pack_dir / "seed_1"], tmp_path, PAPER, options)
     md = (tmp_path / "report.md").read_text()
     assert "Runs: 2." in md
     assert sorted(re.findall(r", seed (\d+) \(`", md)) == ["0", "1"]
 
 
-def test_an_interrupted_pack_resumes_to_the_uninterrupted_one(trained, tmp_path):
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_an_interrupted_pack_resumes_to_the_uninterrupted_one(trained, tmp_path, strategy):
     """Stopped mid-epoch, then its newest checkpoint damaged in one run only (as a kill
     while the runs save one after another leaves it): the damaged checkpoint is set
-    aside, the other runs step back to the step all hold, and the pack ends as the
+    aside, the other runs' newer step moved aside (not deleted), and the pack ends as the
     uninterrupted one."""
-    root, _ = trained
-    config = e2e_config(seeds=SEEDS)
+    pack_dir, _ = trained[1](strategy)
+    config = e2e_config(seeds=SEEDS, pack_strategy=strategy)
     assert loop.train_and_evaluate(config, tmp_path, max_steps=12) == {
         "step": 12,
         "finished": False,
     }
     assert Checkpoints(tmp_path / "seed_1").all_steps() == [8, 12]
-    _damage(tmp_path / "seed_1/checkpoints/12")
+    damage(tmp_path / "seed_1/checkpoints/12")
     loop.train_and_evaluate(config, tmp_path)
     assert (tmp_path / "seed_1/damaged_checkpoints/12").is_dir()
+    assert (tmp_path / "seed_0/unpaired_checkpoints/12").is_dir()  # seed 0's step 12, kept
     assert Checkpoints(tmp_path / "seed_0").all_steps()[-1] == 16
+    assert_same_runs(tmp_path, pack_dir)
     for seed in SEEDS:
-        run = tmp_path / f"seed_{seed}"
-        assert untimed(run) == untimed(root / f"pack/seed_{seed}")
-        for x, y in zip(final_state(run), final_state(root / f"pack/seed_{seed}"), strict=True):
-            np.testing.assert_array_equal(x, y)
         # each run records both starts, the second from the step all its runs held
+        run = tmp_path / f"seed_{seed}"
         assert [r["step"] for r in metrics.read_jsonl(run / "starts.jsonl")] == [0, 8]
     assert not (tmp_path / "starts.jsonl").exists()  # a pack's records are its runs'
 
 
-def test_sigterm_saves_every_run_of_the_pack_and_resumes(trained, tmp_path, monkeypatch):
-    root, _ = trained
-    build_run = loop.build_run
+@pytest.mark.parametrize("lost", ["missing", "damaged"])
+def test_a_pack_with_a_run_that_lost_its_checkpoints_is_refused_and_deletes_nothing(tmp_path, lost):
+    """A run without any usable checkpoint beside runs with some: starting the pack over
+    would overwrite their training, so it is refused naming the run; nothing is deleted."""
+    config = e2e_config(seeds=SEEDS)
+    loop.train_and_evaluate(config, tmp_path, max_steps=8)
+    seed_1 = tmp_path / "seed_1/checkpoints"
+    if lost == "missing":
+        shutil.rmtree(seed_1)
+        message = f"{tmp_path}/seed_1 of this pack has no usable checkpoint while the others"
+    else:
+        damage(seed_1 / "8")
+        message = f"no usable checkpoint in {tmp_path}/seed_1"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        loop.train_and_evaluate(config, tmp_path)
+    assert Checkpoints(tmp_path / "seed_0").all_steps() == [8]
+    assert not (tmp_path / "seed_0/unpaired_checkpoints").exists()
 
-    def build(*args):  # SIGTERM during step 5: each run's `epoch_step` is called per step
-        run = build_run(*args)
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_sigterm_saves_every_run_of_the_pack_and_resumes(trained, tmp_path, monkeypatch, strategy):
+    pack_dir, _ = trained[1](strategy)
+    build = pack.build
+
+    def build_stopping(*args):  # SIGTERM during step 5 of the pack
+        runs = build(*args)
         calls = itertools.count()
 
         def epoch_step(*step_args):
-            if next(calls) == 5 * len(SEEDS):
+            if next(calls) == 5:
                 os.kill(os.getpid(), signal.SIGTERM)
-            return run.epoch_step(*step_args)
+            return runs.epoch_step(*step_args)
 
-        return dataclasses.replace(run, epoch_step=epoch_step)
+        return dataclasses.replace(runs, epoch_step=epoch_step)
 
-    monkeypatch.setattr(loop, "build_run", build)
+    monkeypatch.setattr(pack, "build", build_stopping)
+    config = e2e_config(seeds=SEEDS, pack_strategy=strategy)
     with pytest.raises(loop.Preempted, match="SIGTERM at step 6"):
-        loop.train_and_evaluate(e2e_config(seeds=SEEDS), tmp_path)
+        loop.train_and_evaluate(config, tmp_path)
     monkeypatch.undo()
     assert all(Checkpoints(tmp_path / f"seed_{s}").all_steps() == [6] for s in SEEDS)
-    loop.train_and_evaluate(e2e_config(seeds=SEEDS), tmp_path)
-    for seed in SEEDS:
-        run = tmp_path / f"seed_{seed}"
-        assert untimed(run) == untimed(root / f"pack/seed_{seed}")
-        for x, y in zip(final_state(run), final_state(root / f"pack/seed_{seed}"), strict=True):
-            np.testing.assert_array_equal(x, y)
+    loop.train_and_evaluate(config, tmp_path)
+    assert_same_runs(tmp_path, pack_dir)
 
 
 def test_another_seed_list_is_refused_naming_the_difference(trained):
-    root, _ = trained
-    before = sorted(p.name for p in (root / "pack").iterdir())
+    pack_dir, _ = trained[1]("loop")
+    before = sorted(p.name for p in pack_dir.iterdir())
     with pytest.raises(
         ValueError, match=r"seeds=\(0, 1\); refusing seeds=\(0, 1, 2\) \(added \[2\], dropped \[\]"
     ):
-        loop.train_and_evaluate(e2e_config(seeds=(0, 1, 2)), root / "pack")
+        loop.train_and_evaluate(e2e_config(seeds=(0, 1, 2)), pack_dir)
     with pytest.raises(ValueError, match=r"added \[\], dropped \[1\]"):
-        loop.train_and_evaluate(e2e_config(seeds=(0,)), root / "pack")
-    assert sorted(p.name for p in (root / "pack").iterdir()) == before  # no seed_2 left behind
+        loop.train_and_evaluate(e2e_config(seeds=(0,)), pack_dir)
+    assert sorted(p.name for p in (pack_dir).iterdir()) == before  # no seed_2 left behind
     with pytest.raises(ValueError, match="num_epochs: saved 2, now 3"):  # each run's config
-        loop.train_and_evaluate(e2e_config(seeds=SEEDS, num_epochs=3), root / "pack")
+        loop.train_and_evaluate(e2e_config(seeds=SEEDS, num_epochs=3), pack_dir)
 
 
 def test_a_non_finite_run_stops_the_pack_and_the_others_lose_nothing(tmp_path):

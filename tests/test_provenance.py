@@ -10,7 +10,8 @@ from rvm.train import metrics, provenance
 
 def test_the_commit_comes_from_git_else_from_the_environment(tmp_path, monkeypatch):
     """From git where the checkout has its history, else from $RVM_COMMIT (a lent GPU
-    machine gets the tree without it); "-dirty" when tracked code was changed."""
+    machine gets the tree without it); "-dirty" when code was changed or added (a new
+    module runs too), not for results, the benchmark's reports or ignored files."""
     monkeypatch.setenv("RVM_COMMIT", "0123abcd")
     assert provenance.commit(tmp_path) == "0123abcd"
     monkeypatch.delenv("RVM_COMMIT")
@@ -20,16 +21,23 @@ def test_the_commit_comes_from_git_else_from_the_environment(tmp_path, monkeypat
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     git("init", "-q")
-    for path in ("rvm/f", "results/f"):
-        (tmp_path / path).parent.mkdir()
-        (tmp_path / path).write_text("1")
+    for path, text in (("rvm/f", "1"), ("results/f", "1"), (".gitignore", "__pycache__/\n")):
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        (tmp_path / path).write_text(text)
         git("add", path)
     git("commit", "-q", "-m", "m")
     head = git("rev-parse", "--short=12", "HEAD")
     monkeypatch.setenv("RVM_COMMIT", "ignored where git knows")
-    (tmp_path / "rvm/untracked").write_text("")
     (tmp_path / "results/f").write_text("2")  # a result written since is not the code
+    (tmp_path / "results/new").write_text("")
+    (tmp_path / "bench/results").mkdir(parents=True)
+    (tmp_path / "bench/results/new").write_text("")
+    (tmp_path / "rvm/__pycache__").mkdir()
+    (tmp_path / "rvm/__pycache__/f.pyc").write_text("")  # ignored
     assert provenance.commit(tmp_path) == head
+    (tmp_path / "rvm/new.py").write_text("")  # a module not yet committed
+    assert provenance.commit(tmp_path) == f"{head}-dirty"
+    (tmp_path / "rvm/new.py").unlink()
     (tmp_path / "rvm/f").write_text("2")
     assert provenance.commit(tmp_path) == f"{head}-dirty"
 

@@ -15,9 +15,11 @@ from rvm.train.config_check import check_resume, validate
 
 X = jax.random.normal(jax.random.key(42), (4, 8, 8, 3))
 LABELS = jnp.arange(4) % 10
+# Every strategy that runs the masks in training (`auto` is `cond` on a CPU, `masked` on a GPU).
+SD_IMPLS = ("cond", "masked", "compact")
 
 
-def model_config(blocks, sd=True):
+def model_config(blocks, sd=True, sd_impl="auto"):
     return ml_collections.ConfigDict(
         dict(
             blocks_per_level=blocks,
@@ -27,6 +29,7 @@ def model_config(blocks, sd=True):
             final_death_rate=0.5,
             dtype="float32",
             unroll=False,
+            sd_impl=sd_impl,
         )
     )
 
@@ -54,8 +57,9 @@ def test_draws_are_deterministic_per_key_prefixes_and_within_the_depth():
     assert np.any(np.minimum(both[:, 0], 2) != both[:, 1])
 
 
-def test_the_mask_of_r_blocks_is_the_level_run_for_r_iterations():
-    model = sharing.build_model(model_config((2, 5, 2)), 10)
+@pytest.mark.parametrize("sd_impl", SD_IMPLS)
+def test_the_mask_of_r_blocks_is_the_level_run_for_r_iterations(sd_impl):
+    model = sharing.build_model(model_config((2, 5, 2), sd_impl=sd_impl), 10)
     variables = init(model)
     full = model.apply(variables, X)
     for r in (1, 3):
@@ -66,10 +70,11 @@ def test_the_mask_of_r_blocks_is_the_level_run_for_r_iterations():
         np.testing.assert_allclose(masked, fewer, rtol=1e-5, atol=1e-5)
 
 
-def test_training_under_the_mask_of_r_blocks_is_training_the_r_block_level():
+@pytest.mark.parametrize("sd_impl", SD_IMPLS)
+def test_training_under_the_mask_of_r_blocks_is_training_the_r_block_level(sd_impl):
     """Same loss and gradients as the level built with r blocks; the blocks past r keep
     their BatchNorm statistics."""
-    long = sharing.build_model(model_config((2, 5, 2), sd=False), 10)
+    long = sharing.build_model(model_config((2, 5, 2), sd=False, sd_impl=sd_impl), 10)
     short = sharing.build_model(model_config((2, 3, 2), sd=False), 10)
     variables = init(long)
     r = 2
@@ -111,14 +116,15 @@ def test_training_under_the_mask_of_r_blocks_is_training_the_r_block_level():
     assert not np.asarray(g_long["level2"]["blocks"]["block"]["residual"]["bn1"]["scale"][r:]).any()
 
 
-def test_off_by_default_and_the_draws_leave_stochastic_depth_alone():
+@pytest.mark.parametrize("sd_impl", SD_IMPLS)
+def test_off_by_default_and_the_draws_leave_stochastic_depth_alone(sd_impl):
     assert random_iterations(cifar10.get_config("all3_raw").model) is None
     old = cifar10.get_config("all3_raw").model.to_dict()
     for field in ("random_iterations", "iterations_mean", "iterations_sigma"):
         del old[field]
     assert random_iterations(ml_collections.ConfigDict(old)) is None  # configs from before
 
-    cfg = model_config((2, 5, 2))
+    cfg = model_config((2, 5, 2), sd_impl=sd_impl)
     model = sharing.build_model(cfg, 10)
     variables = init(model)
     args = (variables["params"], variables["batch_stats"], (X, LABELS))

@@ -2,13 +2,13 @@
 
 import jax
 import numpy as np
+from helpers import tiny_config
 
 from rvm.models.conv import Conv3x3
 from rvm.models.norm import _stats
 from rvm.models.recalibrate import recalibrate
 from rvm.models.resnet import ResNet
 from rvm.train import loop
-from tests.test_train import tiny_config
 
 
 def small_resnet(**kw):

@@ -325,16 +325,16 @@ def test_blocks_branch_only_under_stochastic_depth_or_a_mask():
     assert has_cond(sharing.build_model(cfg, 10))
 
 
-def train_step(model, variables, **fields):
-    """One training pass of `model` with `fields` changed, dropout key 0, loss mean(logits^2):
-    ((loss, (logits, new batch_stats)), gradients w.r.t. the params)."""
+def train_step(model, variables, key=0, **fields):
+    """One training pass of `model` with `fields` changed, dropout key `key`, loss
+    mean(logits^2): ((loss, (logits, new batch_stats)), gradients w.r.t. the params)."""
 
     def loss(params):
         logits, new = model.clone(**fields).apply(
             {**variables, "params": params},
             X,
             train=True,
-            rngs={"dropout": jax.random.key(0)},
+            rngs={"dropout": jax.random.key(key)},
             mutable=["batch_stats"],
         )
         return jnp.mean(logits**2), (logits, new["batch_stats"])
@@ -346,14 +346,16 @@ def test_sd_strategies_equal_cond_in_outputs_gradients_and_statistics():
     """`masked` and `compact` run the draws `cond` runs: the same logits bit for bit, a
     dropped block's BatchNorm statistics untouched, the other statistics and the
     gradients equal to float32 rounding (XLA fuses the reductions differently under
-    each). The draws must drop some blocks and keep others."""
-    cfg = model_config((2, 4, 4), "nonshared", "all", sd=True)
+    each). The draws must drop some blocks and keep others, and leave `compact` a bucket
+    with spare slots (dropped blocks run masked): levels of 5 scanned blocks, 4 buckets."""
+    blocks = (2, 6, 6)
+    cfg = model_config(blocks, "nonshared", "all", sd=True)
     cfg.final_death_rate = 0.9
     model = sharing.build_model(cfg, 10)
     variables = init(model, X)
 
-    step = lambda impl, sd=True: train_step(
-        model, variables, sd_impl=impl, final_death_rate=0.9 * sd
+    step = lambda impl, sd=True: train_step(  # dropout key 2: survivors (2, 1, 3)
+        model, variables, key=2, sd_impl=impl, final_death_rate=0.9 * sd
     )
 
     (_, (logits, stats)), grads = step("cond")
@@ -369,8 +371,14 @@ def test_sd_strategies_equal_cond_in_outputs_gradients_and_statistics():
     )
     ran = updated(stats)
     assert ran.any() and not ran.all(), ran
-    kernel_grads = levels(grads)[2]["conv1"]["kernel"].reshape(3, -1)
-    np.testing.assert_array_equal(np.any(kernel_grads != 0, axis=1), ran[-3:])
+    kernel_grads = levels(grads)[2]["conv1"]["kernel"].reshape(5, -1)
+    np.testing.assert_array_equal(np.any(kernel_grads != 0, axis=1), ran[-5:])
+    # Survivors per level against `compact`'s buckets (levels 2 and 3 start with a pad block).
+    survival = [1 - r[i > 0 :] for i, r in enumerate(death_rates(blocks, 0.9))]
+    survivors = [int(r.sum()) for r in np.split(ran, [2, 7])]
+    buckets = [stochastic_depth.sd_buckets(p) for p in survival]
+    spare = [min(n for n in b if n >= k) - k for b, k in zip(buckets, survivors)]
+    assert any(spare), (survivors, spare)
 
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     for impl in ("masked", "compact"):

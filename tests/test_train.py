@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from helpers import assert_moved_alike, untimed_records
+from helpers import assert_moved_alike, tiny_config, untimed_records
 
 from experiments.configs import cifar10
 from rvm.data import load_images
@@ -13,52 +13,42 @@ from rvm.models import sharing
 from rvm.train import epoch, loop, metrics, provenance, xla
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
+from rvm.train.step import stream_keys
 from rvm.train.task import sum_over_split
-
-
-def tiny_config(mode="relaxed", **overrides):
-    config = cifar10.get_config("smoke")
-    config.model.blocks_per_level = (1, 2, 2)
-    config.model.sharing = mode
-    config.data.synthetic_train = 256
-    config.data.synthetic_test = 64
-    config.batch_size = 32
-    config.eval_batch_size = 64
-    config.num_epochs = 1
-    for key, value in overrides.items():
-        config[key] = value
-    return config
 
 
 def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
-def test_one_step_matches_golden_values():
-    config = tiny_config("relaxed")
+# Recorded from this code on XLA:CPU; a change means the step computes something else.
+# "shared" keys are those of runs recorded before `rng_streams` (their values from then):
+# they must never change, or those runs would resume on other batches.
+GOLDEN = {
+    "tagged": ({"loss": 2.455127, "error": 0.90625, "penalty": 65.20194}, 9661.854),
+    "shared": ({"loss": 2.490976, "error": 0.875, "penalty": 65.20194}, 9661.955),
+}
+
+
+@pytest.mark.parametrize("streams", GOLDEN)
+def test_one_step_matches_golden_values(streams):
+    config = tiny_config("relaxed", num_epochs=1, rng_streams=streams)
     config.model.blocks_per_level = (2, 2, 2)  # sets of two kernels: a non-zero penalty
     config.optim.pull_start, config.optim.pull_end = 1e-4, 1e-1  # the paper's, not smoke's
     run = loop.build_run(config, load_images(config.data), shd.data_mesh(jax.devices()[:1]))
     state, metrics = run.step_fn(run.state, run.train_data)
     metrics = jax.device_get(metrics)
-    # Recorded from this code on XLA:CPU; a change means the step computes something else.
-    golden = {
-        "loss": 2.490976,
-        "error": 0.875,
-        "learning_rate": 0.1,
-        "pull": 1e-4,
-        "penalty": 65.20194,
-    }
-    for key, value in golden.items():
+    golden, golden_sum = GOLDEN[streams]
+    for key, value in {**golden, "learning_rate": 0.1, "pull": 1e-4}.items():
         np.testing.assert_allclose(metrics[key], value, rtol=1e-4, err_msg=key)
     abs_sum = sum(np.abs(x).sum() for x in leaves(state.params))
-    np.testing.assert_allclose(abs_sum, 9661.955, rtol=1e-4)
+    np.testing.assert_allclose(abs_sum, golden_sum, rtol=3e-6)
     assert int(state.step) == 1
 
 
 def test_state_init_compiled_once_agrees_with_an_optimised_compile(monkeypatch):
     """The one-off init skips LLVM's optimisations (`xla.ONCE_OPTIONS`); same values."""
-    config = tiny_config("raw")
+    config = tiny_config("raw", num_epochs=1)
     data, mesh = load_images(config.data), shd.data_mesh(jax.devices()[:1])
     options = xla.compiler_options
     asked = []
@@ -114,7 +104,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path):
 
 def test_eight_devices_match_one_device():
     assert jax.device_count() == 8, "tests expect XLA_FLAGS to simulate 8 CPU devices"
-    config = tiny_config("raw")
+    config = tiny_config("raw", num_epochs=1)
     data = load_images(config.data)
     outs = []
     for devices in (jax.devices()[:1], jax.devices()):
@@ -203,7 +193,7 @@ def test_sum_over_split_counts_every_example_once(devices, monkeypatch):
 
 
 def test_resume_refuses_a_changed_model(tmp_path):
-    config = tiny_config("raw")
+    config = tiny_config("raw", num_epochs=1)
     loop.train_and_evaluate(config, tmp_path, max_steps=1)
     config.model.sharing = "nonshared"
     with pytest.raises(ValueError, match="model.sharing: saved 'raw', now 'nonshared'"):
@@ -270,3 +260,24 @@ def test_a_run_stopped_mid_epoch_writes_the_records_of_an_uninterrupted_one(tmp_
     assert loop.train_and_evaluate(config, tmp_path / "split") == straight
     assert untimed_records(tmp_path / "split") == records
     assert [r["train_steps"] for r in records] == [8, 8]
+
+
+def test_tagged_streams_never_share_a_key_and_shared_ones_did():
+    rng = jax.random.PRNGKey(0)
+    order = lambda k, epoch: np.asarray(jax.random.fold_in(k, epoch))  # as batch_indices
+    for streams, coincide in (("shared", True), ("tagged", False)):
+        step_key, order_key = (np.asarray(k) for k in stream_keys(rng, 0, streams))
+        assert np.array_equal(step_key, order(order_key, 0)) == coincide, streams
+    tagged = [np.asarray(k) for s in range(3) for k in stream_keys(rng, s, "tagged")]
+    assert len({k.tobytes() for k in tagged}) == 4  # three step keys and one order key
+
+
+def test_a_run_recorded_before_rng_streams_resumes_only_with_its_shared_keys(tmp_path):
+    config = tiny_config("raw", num_epochs=1, rng_streams="shared")
+    loop.train_and_evaluate(config, tmp_path, max_steps=1)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["rng_streams"]  # as written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="rng_streams: saved 'shared', now 'tagged'"):
+        loop.train_and_evaluate(tiny_config("raw", num_epochs=1), tmp_path, max_steps=2)
+    assert loop.train_and_evaluate(config, tmp_path, max_steps=2)["step"] == 2

@@ -60,6 +60,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.log_every_steps = 50
     config.skip_nonfinite = False  # True: skip (and count) steps with a non-finite loss
+    # Keys of the step and of the data order, each from its own tag (rvm.train.step);
+    # runs recorded before the field used "shared" (rvm.train.config_check.ADDED_FIELDS).
+    config.rng_streams = "tagged"
 
     config.data = ml_collections.ConfigDict()
     config.data.source = "auto"  # tfds, binary (official archive layout), synthetic, auto

@@ -43,6 +43,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.log_every_steps = 100
     config.skip_nonfinite = False
+    config.rng_streams = "tagged"  # the step's and the data order's keys apart (rvm.train.step)
 
     config.data = ml_collections.ConfigDict()
     config.data.seed = 0

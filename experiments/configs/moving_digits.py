@@ -73,6 +73,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.log_every_steps = 20
     config.skip_nonfinite = False
+    # Keys of the step and of the data order, each from its own tag (rvm.train.step);
+    # runs recorded before the field used "shared" (rvm.train.config_check.ADDED_FIELDS).
+    config.rng_streams = "tagged"
 
     config.data = ml_collections.ConfigDict()
     config.data.seed = 0

@@ -48,6 +48,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.log_every_steps = 100
     config.skip_nonfinite = False
+    # Keys of the step and of the data order, each from its own tag (rvm.train.step);
+    # runs recorded before the field used "shared" (rvm.train.config_check.ADDED_FIELDS).
+    config.rng_streams = "tagged"
 
     config.data = ml_collections.ConfigDict()
     config.data.kind = "prefix_sums"

@@ -64,6 +64,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.log_every_steps = 20
     config.skip_nonfinite = False
+    config.rng_streams = "tagged"  # the step's and the data order's keys apart (rvm.train.step)
     config.measure_fps_batches = (1, 32)
 
     config.data = ml_collections.ConfigDict()

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from rvm.analysis import angles, readout, trajectories
 from rvm.analysis.paper import EPOCHS as PAPER_EPOCHS
 from rvm.analysis.paper import Paper
+from rvm.analysis.records import runs_in
 from rvm.analysis.runs import (
     LEVEL_NAMES,
     NotARunError,
@@ -32,7 +33,6 @@ from rvm.analysis.runs import (
     load_run,
     read_run_info,
     require_checkpoint,
-    runs_in,
 )
 from rvm.data import load_images
 from rvm.train import console
@@ -40,7 +40,9 @@ from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE, with_added_fiel
 
 METHODS = ("nonshared", "relaxed", "raw", "minimal")  # the paper's row order
 METHOD_NAMES = {"nonshared": "Non-shared", "relaxed": "Relaxed", "raw": "Raw", "minimal": "Minimal"}
-_NOT_A_DIFFERENCE = RESUME_SAFE | {"seed"}  # fields that do not make another experiment
+# Fields that do not make another experiment: like the seed, the key streams change only
+# which random draws a run makes.
+_NOT_A_DIFFERENCE = RESUME_SAFE | {"seed", "rng_streams"}
 
 
 @dataclasses.dataclass(frozen=True)

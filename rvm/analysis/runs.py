@@ -1,6 +1,7 @@
 """A finished (or interrupted) run directory, read back for analysis without retraining.
 
-`read_run_info` reads only the small JSON records (config, metrics, results), which is
+`read_run_info` reads only the small JSON records (config, metrics, results, starts;
+`rvm.analysis.records`), which is
 all the tables and training curves need; `load_run` also restores a checkpoint and the
 data, giving the networks the readout and trajectory analyses run. Everything comes
 from the run directory alone, so a report can be rebuilt long after training ended.
@@ -9,7 +10,6 @@ from the run directory alone, so a report can be rebuilt long after training end
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -21,15 +21,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
+from rvm.analysis.records import NotARunError, filled_config, read_records
 from rvm.data import ImageData, eval_batches, load_images, normalization_stats, normalize
-from rvm.errors import UserError
 from rvm.models import sharing
 from rvm.models.recalibrate import recalibrate
 from rvm.tasks import image as image_task
-from rvm.train import loop, metrics, xla
+from rvm.train import loop, xla
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
-from rvm.train.config_check import ADDED_FIELDS
 
 LEVEL_NAMES = ("lower", "middle", "upper")
 # A relaxed run's reported error, first found first: (results key, source).
@@ -37,10 +36,6 @@ RELAXED_ERRORS = (
     ("consolidated_recalibrated_test_error", "consolidated, recalibrated"),
     ("consolidated_test_error", "consolidated"),
 )
-
-
-class NotARunError(UserError, FileNotFoundError):
-    """The directory is not a run directory, or it holds no checkpoint to analyse."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,56 +138,18 @@ class RunInfo:
         return sharing.count_params(shapes["params"])
 
 
-def runs_in(path: str | Path) -> list[Path]:
-    """The run directories `path` stands for: the directory itself, or for a pack's
-    workdir (its config.json lists `seeds`) each seed's `seed_<s>/`."""
-    path = Path(path)
-    try:
-        seeds = json.loads((path / "config.json").read_text()).get("seeds")
-    except (OSError, json.JSONDecodeError):
-        seeds = None  # `read_run_info` says what is wrong with it
-    return [path] if seeds is None else [path / f"seed_{s}" for s in seeds]
-
-
 def read_run_info(workdir: str | Path) -> RunInfo:
-    """Reads `config.json`, `metrics.jsonl` and (if present) `results.json` and
-    `starts.jsonl` of a run."""
-    workdir = Path(workdir)
-    path = workdir / "config.json"
-    if not path.is_file():
+    """The records of an image run (`rvm.analysis.records`), its config with the fields
+    added since it was saved filled in."""
+    records = read_records(workdir)
+    task = records.config.get("task", "image")
+    if task != "image":
         raise NotARunError(
-            f"{workdir} is not a run directory: it has no config.json "
-            "(run directories are written by `python -m experiments.train --workdir=DIR`)"
-        )
-    saved = json.loads(path.read_text())
-    if saved.get("task", "image") != "image":
-        raise NotARunError(
-            f"{workdir} is a {saved['task']!r} run; these analyses read image runs "
+            f"{records.workdir} is a {task!r} run; these analyses read image runs "
             "(experiments/sequence_summary.py summarises moving-digits runs)"
         )
-    config = ml_collections.ConfigDict(_with_defaults(saved))
-    results_path = workdir / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else None
-    return RunInfo(
-        workdir,
-        config,
-        metrics.read_jsonl(workdir / "metrics.jsonl"),
-        results,
-        metrics.read_jsonl(workdir / "starts.jsonl"),
-    )
-
-
-def _with_defaults(saved: dict) -> dict:
-    """The saved config with `ADDED_FIELDS` filled in where it lacks them, so older run
-    directories stay readable; a saved value always wins."""
-    filled = json.loads(json.dumps(saved))  # a deep copy
-    for field, value in ADDED_FIELDS.items():
-        *sections, name = field.split(".")
-        node = filled
-        for section in sections:
-            node = node.setdefault(section, {})
-        node.setdefault(name, value)
-    return filled
+    config = ml_collections.ConfigDict(filled_config(records.config))
+    return RunInfo(records.workdir, config, records.metrics, records.results, records.starts)
 
 
 @xla.jit(static_argnames="model")

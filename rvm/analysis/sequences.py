@@ -11,7 +11,6 @@ test videos). `experiments/sequence_summary.py` is its launcher.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -20,9 +19,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
+from rvm.analysis.records import read_records
 from rvm.data.moving_digits import MOTION_CLASSES
 from rvm.tasks.video import task as video_task
-from rvm.train import loop, metrics
+from rvm.train import loop
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
 
@@ -34,14 +34,13 @@ STACK_NAMES = {"cbm": "CBM", "lstm": "ConvLSTM", "gru": "ConvGRU", "elman": "Con
 
 def read_run(workdir: str | Path) -> dict:
     """config (a ConfigDict), metrics (epoch records), results (None if unfinished)."""
-    workdir = Path(workdir)
-    results = workdir / "results.json"
+    records = read_records(workdir)
     return {
-        "dir": workdir,
-        "name": workdir.name,
-        "config": ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())),
-        "metrics": metrics.read_jsonl(workdir / "metrics.jsonl"),
-        "results": json.loads(results.read_text()) if results.exists() else None,
+        "dir": records.workdir,
+        "name": records.name,
+        "config": ml_collections.ConfigDict(records.config),
+        "metrics": records.metrics,
+        "results": records.results,
     }
 
 

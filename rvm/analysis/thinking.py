@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rvm.analysis.records import read_records
+
 # The targets the CPU results are held against, on the test split at the count chosen on
 # validation: problem -> size -> exact match (%). The largest sizes are the raised bar.
 TARGETS = {
@@ -69,16 +71,9 @@ def readings(curve: dict, m: int) -> dict[str, dict]:
 
 def read_run(path: str | Path) -> dict[str, Any]:
     """The records of one run directory (or a folder of copied records)."""
-    path = Path(path)
-    lines = (path / "metrics.jsonl").read_text().splitlines()
-    results = path / "results.json"
-    return {
-        "name": path.name,
-        "config": json.loads((path / "config.json").read_text()),
-        "metrics": [json.loads(line) for line in lines if line.strip()],
-        # None while the run is unfinished: it has per-epoch numbers only
-        "results": json.loads(results.read_text()) if results.exists() else None,
-    }
+    records = read_records(path)
+    # results: None while the run is unfinished: it has per-epoch numbers only
+    return {k: getattr(records, k) for k in ("name", "config", "metrics", "results")}
 
 
 def evaluate_run(

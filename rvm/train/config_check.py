@@ -16,6 +16,7 @@ from rvm.errors import ConfigError
 from rvm.train.fields import boolean, choice, finite, nonnegative, positive, positive_int
 from rvm.train.optim import OPTIMIZERS
 from rvm.train.pack import STRATEGIES
+from rvm.train.step import RNG_STREAMS
 
 # Readers of the real CIFAR-10, in the official files' order (`rvm.data.cifar10`).
 CIFAR10_SOURCES = frozenset({"tfds", "binary", "auto"})
@@ -52,6 +53,7 @@ ADDED_FIELDS = {
     "data.num_val": 0,
     "data.eval_stream": 0,
     "train.draw": "fixed_k",
+    "rng_streams": "shared",  # the step's and the data order's keys (`rvm.train.step`)
 }
 
 
@@ -84,6 +86,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not isinstance(config.seed, int) or isinstance(config.seed, bool):
         raise ConfigError(f"seed={config.seed!r} must be an integer")
     _seeds(config)
+    if "rng_streams" in config:
+        choice(config, "rng_streams", RNG_STREAMS)
     opt = config.optim
     name = opt.get("name", "sgd")  # the CIFAR-10 family has no `name`: SGD
     if name not in OPTIMIZERS:

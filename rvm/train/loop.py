@@ -31,7 +31,7 @@ from rvm.models import sharing
 from rvm.train import checkpoint, epoch, metrics, optim, pack, provenance, xla
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
-from rvm.train.config_check import check_resume, task_of, validate
+from rvm.train.config_check import ADDED_FIELDS, check_resume, task_of, validate
 from rvm.train.signals import Preempted, StopSignals
 from rvm.train.state import TrainState
 from rvm.train.step import epoch_step, train_step
@@ -123,6 +123,7 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
         tx=tx,
         lr_schedule=optim.learning_rate(config.optim, total_steps),
         skip_nonfinite=config.skip_nonfinite,
+        rng_streams=config.get("rng_streams", ADDED_FIELDS["rng_streams"]),
     )
     step_fn = jax.jit(
         partial(train_step, **step_kwargs),

@@ -30,6 +30,7 @@ step is the plain train step, bit for bit.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rvm.errors import ConfigError
 from rvm.train import sharding as shd
 from rvm.train import xla
-from rvm.train.checkpoint import Checkpoints, Restored
+from rvm.train.checkpoint import CheckpointError, Checkpoints, Restored
 
 PACK = "pack"  # the mesh axis the runs of a pack are spread over
 STRATEGIES = ("vmap", "map", "loop")
@@ -151,21 +152,47 @@ def check_seeds(config: ml_collections.ConfigDict, workdir: Path) -> None:
 def restore(ckpts: Sequence[Checkpoints], state: Any, sums: Any) -> list[Restored | None]:
     """Each run's newest usable checkpoint (None: a fresh start) into one run's `state` and
     `sums`, at the newest step that all the runs hold: a pack killed while saving its runs
-    one after another drops the step that some of them lack."""
+    one after another has steps that some runs lack. Those are moved aside to the run's
+    `unpaired_checkpoints/`, never deleted. A pack where some runs have no usable checkpoint
+    and others do is refused (CheckpointError naming them): starting it over would
+    overwrite the others' training."""
     resumed = [ck.restore_latest_usable(state, sums) for ck in ckpts]
     step = lambda r: 0 if r is None else r.step
-    common = min(map(step, resumed))
-    if all(step(r) == common for r in resumed):
-        return resumed
-    for ck in ckpts:
-        for newer in (s for s in ck.all_steps() if s > common):
-            logging.warning(
-                "%s dropped: not every run of the pack saved step %d",
-                ck.directory / str(newer),
-                newer,
+    while len({step(r) for r in resumed}) > 1:
+        fresh = [str(ck.workdir) for ck, r in zip(ckpts, resumed) if r is None]
+        if fresh:
+            raise CheckpointError(
+                f"{', '.join(fresh)} of this pack has no usable checkpoint while the others hold "
+                f"steps up to {max(map(step, resumed))}; refusing to start the pack over on top "
+                "of their training (put the run's checkpoints back, or train it alone on its "
+                "own directory)"
             )
-            ck.manager.delete(newer)
-    return [ck.restore_latest_usable(state, sums) for ck in ckpts]
+        common = min(map(step, resumed))
+        for ck in ckpts:
+            for newer in (s for s in ck.all_steps() if s > common):
+                _set_aside(ck, newer, common)
+        resumed = [ck.restore_latest_usable(state, sums) for ck in ckpts]
+    return resumed
+
+
+def _set_aside(ck: Checkpoints, newer: int, common: int) -> None:
+    """Moves step `newer` of `ck` to `unpaired_checkpoints/` (a numbered suffix where an
+    earlier one is there), so the step can be trained and saved again."""
+    aside = ck.workdir / "unpaired_checkpoints" / str(newer)
+    for n in itertools.count(1):
+        if not aside.exists():
+            break
+        aside = aside.with_name(f"{newer}.{n}")
+    logging.warning(
+        "%s moved to %s: not every run of the pack saved it; resuming from step %d",
+        ck.directory / str(newer),
+        aside,
+        common,
+    )
+    if jax.process_index() == 0:
+        aside.parent.mkdir(exist_ok=True)
+        (ck.directory / str(newer)).rename(aside)
+    ck.manager.reload()
 
 
 @dataclasses.dataclass

@@ -23,11 +23,14 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
 # What runs: a change here makes a checkout "-dirty"; results and docs written since do not.
+# A new file counts as a change (a module not yet committed runs too), unless git ignores it.
 CODE = ("rvm", "experiments", "bench", "pyproject.toml")
+NOT_CODE = (":(exclude)bench/results",)  # the benchmark's reports, written as it runs
 
 
 def commit(repo: Path = REPO) -> str | None:
-    """The checkout's commit, with "-dirty" when its code (`CODE`) differs from it; where
+    """The checkout's commit, with "-dirty" when its code (`CODE`, new files included)
+    differs from it; where
     the tree travelled without its git directory (a lent GPU machine, an installed
     wheel), $RVM_COMMIT as the sender recorded it; None when neither says."""
     if not (repo / ".git").exists():
@@ -39,7 +42,7 @@ def commit(repo: Path = REPO) -> str | None:
         ).stdout.strip()
 
     try:
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", *CODE)
+        dirty = git("status", "--porcelain", "--untracked-files=all", "--", *CODE, *NOT_CODE)
         return git("rev-parse", "--short=12", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None

@@ -22,6 +22,26 @@ from rvm.train.state import TrainState
 
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]]
 
+# How a run's key (`state.rng`, PRNGKey(seed)) becomes the keys of its uses
+# (`config.rng_streams`). "tagged": each use folds in a tag of its own first, so no two
+# uses share a key. "shared", that of runs recorded before the field existed: the step's
+# key fold_in(rng, step) and the data order's fold_in(rng, epoch) coincide while
+# step == epoch.
+RNG_STREAMS = ("tagged", "shared")
+STEP_TAG, ORDER_TAG = 1, 2
+
+
+def stream_keys(rng: jax.Array, step: jax.Array, streams: str) -> tuple[jax.Array, jax.Array]:
+    """The key of step `step` and the key of the run's data order (which folds in the
+    epoch, `rvm.data.pipeline.batch_indices`), from the run's raw key `rng`."""
+    if streams == "shared":
+        return jax.random.fold_in(rng, step), rng
+    if streams != "tagged":
+        raise ValueError(f"rng_streams={streams!r} is not one of {', '.join(RNG_STREAMS)}")
+    return jax.random.fold_in(jax.random.fold_in(rng, STEP_TAG), step), jax.random.fold_in(
+        rng, ORDER_TAG
+    )
+
 
 def train_step(
     state: TrainState,
@@ -32,18 +52,20 @@ def train_step(
     tx: optax.GradientTransformation,
     lr_schedule: optax.Schedule | None = None,
     skip_nonfinite: bool = False,
+    rng_streams: str = "tagged",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step; returns the new state and this step's scalar metrics.
 
     With `skip_nonfinite`, a step whose loss or gradients are not finite leaves
     params, statistics and optimiser state as they were (metric `skipped` = 1),
     except the optimiser's step counts, so that its schedules (learning rate, pull)
-    stay those of `state.step`.
+    stay those of `state.step`. `rng_streams` is one of `RNG_STREAMS`.
     """
-    data_rng, model_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    step_key, order_key = stream_keys(state.rng, state.step, rng_streams)
+    data_rng, model_rng = jax.random.split(step_key)
     # The run's key, `PRNGKey(config.seed)`, orders its data: a traced value, so the runs
     # of a pack (`rvm.train.pack`) share one program and each keeps its own order.
-    batch = get_batch(data, state.step, data_rng, jax.random.wrap_key_data(state.rng))
+    batch = get_batch(data, state.step, data_rng, jax.random.wrap_key_data(order_key))
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (batch_stats, metrics)), grads = grad_fn(
         state.params, state.batch_stats, batch, model_rng, True
