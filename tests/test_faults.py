@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -392,6 +393,45 @@ def test_a_checkpoint_without_the_epoch_and_records_is_analysed_not_resumed(tmp_
     with pytest.raises(CheckpointError, match="lacks the epoch, records of a resumable run"):
         ckpts.restore_latest_usable(state, {"loss": jnp.ones(())})
     assert ckpts.all_steps() == [4] and not (tmp_path / "damaged_checkpoints").exists()
+
+
+def _two_checkpoints(workdir: Path, state, sums) -> Checkpoints:
+    ckpts = Checkpoints(workdir)
+    for step in (1, 2):
+        ckpts.save(step, state, sums, {"config": {}, "records": []})
+    return ckpts
+
+
+def _empty(directory: Path) -> None:
+    for path in directory.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_empty, "{newest}/default, {newest}/epoch, {newest}/records are missing"),
+        (lambda d: shutil.rmtree(d / "epoch"), "{newest}/epoch is missing"),
+    ],
+    ids=["emptied", "epoch deleted"],
+)
+def test_a_newest_checkpoint_emptied_or_lacking_an_item_is_moved_aside(
+    tmp_path, caplog, damage, reason
+):
+    """Damage, not an older rvm's checkpoint: the run goes on from the one before, with a
+    warning saying what is wrong."""
+    state, sums = {"w": jnp.arange(6.0)}, {"loss": jnp.ones(())}
+    _two_checkpoints(tmp_path, state, sums)
+    newest = tmp_path / "checkpoints" / "2"
+    damage(newest)
+    with caplog.at_level("WARNING"):
+        restored = Checkpoints(tmp_path).restore_latest_usable(state, sums)
+    assert restored.step == 1 and (tmp_path / "damaged_checkpoints" / "2").is_dir()
+    aside = tmp_path / "damaged_checkpoints" / "2"
+    assert (
+        f"checkpoint {newest} is unusable ({reason.format(newest=newest)}); moved to {aside}, "
+        "trying the one before"
+    ) in caplog.messages
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):

@@ -3,16 +3,20 @@ epoch in progress (`rvm.train.epoch`) and its records (config and `metrics.jsonl
 so that a stop anywhere resumes exactly and the workdir's records can be rebuilt.
 
 Orbax writes each step into a temporary directory and renames it when complete,
-so a run killed mid-write never sees a partial checkpoint as the latest. A
-complete but damaged newest checkpoint (a truncated file) is moved to
-`WORKDIR/damaged_checkpoints` with a warning, in favour of the one before it. A
-checkpoint of another state (the code or config changed its parameters or optimiser)
-is an error, not damage: nothing is moved.
+so a run killed mid-write never sees a partial checkpoint as the latest. A newest
+checkpoint that cannot be restored, whatever is wrong with it (a truncated file, a
+deleted item, an emptied directory), is moved to `WORKDIR/damaged_checkpoints` with a
+warning saying what is wrong with it, in favour of the one before it. A checkpoint of
+another state (the code or config changed its parameters or optimiser) is an error, not
+damage: nothing is moved; so is a complete checkpoint of the train state alone, as rvm
+wrote before the epoch sums and records travelled with it (it can be analysed, not
+resumed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging as std_logging
 import re
 import shutil
@@ -145,8 +149,9 @@ class Checkpoints:
         return None
 
     def _check_matches(self, target: dict[str, Any], step: int) -> None:
-        """Raises if checkpoint `step` holds other items or another tree of arrays than
-        `target` (items by name).
+        """Raises CheckpointError if checkpoint `step` holds another tree of arrays than
+        `target` (items by name), or is a complete checkpoint of an older rvm's format;
+        `_Unreadable` if it lacks items it was written with (damage).
 
         An unreadable tree description is left to `restore` (damage)."""
         try:
@@ -156,12 +161,15 @@ class Checkpoints:
         except Exception:  # orbax/tensorstore raise many kinds for damaged files
             return
         missing = {*target, RECORDS} - present
-        if missing:
+        if missing and _train_state_alone(self.directory / str(step)):
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} lacks the "
                 f"{', '.join(sorted(missing))} of a resumable run "
                 "(written by an older rvm: it can be analysed, not resumed)"
             )
+        if missing:
+            paths = [str(self.directory / str(step) / k) for k in sorted(missing)]
+            raise _Unreadable(f"{', '.join(paths)} {'is' if len(paths) == 1 else 'are'} missing")
         saved, wanted = _arrays(saved), _arrays(target)
         if saved != wanted:
             differing = sorted(
@@ -178,10 +186,12 @@ class Checkpoints:
 
     def restore_latest_usable(self, state: Any, epoch: Any) -> Restored | None:
         """The newest checkpoint that restores into the trees of `state` and `epoch`; None
-        if there are none at all.
+        if there are none at all. One that cannot be restored, whatever is wrong with it, is
+        moved to `damaged_checkpoints/` with a warning saying what, and the one before it is
+        tried.
 
         Refuses (CheckpointError) when the workdir has damaged checkpoints and no other,
-        or when a checkpoint holds another state than `state`.
+        or when a checkpoint holds another state than `state` or is of an older rvm.
         """
         target = {STATE: _abstract(state), EPOCH: _abstract(epoch)}
         steps = self.all_steps()
@@ -191,17 +201,18 @@ class Checkpoints:
                 "to start over on top of an existing run (remove the workdir to start anew)"
             )
         for step in reversed(steps):
-            self._check_matches(target, step)
             try:
+                self._check_matches(target, step)
                 items = self._restore(step, {**target, RECORDS: None})
                 return Restored(step, items[STATE], items[EPOCH], items[RECORDS])
+            except CheckpointError:
+                raise
             except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
                 aside = self.workdir / "damaged_checkpoints" / str(step)
                 logging.warning(
-                    "checkpoint %s is unusable (%s: %s); moved to %s, trying the one before",
+                    "checkpoint %s is unusable (%s); moved to %s, trying the one before",
                     self.directory / str(step),
-                    type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "",
+                    _reason(e),
                     aside,
                 )
                 # Out of the way, so the step can be written again, yet kept for a post-mortem
@@ -220,6 +231,27 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class _Unreadable(Exception):
+    """A checkpoint lacks something it was written with."""
+
+
+def _train_state_alone(step_dir: Path) -> bool:
+    """Whether `step_dir` is a complete checkpoint of the train state alone, as rvm wrote
+    before the epoch sums and records travelled with it: orbax's record of the items it
+    wrote names that one only, and it is there."""
+    try:
+        handlers = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())["item_handlers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(handlers, dict) and set(handlers) == {STATE} and (step_dir / STATE).is_dir()
+
+
+def _reason(error: Exception) -> str:
+    if isinstance(error, _Unreadable):
+        return str(error)
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
 def _abstract(tree: Any) -> Any:
