@@ -6,7 +6,9 @@ XLA:CPU runs faster with glibc's malloc on transparent huge pages
 libraries' INFO messages (orbax logs a hundred lines per checkpoint) are hidden unless
 `--verbosity=1`. An error the user can fix (`rvm.errors.UserError`: a bad config value,
 missing data, an unusable workdir) prints `error: <message>` and exits with status 2;
-`--traceback` shows its traceback instead. Importing this module defines the flags.
+`--traceback` shows its traceback instead. After such a line nothing the libraries print
+as the process ends is shown (unless `--verbosity=1`). Importing this module defines the
+flags.
 """
 
 from __future__ import annotations
@@ -48,4 +50,5 @@ def user_errors() -> Iterator[None]:
         console.clear_status()
         message = " ".join(line.strip() for line in str(e).splitlines())  # one line, always
         print(f"error: {message}", file=sys.stderr, flush=True)
+        console.mute_libraries()
         sys.exit(USER_ERROR_EXIT_CODE)
