@@ -27,12 +27,12 @@ from orbax.checkpoint._src.serialization import serialization
 
 from experiments.configs import cifar10
 from rvm.data import load_images
-from rvm.train import loop, metrics, optim
+from rvm.train import hugepages, loop, metrics, optim
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.checkpoint import CheckpointError, Checkpoints
 from rvm.train.config_check import check_resume, validate
-from rvm.train.signals import PREEMPTED_EXIT_CODE, StopSignals
+from rvm.train.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, StopSignals
 
 REPO = Path(__file__).resolve().parents[1]
 # 256 images / batch 32 = 8 steps an epoch, a checkpoint every epoch, 3 epochs.
@@ -249,6 +249,94 @@ def test_a_sigint_ignored_at_start_stays_ignored(sigint):
         signal.raise_signal(signal.SIGTERM)  # still taken
         assert stop.stop_at(1) and stop.received == "SIGTERM"
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+# The launcher on the tiny run (argv: stage, signal name, its flags), with `signal` sent to
+# itself at `stage` of its start: `import`, while it imports jax; `restart`, just before it
+# restarts itself on huge pages; `started`, twice (a second Ctrl-C), once its start is done.
+# The restarted process sends nothing.
+_LAUNCH_AT = """
+import os, runpy, signal, sys
+stage, signum = sys.argv[1], getattr(signal, sys.argv[2])
+sys.argv = [sys.argv[0], *sys.argv[3:]]
+first = "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
+if stage == "import" and first:
+    class SignalOnJax:
+        def find_spec(self, name, path=None, target=None):
+            if name == "jax":
+                sys.meta_path.remove(self)
+                os.kill(os.getpid(), signum)
+    sys.meta_path.insert(0, SignalOnJax())
+if stage == "restart" and first:
+    execve = os.execve
+    def signal_then_execve(*args):
+        os.kill(os.getpid(), signum)
+        execve(*args)
+    os.execve = signal_then_execve
+if stage == "started":
+    from experiments import launcher
+    start = launcher.start
+    def start_then_signal_twice():
+        start()
+        os.kill(os.getpid(), signum)
+        os.kill(os.getpid(), signum)
+    launcher.start = start_then_signal_twice
+runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def _launch_at(workdir: Path, stage: str, signum: int = signal.SIGTERM):
+    args = ["--config=experiments/configs/cifar10.py:smoke", f"--workdir={workdir}"]
+    args += [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env.pop("GLIBC_TUNABLES", None)
+    return subprocess.run(
+        [sys.executable, "-c", _LAUNCH_AT, stage, signal.Signals(signum).name, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("sigint", [signal.default_int_handler], indirect=True)
+@pytest.mark.parametrize(
+    "stage, signum, code, line",
+    [
+        (
+            "import",
+            signal.SIGINT,
+            PREEMPTED_EXIT_CODE,
+            "SIGINT during start-up, before anything was written; exiting with 75 to be requeued",
+        ),
+        (
+            "restart",
+            signal.SIGTERM,
+            PREEMPTED_EXIT_CODE,
+            "SIGTERM during start-up, before anything was written; exiting with 75 to be requeued",
+        ),
+        (
+            "started",
+            signal.SIGINT,
+            INTERRUPTED_EXIT_CODE,
+            "a second Ctrl-C: stopped at once, without saving; exiting with 130",
+        ),
+    ],
+    ids=["import", "restart", "started"],
+)
+def test_a_signal_in_the_launcher_s_first_seconds_is_one_line_and_its_exit_code(
+    tmp_path, sigint, stage, signum, code, line
+):
+    """SIGTERM or Ctrl-C while the launcher imports its libraries, across its restart on
+    huge pages, or twice once it has started: it stops with one line and the documented
+    code, leaving no workdir, instead of dying by the signal, a traceback or a finished run."""
+    if stage == "restart" and not hugepages.supported():
+        pytest.skip("no restart on huge pages here")
+    proc = _launch_at(tmp_path / "run", stage, signum)
+    assert (proc.returncode, proc.stdout.splitlines()) == (code, [f"warning: {line}"])
+    assert not (tmp_path / "run").exists()
 
 
 # The tiny run in a process of its own: alone (argv: workdir, tests dir) or as one of
