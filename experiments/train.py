@@ -12,7 +12,8 @@ transparent huge pages (`rvm.train.hugepages`), which speeds up XLA:CPU training
 
 SIGTERM or Ctrl-C, whenever it lands, ends the run with one line: with exit 75 after
 saving the step it stopped at, or before anything was written (during start-up); a
-second Ctrl-C stops at once, with 130, without saving.
+second Ctrl-C stops at once, with 130, without saving; one that lands after the last
+step was queued lets the run finish (exit 0) and says so.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def _train() -> None:
         parts = [metrics.summary(r, workdir / f"seed_{s}") for s, r in runs.items()]
         for lines in parts or [metrics.summary(results, workdir)]:
             print("\n".join(lines), flush=True)
+    if signals.pending():  # after the run's own handlers were gone
+        logging.warning("%s", signals.too_late(signals.pending()))
 
 
 if __name__ == "__main__":

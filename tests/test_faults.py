@@ -240,6 +240,35 @@ def test_a_signal_at_start_up_stops_cleanly_and_a_second_ctrl_c_stops_at_once(
     assert signal.getsignal(signal.SIGINT) is sigint  # handlers restored
 
 
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """The tiny run stopped after its first epoch (step 8), with its checkpoint: copy it."""
+    workdir = tmp_path_factory.mktemp("one_epoch") / "run"
+    loop.train_and_evaluate(tiny_config(), workdir, max_steps=8)
+    return workdir
+
+
+def _copy(workdir: Path, to: Path) -> Path:
+    shutil.copytree(workdir, to)
+    return to
+
+
+@pytest.mark.parametrize("sigint", [signal.default_int_handler], indirect=True)
+def test_a_signal_after_the_last_step_was_queued_is_answered_in_one_line(
+    one_epoch, tmp_path, monkeypatch, caplog, sigint
+):
+    """The steps already queued on the device cannot be called back: the run ends as it
+    would have without the signal, and says so."""
+    run = _copy(one_epoch, tmp_path / "run")
+    _stepping_with(monkeypatch, lambda i: i == 1 and os.kill(os.getpid(), signal.SIGINT))
+    with caplog.at_level("WARNING"):
+        result = loop.train_and_evaluate(tiny_config(), run, max_steps=10)  # steps 8 and 9
+    assert result["step"] == 10 and Checkpoints(run).latest_step() == 10
+    assert caplog.messages == [
+        "SIGINT after the last step was queued: the run had already finished its steps"
+    ]
+
+
 @pytest.mark.parametrize("sigint", [signal.SIG_IGN], indirect=True)
 def test_a_sigint_ignored_at_start_stays_ignored(sigint):
     with StopSignals() as stop:

@@ -43,7 +43,7 @@ from rvm.train import (
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.config_check import check_resume, task_of, validate
-from rvm.train.signals import Preempted, StopSignals
+from rvm.train.signals import Preempted, StopSignals, too_late
 from rvm.train.state import TrainState
 from rvm.train.step import epoch_step, train_step
 from rvm.train.task import Task
@@ -216,7 +216,10 @@ def train_and_evaluate(
                     path.mkdir(exist_ok=True)
                     locks.enter_context(guard.exclusive(path))
             start.owner = primary  # only the lock's holder may undo what its start made
-            return _train(config, workdir, max_steps, primary, signals)
+            results = _train(config, workdir, max_steps, primary, signals)
+            if signals.received:  # seen by no step: it came after the last one was queued
+                logging.warning("%s", too_late(signals.received))
+            return results
 
 
 def _train(

@@ -65,6 +65,12 @@ def pending() -> str | None:
     return _received
 
 
+def too_late(name: str) -> str:
+    """What a run says of a signal that landed after its last step was queued: the steps on
+    the device cannot be called back, so it ends as it would have without it."""
+    return f"{name} after the last step was queued: the run had already finished its steps"
+
+
 class StopSignals:
     """Turns SIGTERM and a first SIGINT (Ctrl-C) into a flag the loop checks between steps;
     a second SIGINT stops at once (KeyboardInterrupt, nothing saved). Main thread only.
