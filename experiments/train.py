@@ -31,7 +31,6 @@ from ml_collections import config_flags
 
 from experiments import launcher
 from rvm.train import metrics
-from rvm.train import workdir as guard
 from rvm.train.config_check import validate
 from rvm.train.loop import train_and_evaluate
 from rvm.train.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted
@@ -71,7 +70,6 @@ def _train() -> None:
         jax.distributed.initialize()
     logging.info("devices: %s", ", ".join(map(str, jax.devices())))
     workdir = Path(FLAGS.workdir)
-    guard.create(workdir)
     results = train_and_evaluate(FLAGS.config, workdir)
     if jax.process_index() == 0:
         # A pack's results hold each seed's, in its own directory.

@@ -282,10 +282,10 @@ def test_a_sigint_ignored_at_start_stays_ignored(sigint):
 
 # The launcher on the tiny run (argv: stage, signal name, its flags), with `signal` sent to
 # itself at `stage` of its start: `import`, while it imports jax; `restart`, just before it
-# restarts itself on huge pages; `started`, twice (a second Ctrl-C), once its start is done.
-# The restarted process sends nothing.
+# restarts itself on huge pages; `started`, twice (a second Ctrl-C), once its start is done;
+# `full`, no signal: the disk has 1 KiB free. The restarted process sends nothing.
 _LAUNCH_AT = """
-import os, runpy, signal, sys
+import os, runpy, shutil, signal, sys
 stage, signum = sys.argv[1], getattr(signal, sys.argv[2])
 sys.argv = [sys.argv[0], *sys.argv[3:]]
 first = "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
@@ -310,6 +310,9 @@ if stage == "started":
         os.kill(os.getpid(), signum)
         os.kill(os.getpid(), signum)
     launcher.start = start_then_signal_twice
+if stage == "full":
+    usage = shutil.disk_usage
+    shutil.disk_usage = lambda path: usage(path)._replace(free=1024)
 runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
 """
 
@@ -803,3 +806,29 @@ def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path):
     with pytest.raises(loop.NonFiniteError, match="at step [1-8];"):
         loop.train_and_evaluate(config, tmp_path / "nan")
     assert not (tmp_path / "nan").exists()
+
+
+def test_a_start_refused_for_disk_space_leaves_no_workdir(tmp_path):
+    proc = _launch_at(tmp_path / "new" / "run", "full")
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert f"error: workdir {tmp_path / 'new' / 'run'} has 0.0 MiB free" in proc.stdout
+    assert not (tmp_path / "new").exists()
+
+
+def _files(workdir: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(workdir)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(workdir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_start_refused_for_a_changed_config_changes_nothing(one_epoch, tmp_path):
+    run = _copy(one_epoch, tmp_path / "run")
+    (run / ".lock").write_text("pid 1\n")  # the last run's
+    before = _files(run)
+    changed = tiny_config()
+    changed.model.sharing = "nonshared"
+    with pytest.raises(ValueError, match="model.sharing: saved"):
+        loop.train_and_evaluate(changed, run)
+    assert _files(run) == before

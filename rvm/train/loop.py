@@ -209,7 +209,7 @@ def train_and_evaluate(
     primary = jax.process_index() == 0
     # Signals are caught before anything slow (data, compilation), so that none is lost.
     with StopSignals() as signals, guard.undone_if_failed(workdir) as start:
-        workdir.mkdir(parents=True, exist_ok=True)
+        guard.create(workdir)
         with contextlib.ExitStack() as locks:
             if primary:  # the pack's workdir, and each run's: no lone run on one meanwhile
                 for path in dict.fromkeys([workdir, *pack.run_dirs(config, workdir)]):
