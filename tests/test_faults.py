@@ -832,3 +832,20 @@ def test_a_start_refused_for_a_changed_config_changes_nothing(one_epoch, tmp_pat
     with pytest.raises(ValueError, match="model.sharing: saved"):
         loop.train_and_evaluate(changed, run)
     assert _files(run) == before
+
+
+def test_a_partial_line_appended_to_the_records_is_dropped_with_a_warning(
+    one_epoch, tmp_path, caplog
+):
+    """A kill while an epoch's line was appended, before its checkpoint."""
+    run = _copy(one_epoch, tmp_path / "run")
+    lines = (run / "metrics.jsonl").read_text()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 2, "eval_sec": 0.5, "ima')
+    with caplog.at_level("WARNING"):
+        loop.train_and_evaluate(tiny_config(), run, max_steps=9)
+    assert caplog.messages == [
+        f"{run / 'metrics.jsonl'}: dropping its torn last line "
+        """'{"epoch": 2, "eval_sec": 0.5, "ima'"""
+    ]
+    assert (run / "metrics.jsonl").read_text() == lines
