@@ -1,6 +1,7 @@
 """What a user sees: a short console without the libraries' chatter, one-line errors with
 exit status 2 for what the user can fix, finite config values, a full disk mid-checkpoint."""
 
+import asyncio
 import math
 import os
 import re
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from absl import logging
 from helpers import set_field
 
@@ -177,6 +179,25 @@ def test_a_full_disk_during_a_checkpoint_is_one_error_and_loses_nothing(tmp_path
     monkeypatch.undo()
     restored = Checkpoints(tmp_path).restore(state, 1)
     np.testing.assert_array_equal(restored["w"], state["w"])
+
+
+def test_the_writes_a_full_disk_leaves_running_print_nothing_after_its_error(tmp_path, monkeypatch):
+    """A full disk fails one of orbax's concurrent writes; the others, abandoned on the event
+    loop orbax closes, finish after rvm's one-line error and must not print tracebacks."""
+    ignored, left = [], []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+
+    async def async_save(self, directory, *args, **kwargs):
+        promise, write = ts.Promise.new()
+        left.append((promise, asyncio.ensure_future(write)))  # another write, still running
+        raise ValueError("RESOURCE_EXHAUSTED: ... No space left on device [os_error_code='28']")
+
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", async_save)
+    with pytest.raises(CheckpointError, match="no space left on device"):
+        Checkpoints(tmp_path).save(1, {"w": jnp.arange(6.0)}, *EXTRAS)
+    for promise, _ in left:
+        promise.set_result(None)  # it finishes, on the closed event loop
+    assert len(left) == 2 and ignored == []  # the state's write and the epoch's
 
 
 def test_another_error_during_a_checkpoint_is_not_taken_for_the_users(tmp_path, monkeypatch):

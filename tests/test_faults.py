@@ -2,11 +2,13 @@
 checkpoints, non-finite losses, shared workdirs, full disks, bad configs."""
 
 import dataclasses
+import gc
 import itertools
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,15 +21,17 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from helpers import TINY, damage, set_field, tiny_config, untimed_records
+from orbax.checkpoint._src.serialization import serialization
 
 from rvm.data import load_images
-from rvm.train import loop, metrics, optim
+from rvm.train import hugepages, loop, metrics, optim
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.checkpoint import CheckpointError, Checkpoints
 from rvm.train.config_check import check_resume, validate
-from rvm.train.signals import PREEMPTED_EXIT_CODE, StopSignals
+from rvm.train.signals import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, StopSignals
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -214,6 +218,35 @@ def test_a_signal_at_start_up_stops_cleanly_and_a_second_ctrl_c_stops_at_once(
     assert signal.getsignal(signal.SIGINT) is sigint  # handlers restored
 
 
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """The tiny run stopped after its first epoch (step 8), with its checkpoint: copy it."""
+    workdir = tmp_path_factory.mktemp("one_epoch") / "run"
+    loop.train_and_evaluate(tiny_config(), workdir, max_steps=8)
+    return workdir
+
+
+def _copy(workdir: Path, to: Path) -> Path:
+    shutil.copytree(workdir, to)
+    return to
+
+
+@pytest.mark.parametrize("sigint", [signal.default_int_handler], indirect=True)
+def test_a_signal_after_the_last_step_was_queued_is_answered_in_one_line(
+    one_epoch, tmp_path, monkeypatch, caplog, sigint
+):
+    """The steps already queued on the device cannot be called back: the run ends as it
+    would have without the signal, and says so."""
+    run = _copy(one_epoch, tmp_path / "run")
+    _stepping_with(monkeypatch, lambda i: i == 1 and os.kill(os.getpid(), signal.SIGINT))
+    with caplog.at_level("WARNING"):
+        result = loop.train_and_evaluate(tiny_config(), run, max_steps=10)  # steps 8 and 9
+    assert result["step"] == 10 and Checkpoints(run).latest_step() == 10
+    assert caplog.messages == [
+        "SIGINT after the last step was queued: the run had already finished its steps"
+    ]
+
+
 @pytest.mark.parametrize("sigint", [signal.SIG_IGN], indirect=True)
 def test_a_sigint_ignored_at_start_stays_ignored(sigint):
     with StopSignals() as stop:
@@ -223,6 +256,97 @@ def test_a_sigint_ignored_at_start_stays_ignored(sigint):
         signal.raise_signal(signal.SIGTERM)  # still taken
         assert stop.stop_at(1) and stop.received == "SIGTERM"
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+# The launcher on the tiny run (argv: stage, signal name, its flags), with `signal` sent to
+# itself at `stage` of its start: `import`, while it imports jax; `restart`, just before it
+# restarts itself on huge pages; `started`, twice (a second Ctrl-C), once its start is done;
+# `full`, no signal: the disk has 1 KiB free. The restarted process sends nothing.
+_LAUNCH_AT = """
+import os, runpy, shutil, signal, sys
+stage, signum = sys.argv[1], getattr(signal, sys.argv[2])
+sys.argv = [sys.argv[0], *sys.argv[3:]]
+first = "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
+if stage == "import" and first:
+    class SignalOnJax:
+        def find_spec(self, name, path=None, target=None):
+            if name == "jax":
+                sys.meta_path.remove(self)
+                os.kill(os.getpid(), signum)
+    sys.meta_path.insert(0, SignalOnJax())
+if stage == "restart" and first:
+    execve = os.execve
+    def signal_then_execve(*args):
+        os.kill(os.getpid(), signum)
+        execve(*args)
+    os.execve = signal_then_execve
+if stage == "started":
+    from experiments import launcher
+    start = launcher.start
+    def start_then_signal_twice():
+        start()
+        os.kill(os.getpid(), signum)
+        os.kill(os.getpid(), signum)
+    launcher.start = start_then_signal_twice
+if stage == "full":
+    usage = shutil.disk_usage
+    shutil.disk_usage = lambda path: usage(path)._replace(free=1024)
+runpy.run_module("experiments.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def _launch_at(workdir: Path, stage: str, signum: int = signal.SIGTERM):
+    args = ["--config=experiments/configs/cifar10.py:smoke", f"--workdir={workdir}"]
+    args += [f"--config.{k}={v}" for k, v in TINY.items()]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env.pop("GLIBC_TUNABLES", None)
+    return subprocess.run(
+        [sys.executable, "-c", _LAUNCH_AT, stage, signal.Signals(signum).name, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize("sigint", [signal.default_int_handler], indirect=True)
+@pytest.mark.parametrize(
+    "stage, signum, code, line",
+    [
+        (
+            "import",
+            signal.SIGINT,
+            PREEMPTED_EXIT_CODE,
+            "SIGINT during start-up, before anything was written; exiting with 75 to be requeued",
+        ),
+        (
+            "restart",
+            signal.SIGTERM,
+            PREEMPTED_EXIT_CODE,
+            "SIGTERM during start-up, before anything was written; exiting with 75 to be requeued",
+        ),
+        (
+            "started",
+            signal.SIGINT,
+            INTERRUPTED_EXIT_CODE,
+            "a second Ctrl-C: stopped at once, without saving; exiting with 130",
+        ),
+    ],
+    ids=["import", "restart", "started"],
+)
+def test_a_signal_in_the_launcher_s_first_seconds_is_one_line_and_its_exit_code(
+    tmp_path, sigint, stage, signum, code, line
+):
+    """SIGTERM or Ctrl-C while the launcher imports its libraries, across its restart on
+    huge pages, or twice once it has started: it stops with one line and the documented
+    code, leaving no workdir, instead of dying by the signal, a traceback or a finished run."""
+    if stage == "restart" and not hugepages.supported():
+        pytest.skip("no restart on huge pages here")
+    proc = _launch_at(tmp_path / "run", stage, signum)
+    assert (proc.returncode, proc.stdout.splitlines()) == (code, [f"warning: {line}"])
+    assert not (tmp_path / "run").exists()
 
 
 # The tiny run in a process of its own: alone (argv: workdir, tests dir) or as one of
@@ -364,6 +488,87 @@ def test_a_checkpoint_without_the_epoch_and_records_is_analysed_not_resumed(tmp_
     with pytest.raises(CheckpointError, match="lacks the epoch, records of a resumable run"):
         ckpts.restore_latest_usable(state, {"loss": jnp.ones(())})
     assert ckpts.all_steps() == [4] and not (tmp_path / "damaged_checkpoints").exists()
+
+
+def _two_checkpoints(workdir: Path, state, sums) -> Checkpoints:
+    ckpts = Checkpoints(workdir)
+    for step in (1, 2):
+        ckpts.save(step, state, sums, {"config": {}, "records": []})
+    return ckpts
+
+
+def _empty(directory: Path) -> None:
+    for path in directory.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (_empty, "{newest} is empty"),
+        (lambda d: shutil.rmtree(d / "epoch"), "{newest}/epoch is missing"),
+    ],
+    ids=["emptied", "epoch deleted"],
+)
+def test_a_newest_checkpoint_emptied_or_lacking_an_item_is_moved_aside(
+    tmp_path, caplog, damage, reason
+):
+    """Damage, not an older rvm's checkpoint: the run goes on from the one before, and
+    rvm's warning, saying what is wrong, is the only line (orbax's own are not shown)."""
+    state, sums = {"w": jnp.arange(6.0)}, {"loss": jnp.ones(())}
+    _two_checkpoints(tmp_path, state, sums)
+    newest = tmp_path / "checkpoints" / "2"
+    damage(newest)
+    with caplog.at_level("WARNING"):
+        restored = Checkpoints(tmp_path).restore_latest_usable(state, sums)
+    assert restored.step == 1 and (tmp_path / "damaged_checkpoints" / "2").is_dir()
+    aside = tmp_path / "damaged_checkpoints" / "2"
+    assert caplog.messages == [
+        f"checkpoint {newest} is unusable ({reason.format(newest=newest)}); moved to {aside}, "
+        "trying the one before"
+    ]
+
+
+def test_a_failed_restore_names_the_file_and_leaves_no_library_tracebacks(
+    tmp_path, caplog, monkeypatch
+):
+    """Orbax reads a checkpoint's arrays concurrently; when one read fails it closes its
+    event loop with the others still running, and they complain when they finish or are
+    collected. Here the first read of the damaged checkpoint fails on a zero-filled file
+    while the others wait until after the fallback; nothing of theirs reaches the hook
+    that prints exceptions Python ignores, or the log."""
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    state = {f"w{i}": jnp.asarray(np.random.default_rng(i).normal(size=(64, 64))) for i in range(4)}
+    sums = {"loss": jnp.ones(())}
+    _two_checkpoints(tmp_path, state, sums)
+    for data in (tmp_path / "checkpoints/2/default/ocdbt.process_0/d").iterdir():
+        data.write_bytes(bytes(data.stat().st_size))
+    read, reads, waiting = serialization._read_shard, [], []
+
+    async def the_first_read_of_step_2_alone(**kwargs):
+        if "/checkpoints/2/" in str(kwargs["t"].spec()):
+            reads.append(1)
+            if len(reads) > 1:
+                promise, future = ts.Promise.new()
+                waiting.append(promise)
+                await future
+        return await read(**kwargs)
+
+    monkeypatch.setattr(serialization, "_read_shard", the_first_read_of_step_2_alone)
+    with caplog.at_level("WARNING"):
+        assert Checkpoints(tmp_path).restore_latest_usable(state, sums).step == 1
+        assert len(waiting) == 3
+        for promise in waiting:  # the abandoned reads finish, on the closed event loop
+            promise.set_result(None)
+        gc.collect()  # and are collected
+    assert ignored == []
+    (message,) = caplog.messages
+    assert re.match(
+        rf"checkpoint {tmp_path}/checkpoints/2 is unusable \({tmp_path}/checkpoints/2/default/"
+        r"ocdbt.process_0/d/\w+ holds only zero bytes\)",
+        message,
+    ), message
 
 
 def test_non_finite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
@@ -573,3 +778,46 @@ def test_a_failed_start_leaves_the_workdir_as_it_found_it(tmp_path):
     with pytest.raises(loop.NonFiniteError, match="at step [1-8];"):
         loop.train_and_evaluate(config, tmp_path / "nan")
     assert not (tmp_path / "nan").exists()
+
+
+def test_a_start_refused_for_disk_space_leaves_no_workdir(tmp_path):
+    proc = _launch_at(tmp_path / "new" / "run", "full")
+    assert proc.returncode == 2, proc.stdout[-3000:]
+    assert f"error: workdir {tmp_path / 'new' / 'run'} has 0.0 MiB free" in proc.stdout
+    assert not (tmp_path / "new").exists()
+
+
+def _files(workdir: Path) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(p.relative_to(workdir)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(workdir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_start_refused_for_a_changed_config_changes_nothing(one_epoch, tmp_path):
+    run = _copy(one_epoch, tmp_path / "run")
+    (run / ".lock").write_text("pid 1\n")  # the last run's
+    before = _files(run)
+    changed = tiny_config()
+    changed.model.sharing = "nonshared"
+    with pytest.raises(ValueError, match="model.sharing: saved"):
+        loop.train_and_evaluate(changed, run)
+    assert _files(run) == before
+
+
+def test_a_partial_line_appended_to_the_records_is_dropped_with_a_warning(
+    one_epoch, tmp_path, caplog
+):
+    """A kill while an epoch's line was appended, before its checkpoint."""
+    run = _copy(one_epoch, tmp_path / "run")
+    lines = (run / "metrics.jsonl").read_text()
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 2, "eval_sec": 0.5, "ima')
+    with caplog.at_level("WARNING"):
+        loop.train_and_evaluate(tiny_config(), run, max_steps=9)
+    assert caplog.messages == [
+        f"{run / 'metrics.jsonl'}: dropping its torn last line "
+        """'{"epoch": 2, "eval_sec": 0.5, "ima'"""
+    ]
+    assert (run / "metrics.jsonl").read_text() == lines

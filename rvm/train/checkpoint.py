@@ -3,19 +3,32 @@ epoch in progress (`rvm.train.epoch`) and its records (config and `metrics.jsonl
 so that a stop anywhere resumes exactly and the workdir's records can be rebuilt.
 
 Orbax writes each step into a temporary directory and renames it when complete,
-so a run killed mid-write never sees a partial checkpoint as the latest. A
-complete but damaged newest checkpoint (a truncated file) is moved to
-`WORKDIR/damaged_checkpoints` with a warning, in favour of the one before it. A
-checkpoint of another state (the code or config changed its parameters or optimiser)
-is an error, not damage: nothing is moved.
+so a run killed mid-write never sees a partial checkpoint as the latest. A newest
+checkpoint that cannot be restored, whatever is wrong with it (a truncated or
+zero-filled file, a deleted item or manifest, an emptied directory), is moved to
+`WORKDIR/damaged_checkpoints` with a warning naming the file and what is wrong with it,
+in favour of the one before it. A checkpoint of another state (the code or config
+changed its parameters or optimiser) is an error, not damage: nothing is moved; so is
+a complete checkpoint of the train state alone, as rvm wrote before the epoch sums and
+records travelled with it (it can be analysed, not resumed).
+
+A read or write that fails leaves orbax's other reads and writes of that checkpoint
+abandoned on an event loop it has closed; when they finish or are collected, Python
+and asyncio would print their tracebacks long after rvm said what failed. Once one
+has failed, those go to the debug log instead (`--verbosity=1` shows them).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import json
 import logging as std_logging
 import re
 import shutil
+import sys
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -54,6 +67,106 @@ def _orbax_errors_raised_not_logged():
         logger.removeFilter(quiet)
 
 
+def _orbax(record: std_logging.LogRecord) -> bool:
+    return "/orbax/" in record.pathname
+
+
+class _Held(std_logging.Filter):
+    """Holds back orbax's warnings while rvm reads a checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[std_logging.LogRecord] = []
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.WARNING and _orbax(record):
+            self.records.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _orbax_warnings_told_by_rvm(always: bool = False) -> Iterator[None]:
+    """Orbax's warnings while rvm reads a checkpoint: shown as they were if the read
+    succeeds; if it fails, rvm's own warning says what was wrong, and they go to the debug
+    log (`--verbosity=1`). `always`: to the debug log in any case (orbax's look at each
+    step when the manager opens, whose damage the restore tells)."""
+    logger = std_logging.getLogger("absl")  # orbax logs through absl
+    held = _Held()
+    logger.addFilter(held)
+    failed = always
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        logger.removeFilter(held)
+        for record in held.records:
+            if failed:
+                record.levelno, record.levelname = std_logging.DEBUG, "DEBUG"
+                if not logger.isEnabledFor(std_logging.DEBUG):
+                    continue
+            logger.handle(record)
+
+
+# What asyncio says about work left unfinished on a closed event loop.
+_ABANDONED = (
+    "Future exception was never retrieved",
+    "Task exception was never retrieved",
+    "Task was destroyed but it is pending",
+)
+
+
+def _orbax_leftover(unraisable) -> bool:
+    """Whether an exception Python could not raise comes from orbax's abandoned work: one of
+    its coroutines collected unfinished, or a callback to the event loop it closed."""
+    obj = unraisable.object
+    coro = obj.get_coro() if hasattr(obj, "get_coro") else obj  # a task: its coroutine
+    if inspect.iscoroutine(coro) and "/orbax/" in coro.cr_code.co_filename:
+        return True
+    return (
+        obj is None
+        and isinstance(unraisable.exc_value, RuntimeError)
+        and str(unraisable.exc_value) == "Event loop is closed"
+    )
+
+
+class _Leftovers:
+    """`sys.unraisablehook` once a checkpoint read or write has failed: orbax's leftovers go
+    to the debug log, everything else to the hook it replaced."""
+
+    def __init__(self, previous) -> None:
+        self.previous = previous
+
+    def __call__(self, unraisable) -> None:
+        if not _orbax_leftover(unraisable):
+            self.previous(unraisable)
+            return
+        exc = unraisable.exc_value
+        tb = "".join(traceback.format_exception(type(exc), exc, unraisable.exc_traceback))
+        logging.debug("left behind by a failed checkpoint read or write: %s", tb)
+
+
+class _AsyncioLeftovers(std_logging.Filter):
+    """asyncio's complaints about abandoned futures and tasks, as debug records."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno >= std_logging.WARNING and str(record.msg).startswith(_ABANDONED):
+            record.levelno, record.levelname = std_logging.DEBUG, "DEBUG"
+            return std_logging.getLogger("absl").isEnabledFor(std_logging.DEBUG)
+        return True
+
+
+def _hush_leftovers() -> None:
+    """After a failed read or write: orbax's abandoned work goes to the debug log."""
+    if not isinstance(sys.unraisablehook, _Leftovers):
+        sys.unraisablehook = _Leftovers(sys.unraisablehook)
+    asyncio_logger = std_logging.getLogger("asyncio")
+    if not any(isinstance(f, _AsyncioLeftovers) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_AsyncioLeftovers())
+
+
 # The train state is orbax's default item, so that checkpoints from before the epoch
 # sums and records travelled with it still restore their state (for analyses).
 STATE, EPOCH, RECORDS = "default", "epoch", "records"
@@ -70,18 +183,19 @@ class Checkpoints:
     def __init__(self, workdir: str | Path, keep: int = 3):
         self.workdir = Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            item_handlers={
-                STATE: ocp.StandardCheckpointHandler(),
-                EPOCH: ocp.StandardCheckpointHandler(),
-                RECORDS: ocp.JsonCheckpointHandler(),
-            },
-            # Created by the first save, so that a start that fails before it leaves none.
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=False, enable_async_checkpointing=False
-            ),
-        )
+        with _orbax_warnings_told_by_rvm(always=True):
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                item_handlers={
+                    STATE: ocp.StandardCheckpointHandler(),
+                    EPOCH: ocp.StandardCheckpointHandler(),
+                    RECORDS: ocp.JsonCheckpointHandler(),
+                },
+                # Created by the first save, so that a start that fails before it leaves none.
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=keep, create=False, enable_async_checkpointing=False
+                ),
+            )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -105,6 +219,7 @@ class Checkpoints:
                 self.manager.save(step, args=ocp.args.Composite(**items), force=True)
                 self.manager.wait_until_finished()
         except (OSError, ValueError) as e:
+            _hush_leftovers()
             if isinstance(e, ValueError) and not _IO_STATUS.match(str(e)):
                 raise
             if jax.process_index() == 0:
@@ -139,14 +254,17 @@ class Checkpoints:
         """The step and records of the newest checkpoint whose records read, if any."""
         for step in reversed(self.all_steps()):
             try:
-                return step, self._restore(step, {RECORDS: None})[RECORDS]
+                with _orbax_warnings_told_by_rvm():
+                    return step, self._restore(step, {RECORDS: None})[RECORDS]
             except Exception:  # damage is for `restore_latest_usable` to deal with
+                _hush_leftovers()
                 continue
         return None
 
     def _check_matches(self, target: dict[str, Any], step: int) -> None:
-        """Raises if checkpoint `step` holds other items or another tree of arrays than
-        `target` (items by name).
+        """Raises CheckpointError if checkpoint `step` holds another tree of arrays than
+        `target` (items by name), or is a complete checkpoint of an older rvm's format;
+        `_Unreadable` if it lacks items it was written with (damage).
 
         An unreadable tree description is left to `restore` (damage)."""
         try:
@@ -156,12 +274,15 @@ class Checkpoints:
         except Exception:  # orbax/tensorstore raise many kinds for damaged files
             return
         missing = {*target, RECORDS} - present
-        if missing:
+        if missing and _train_state_alone(self.directory / str(step)):
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} lacks the "
                 f"{', '.join(sorted(missing))} of a resumable run "
                 "(written by an older rvm: it can be analysed, not resumed)"
             )
+        if missing:
+            paths = [str(self.directory / str(step) / k) for k in sorted(missing)]
+            raise _Unreadable(f"{', '.join(paths)} {'is' if len(paths) == 1 else 'are'} missing")
         saved, wanted = _arrays(saved), _arrays(target)
         if saved != wanted:
             differing = sorted(
@@ -178,10 +299,12 @@ class Checkpoints:
 
     def restore_latest_usable(self, state: Any, epoch: Any) -> Restored | None:
         """The newest checkpoint that restores into the trees of `state` and `epoch`; None
-        if there are none at all.
+        if there are none at all. One that cannot be restored, whatever is wrong with it, is
+        moved to `damaged_checkpoints/` with a warning saying what, and the one before it is
+        tried.
 
         Refuses (CheckpointError) when the workdir has damaged checkpoints and no other,
-        or when a checkpoint holds another state than `state`.
+        or when a checkpoint holds another state than `state` or is of an older rvm.
         """
         target = {STATE: _abstract(state), EPOCH: _abstract(epoch)}
         steps = self.all_steps()
@@ -191,17 +314,20 @@ class Checkpoints:
                 "to start over on top of an existing run (remove the workdir to start anew)"
             )
         for step in reversed(steps):
-            self._check_matches(target, step)
             try:
-                items = self._restore(step, {**target, RECORDS: None})
+                with _orbax_warnings_told_by_rvm():
+                    self._check_matches(target, step)
+                    items = self._restore(step, {**target, RECORDS: None})
                 return Restored(step, items[STATE], items[EPOCH], items[RECORDS])
+            except CheckpointError:
+                raise
             except Exception as e:  # orbax/tensorstore raise many kinds for damaged files
+                _hush_leftovers()
                 aside = self.workdir / "damaged_checkpoints" / str(step)
                 logging.warning(
-                    "checkpoint %s is unusable (%s: %s); moved to %s, trying the one before",
+                    "checkpoint %s is unusable (%s); moved to %s, trying the one before",
                     self.directory / str(step),
-                    type(e).__name__,
-                    str(e).splitlines()[0][:200] if str(e) else "",
+                    _what_is_wrong(self.directory / str(step), e),
                     aside,
                 )
                 # Out of the way, so the step can be written again, yet kept for a post-mortem
@@ -210,7 +336,8 @@ class Checkpoints:
                     aside.parent.mkdir(exist_ok=True)
                     shutil.rmtree(aside, ignore_errors=True)
                     (self.directory / str(step)).rename(aside)
-                self.manager.reload()
+                with _orbax_warnings_told_by_rvm(always=True):
+                    self.manager.reload()
         if steps:
             raise CheckpointError(
                 f"no usable checkpoint in {self.workdir} (steps {steps} all failed to restore, "
@@ -220,6 +347,74 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class _Unreadable(Exception):
+    """A checkpoint lacks something it was written with."""
+
+
+def _train_state_alone(step_dir: Path) -> bool:
+    """Whether `step_dir` is a complete checkpoint of the train state alone, as rvm wrote
+    before the epoch sums and records travelled with it: orbax's record of the items it
+    wrote names that one only, and it is there."""
+    try:
+        handlers = json.loads((step_dir / "_CHECKPOINT_METADATA").read_text())["item_handlers"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return isinstance(handlers, dict) and set(handlers) == {STATE} and (step_dir / STATE).is_dir()
+
+
+# The JSON files of orbax's checkpoint layout, by name (and those under array_metadatas/).
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata")
+
+
+def _zero_bytes(path: Path) -> bool:
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                return False
+    return True
+
+
+def _what_is_wrong(step_dir: Path, error: BaseException) -> str:
+    """Why checkpoint `step_dir` could not be restored, naming the file: what a look at its
+    files finds (an empty or zero-filled file, one that is not JSON, a missing manifest or
+    item), else the innermost error that orbax or tensorstore raised."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file())
+    if not files:
+        return f"{step_dir} is empty"
+    for path in files:
+        if path.stat().st_size == 0:
+            return f"{path} is empty"
+        if _zero_bytes(path):
+            return f"{path} holds only zero bytes"
+        if path.name in _JSON_FILES or path.parent.name == "array_metadatas":
+            try:
+                json.loads(path.read_bytes())
+            except ValueError as e:
+                return f"{path} is not JSON ({str(e).splitlines()[0][:100]})"
+    for item in sorted(p for p in step_dir.iterdir() if p.is_dir()):
+        if any(item.glob("ocdbt.process_*")) and not (item / "manifest.ocdbt").exists():
+            return f"{item / 'manifest.ocdbt'} is missing"
+    if isinstance(error, _Unreadable):
+        return str(error)
+    return _innermost(error)
+
+
+def _innermost(error: BaseException) -> str:
+    """The first line of the innermost error with a message (tensorstore's name the file or
+    the array, and what is wrong), without the spec tensorstore appends."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if str(error) and not isinstance(error, StopIteration):
+            chain.append(error)
+        error = error.__cause__ or error.__context__
+    if not chain:
+        return "unreadable"
+    inner = chain[-1]
+    text = str(inner).splitlines()[0].split(" [tensorstore_spec")[0]
+    return f"{type(inner).__name__}: {text[:300]}"
 
 
 def _abstract(tree: Any) -> Any:

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 from absl import logging as absl_logging
@@ -37,10 +38,11 @@ class _Handler(logging.Handler):
     def __init__(self) -> None:
         super().__init__()
         self.status = ""
+        self.muted = False  # the libraries' warnings too (`mute_libraries`)
 
     def emit(self, record: logging.LogRecord) -> None:
         ours = _ours(record.pathname)
-        if not ours and record.levelno < logging.WARNING:
+        if not ours and (record.levelno < logging.WARNING or self.muted):
             return
         try:
             text = record.getMessage()
@@ -71,6 +73,18 @@ def install(verbose: bool = False) -> None:
     # Libraries that check their level before formatting skip the work as well.
     for name in ("jax", "tensorflow", "tensorboardX"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def mute_libraries() -> None:
+    """After the launcher's last line (an error, a stop): what the libraries still print as
+    the process ends (the warnings and tracebacks of work a failed checkpoint abandoned,
+    exceptions ignored in their threads and finalisers) is dropped, unless the full log was
+    asked for (`install(verbose=True)`)."""
+    if _handler is None:
+        return
+    _handler.muted = True
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
 
 
 def live() -> bool:

@@ -32,7 +32,7 @@ from rvm.train import checkpoint, epoch, metrics, optim, pack, provenance, xla
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.config_check import ADDED_FIELDS, check_resume, task_of, validate
-from rvm.train.signals import Preempted, StopSignals
+from rvm.train.signals import Preempted, StopSignals, too_late
 from rvm.train.state import TrainState
 from rvm.train.step import epoch_step, train_step
 from rvm.train.task import Task
@@ -191,14 +191,17 @@ def train_and_evaluate(
     primary = jax.process_index() == 0
     # Signals are caught before anything slow (data, compilation), so that none is lost.
     with StopSignals() as signals, guard.undone_if_failed(workdir) as start:
-        workdir.mkdir(parents=True, exist_ok=True)
+        guard.create(workdir)
         with contextlib.ExitStack() as locks:
             if primary:  # the pack's workdir, and each run's: no lone run on one meanwhile
                 for path in dict.fromkeys([workdir, *pack.run_dirs(config, workdir)]):
                     path.mkdir(exist_ok=True)
                     locks.enter_context(guard.exclusive(path))
             start.owner = primary  # only the lock's holder may undo what its start made
-            return _train(config, workdir, max_steps, primary, signals)
+            results = _train(config, workdir, max_steps, primary, signals)
+            if signals.received:  # seen by no step: it came after the last one was queued
+                logging.warning("%s", too_late(signals.received))
+            return results
 
 
 def _train(

@@ -45,7 +45,7 @@ def _read_jsonl(path: str | Path) -> tuple[list[dict], int]:
         except json.JSONDecodeError:
             if i < len(lines) - 1:
                 raise
-            logging.warning("%s: dropping its torn last line %r", path, line[:80])
+            _warn_torn(path, line)
     return records, len(lines)
 
 
@@ -64,15 +64,33 @@ def _line(record: dict) -> str:
 
 def restore_jsonl(path: str | Path, records: list[dict]) -> int:
     """Makes `path` hold exactly `records`, those of the checkpoint a run resumes from:
-    drops what a killed run logged after it (and a torn last line) and writes again
-    lines that were lost. Returns how many of `records` the file lacked."""
+    drops what a killed run logged after it and writes again lines that were lost.
+    Returns how many of `records` the file lacked; a torn last line it drops (a write cut
+    short) gets the warning `read_jsonl` gives, unless it is one of those lost lines, whose
+    count the caller tells."""
     path = Path(path)
     text = "".join(map(_line, records))
     old = path.read_text() if path.exists() else ""
     if old == text:
         return 0
     _replace(path, text)
-    return len(set(text.splitlines()) - set(old.splitlines()))
+    lost = len(set(text.splitlines()) - set(old.splitlines()))
+    last = ([line for line in old.splitlines() if line.strip()] or [""])[-1]
+    if last and not lost and not _parses(last):
+        _warn_torn(path, last)
+    return lost
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _warn_torn(path: Path, line: str) -> None:
+    logging.warning("%s: dropping its torn last line %r", path, line[:80])
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

@@ -37,7 +37,9 @@ def exclusive(workdir: Path) -> Iterator[None]:
     """Holds an exclusive lock on `workdir/.lock` while the run lives.
 
     `flock` locks belong to the open file, so the kernel drops them when the
-    process dies however it dies: a killed run never blocks its own restart.
+    process dies however it dies: a killed run never blocks its own restart. The file
+    names the holder's pid while it holds it; a run that fails (a refused start) puts
+    back what the file held, and its times, before letting go.
     """
     path = workdir / ".lock"
     try:
@@ -57,13 +59,24 @@ def exclusive(workdir: Path) -> Iterator[None]:
                 "(wait for it to finish, or pick another --workdir)"
             ) from None
         f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
+        before, stat = f.read(), os.fstat(f.fileno())
+        _rewrite(f, f"pid {os.getpid()}\n")
         try:
             yield
+        except BaseException:
+            with contextlib.suppress(OSError):  # the failure is what the caller must hear of
+                _rewrite(f, before)
+                os.utime(f.fileno(), ns=(stat.st_atime_ns, stat.st_mtime_ns))
+            raise
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _rewrite(f, text: str) -> None:
+    f.seek(0)
+    f.truncate()
+    f.write(text)
+    f.flush()
 
 
 def check_writable(workdir: Path, needed_bytes: int) -> None:
