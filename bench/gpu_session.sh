@@ -34,7 +34,7 @@
 # (comma-separated; a second session for the packed runs, which the plan measures last).
 # TINY=1 JAX_PLATFORMS=cpu OUT=/tmp/gpu_out bash bench/gpu_session.sh: a dry run on a CPU
 # (tiny models, one epoch at batch 1,000 in float32; no device checked, PyTorch not needed;
-# on a 2-core CPU give it BENCH_S=1500 RUN_S=400, as bench/bare_gpu_image.sh does).
+# on a 2-core CPU give it BENCH_S=1500 RUN_S=900, as bench/bare_gpu_image.sh does).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?OUT: where the results go}
