@@ -183,7 +183,13 @@ def test_psnr_against_a_hand_computation():
 @pytest.mark.parametrize(
     "variant, field, value, message",
     [
-        ("cbm4", "task", "video", "task='video' is not one of image, motion, prediction"),
+        (
+            "cbm4",
+            "task",
+            "video",
+            "task='video' is not one of glimpses, image, motion, prediction, thinking, tracker, "
+            "video_objects",
+        ),
         ("cbm4", "model.kind", "rnn", "model.kind='rnn' is not one of cbm, lstm, gru, elman"),
         ("cbm4", "model.depth", 0, "model.depth=0 must be a positive integer"),
         ("cbm4", "model.norm", "layer", "model.norm='layer' is not one of none, batch, time"),

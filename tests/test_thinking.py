@@ -273,8 +273,8 @@ def test_accuracy_curve_matches_the_model_at_each_count():
     assert len(set(accuracy)) > 2 and 0 < accuracy.max() < 100  # counts really differ
     np.testing.assert_allclose(curve["accuracy"], accuracy, rtol=1e-6)
     np.testing.assert_allclose(curve["position_accuracy"], 100.0 * right.mean((1, 2)), rtol=1e-6)
-    assert curve["best_iterations"] == int(np.argmax(accuracy)) + 1
-    assert curve["best_accuracy"] == pytest.approx(accuracy.max())
+    assert curve["examples"] == len(x)
+    assert curve["solved"] == solved.sum(1).tolist()
     # Halting (patience 1) from the same predictions, count by count.
     same = np.stack(
         [np.zeros(len(x), bool)] + [np.all(a == b, axis=1) for a, b in zip(preds[1:], preds)]
@@ -282,6 +282,7 @@ def test_accuracy_curve_matches_the_model_at_each_count():
     halt = np.asarray(thinking_task.halting_index(same, 1))
     assert len(set(halt)) > 1 and 0 < solved[halt, np.arange(len(x))].mean() < 1
     np.testing.assert_allclose(curve["halt_iterations"], np.mean(halt + 1), rtol=1e-6)
+    assert curve["halt_solved"] == solved[halt, np.arange(len(x))].sum()
     np.testing.assert_allclose(
         curve["halt_accuracy"], 100.0 * solved[halt, np.arange(len(x))].mean(), rtol=1e-6
     )

@@ -69,12 +69,13 @@ def runs_in(path: str | Path) -> list[Path]:
 
 
 def filled_config(saved: dict) -> dict:
-    """A saved config with `ADDED_FIELDS` filled in where it lacks them, so older run
-    directories read as the runs they were; a saved value always wins."""
-    from rvm.train.config_check import ADDED_FIELDS  # imports the tasks, and so JAX
+    """A saved config with the fields added since (`config_check.added_fields`) filled in
+    where it lacks them, so older run directories read as the runs they were; a saved value
+    always wins."""
+    from rvm.train.config_check import added_fields  # imports the tasks, and so JAX
 
     filled = json.loads(json.dumps(saved))  # a deep copy
-    for field, value in ADDED_FIELDS.items():
+    for field, value in added_fields(saved.get("task", "image")).items():
         *sections, name = field.split(".")
         node = filled
         for section in sections:

@@ -25,7 +25,10 @@ from rvm.models.conv import CONV_IMPLS
 from rvm.models.equilibrium import spec_from_config
 from rvm.models.resnet import ResNet
 
-SHARING_MODES = ("nonshared", "raw", "relaxed", "minimal", "equilibrium")
+# The four ways of the paper (the configs' `all3_*` and `*18_*` variants), and a level solved
+# to its fixed point (`rvm.models.equilibrium_resnet`).
+PAPER_MODES = ("nonshared", "raw", "relaxed", "minimal")
+SHARING_MODES = (*PAPER_MODES, "equilibrium")
 SCOPES = ("middle", "all")
 NUM_LEVELS = 3
 KERNELS = ("conv1", "conv2")

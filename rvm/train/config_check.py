@@ -42,24 +42,30 @@ RESUME_SAFE = frozenset(
 
 
 # Fields added after runs were saved, with the value that reproduces those runs: a saved
-# config without one compares, and is loaded, as if it held this value.
+# config without one compares, and is loaded, as if it held this value. Those of one task
+# (`TASK_ADDED_FIELDS`) apply to its configs only.
 ADDED_FIELDS = {
     "model.unroll": False,
     "model.conv_impl": "xla",
     "model.random_iterations": False,
     "model.iterations_mean": 2.0,
     "model.iterations_sigma": 0.5,
-    # thinking runs recorded before their validation split and the reference count draw
-    "data.num_val": 0,
-    "data.eval_stream": 0,
-    "train.draw": "fixed_k",
     "rng_streams": "shared",  # the step's and the data order's keys (`rvm.train.step`)
+}
+TASK_ADDED_FIELDS = {
+    # thinking runs recorded before their validation split and the reference count draw
+    "thinking": {"data.num_val": 0, "data.eval_stream": 0, "train.draw": "fixed_k"},
 }
 
 
+def added_fields(task: str) -> dict:
+    """The fields added since runs of `task` were saved, with the values of those runs."""
+    return {**ADDED_FIELDS, **TASK_ADDED_FIELDS.get(task, {})}
+
+
 def with_added_fields(flat: dict) -> dict:
-    """A flattened config with `ADDED_FIELDS` filled in where it predates them."""
-    return {**ADDED_FIELDS, **flat}
+    """A flattened config with the fields added since filled in where it predates them."""
+    return {**added_fields(flat.get("task", "image")), **flat}
 
 
 def task_of(config: ml_collections.ConfigDict) -> str:
