@@ -15,3 +15,16 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402  (after the environment above, which jax reads when imported)
+
+
+@pytest.fixture(scope="session")
+def one_epoch(tmp_path_factory):
+    """The tiny run (`helpers.tiny_config`) stopped after its first epoch (step 8), with its
+    checkpoint, trained once per worker for every module that copies it."""
+    from helpers import tiny_config, train
+
+    workdir = tmp_path_factory.mktemp("one_epoch") / "run"
+    train(tiny_config(), workdir, max_steps=8)
+    return workdir

@@ -3,6 +3,7 @@ config, fake variables, record comparisons. No test module imports another."""
 
 import ast
 import functools
+import os
 from pathlib import Path
 
 import jax
@@ -10,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.configs import cifar10
-from rvm.train import metrics
+from rvm.train import loop, metrics
+
+REPO = Path(__file__).resolve().parents[1]
 
 # The smoke CIFAR-10 config shrunk to seconds: 256 images / batch 32 = 8 steps an epoch, a
 # checkpoint every epoch, 3 epochs. As command-line overrides, for launched processes.
@@ -25,6 +28,18 @@ TINY = {
 }
 
 
+def launcher_args(workdir, overrides: dict[str, str] = TINY) -> list[str]:
+    """`experiments.train`'s flags for the smoke config with `overrides`, in `workdir`."""
+    args = ["--config=experiments/configs/cifar10.py:smoke", f"--workdir={workdir}"]
+    return args + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def child_env(devices: int = 1) -> dict[str, str]:
+    """The environment of a process a test starts: this one's, with `devices` simulated CPU
+    devices instead of the suite's 8 (a tiny run is fastest on one)."""
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
 def tiny_config(sharing: str = "relaxed", **fields):
     """The config of `TINY` with `model.sharing` and top-level `fields` set: the one tiny
     run every training test starts from."""
@@ -35,6 +50,12 @@ def tiny_config(sharing: str = "relaxed", **fields):
     for field, value in fields.items():
         config[field] = value
     return config
+
+
+def train(config, workdir, *, devices: int = 1, **kwargs) -> dict:
+    """`loop.train_and_evaluate` on the first `devices` of the simulated devices: a tiny
+    run split over all 8 spends most of its time exchanging gradients between them."""
+    return loop.train_and_evaluate(config, workdir, devices=jax.devices()[:devices], **kwargs)
 
 
 def damage(step_dir: Path) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import child_env
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,7 @@ def jupyter_path(tmp_path_factory):
 
 
 def _kernel_env() -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = child_env()
     env["JAX_PLATFORMS"] = "cpu"
     # The notebooks import this checkout, whether or not it is installed.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)

@@ -3,7 +3,6 @@ exit status 2 for what the user can fix, finite config values, a full disk mid-c
 
 import asyncio
 import math
-import os
 import re
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorstore as ts
 from absl import logging
-from helpers import set_field
+from helpers import REPO, child_env, launcher_args, set_field
 
 from experiments.configs import cifar10
 from rvm.errors import USER_ERROR_EXIT_CODE, ConfigError, UserError
@@ -24,7 +23,6 @@ from rvm.train import workdir as guard
 from rvm.train.checkpoint import CheckpointError, Checkpoints
 from rvm.train.config_check import check_resume, validate
 
-REPO = Path(__file__).resolve().parents[1]
 # 128 images / batch 32 = 4 steps an epoch, 2 epochs, a progress line every 2 steps.
 TINY = {
     "model.blocks_per_level": "(1,2,2)",
@@ -39,14 +37,10 @@ TINY = {
 
 def train(workdir, *extra: str) -> subprocess.CompletedProcess:
     """The smoke launcher on the tiny overrides, its stdout and stderr together."""
-    args = [sys.executable, "-m", "experiments.train"]
-    args += ["--config=experiments/configs/cifar10.py:smoke", f"--workdir={workdir}"]
-    args += [f"--config.{k}={v}" for k, v in TINY.items()]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     return subprocess.run(
-        [*args, *extra],
+        [sys.executable, "-m", "experiments.train", *launcher_args(workdir, TINY), *extra],
         cwd=REPO,
-        env=env,
+        env=child_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

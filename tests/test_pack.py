@@ -11,7 +11,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from helpers import damage, set_field, tiny_config
+from helpers import damage, set_field, tiny_config, train
 
 from rvm.analysis import report
 from rvm.analysis.paper import PAPER
@@ -34,7 +34,7 @@ def train_pack(config, data, devices, seeds, strategy, steps=STEPS):
     """`steps` steps of the loop's step for a pack of `seeds` on `devices`: each run's
     state and epoch means."""
     config.seeds, config.pack_strategy = tuple(seeds), strategy
-    runs = loop.build_pack(config, data, pack.pack_mesh(len(seeds), strategy, devices))
+    runs = loop.build_pack(config, data, devices)
     states, sums = runs.states, runs.sums
     for _ in range(steps):
         states, sums = runs.epoch_step(states, sums, runs.run.train_data)
@@ -182,6 +182,12 @@ def e2e_config(**fields):
     return config
 
 
+def train_e2e(config, workdir, **kwargs) -> dict:
+    """`train` on one device; a vmapped pack on two, a group of one device for each run,
+    so that its runs' states are saved from and restored to devices of their own."""
+    return train(config, workdir, devices=2 if config.pack_strategy == "vmap" else 1, **kwargs)
+
+
 def final_state(workdir):
     restored = Checkpoints(workdir).restore(
         loop.state_shapes(e2e_config(), load_images(e2e_config().data))
@@ -211,13 +217,13 @@ def trained(tmp_path_factory):
     0 and 1 of each strategy, in `root/<strategy>`."""
     root = tmp_path_factory.mktemp("e2e")
     for seed in SEEDS:
-        loop.train_and_evaluate(e2e_config(seed=seed), root / f"alone_{seed}")
+        train_e2e(e2e_config(seed=seed), root / f"alone_{seed}")
     packs = {}
 
     def uninterrupted(strategy):
         if strategy not in packs:
             config = e2e_config(seeds=SEEDS, pack_strategy=strategy)
-            packs[strategy] = loop.train_and_evaluate(config, root / strategy)
+            packs[strategy] = train_e2e(config, root / strategy)
         return root / strategy, packs[strategy]
 
     return root, uninterrupted
@@ -246,7 +252,7 @@ def test_each_seed_of_a_pack_is_its_run_trained_alone(trained):
 
 
 def test_a_vmapped_pack_writes_each_seed_as_a_run_of_its_own(trained):
-    """The GPU default through the loop: one vectorised program over 2 groups of 4 devices.
+    """The GPU default through the loop: one vectorised program over 2 groups of devices.
     Each seed's records are those of its run alone up to the drift of reordered sums over
     16 steps (1% in train loss measured on XLA:CPU against a run data-parallel over 8)."""
     root, uninterrupted = trained
@@ -281,13 +287,13 @@ def test_an_interrupted_pack_resumes_to_the_uninterrupted_one(trained, tmp_path,
     uninterrupted one."""
     pack_dir, _ = trained[1](strategy)
     config = e2e_config(seeds=SEEDS, pack_strategy=strategy)
-    assert loop.train_and_evaluate(config, tmp_path, max_steps=12) == {
+    assert train_e2e(config, tmp_path, max_steps=12) == {
         "step": 12,
         "finished": False,
     }
     assert Checkpoints(tmp_path / "seed_1").all_steps() == [8, 12]
     damage(tmp_path / "seed_1/checkpoints/12")
-    loop.train_and_evaluate(config, tmp_path)
+    train_e2e(config, tmp_path)
     assert (tmp_path / "seed_1/damaged_checkpoints/12").is_dir()
     assert (tmp_path / "seed_0/unpaired_checkpoints/12").is_dir()  # seed 0's step 12, kept
     assert Checkpoints(tmp_path / "seed_0").all_steps()[-1] == 16
@@ -304,7 +310,7 @@ def test_a_pack_with_a_run_that_lost_its_checkpoints_is_refused_and_deletes_noth
     """A run without any usable checkpoint beside runs with some: starting the pack over
     would overwrite their training, so it is refused naming the run; nothing is deleted."""
     config = e2e_config(seeds=SEEDS)
-    loop.train_and_evaluate(config, tmp_path, max_steps=8)
+    train_e2e(config, tmp_path, max_steps=8)
     seed_1 = tmp_path / "seed_1/checkpoints"
     if lost == "missing":
         shutil.rmtree(seed_1)
@@ -313,7 +319,7 @@ def test_a_pack_with_a_run_that_lost_its_checkpoints_is_refused_and_deletes_noth
         damage(seed_1 / "8")
         message = f"no usable checkpoint in {tmp_path}/seed_1"
     with pytest.raises(CheckpointError, match=re.escape(message)):
-        loop.train_and_evaluate(config, tmp_path)
+        train_e2e(config, tmp_path)
     assert Checkpoints(tmp_path / "seed_0").all_steps() == [8]
     assert not (tmp_path / "seed_0/unpaired_checkpoints").exists()
 
@@ -337,10 +343,10 @@ def test_sigterm_saves_every_run_of_the_pack_and_resumes(trained, tmp_path, monk
     monkeypatch.setattr(pack, "build", build_stopping)
     config = e2e_config(seeds=SEEDS, pack_strategy=strategy)
     with pytest.raises(loop.Preempted, match="SIGTERM at step 6"):
-        loop.train_and_evaluate(config, tmp_path)
+        train_e2e(config, tmp_path)
     monkeypatch.undo()
     assert all(Checkpoints(tmp_path / f"seed_{s}").all_steps() == [6] for s in SEEDS)
-    loop.train_and_evaluate(config, tmp_path)
+    train_e2e(config, tmp_path)
     assert_same_runs(tmp_path, pack_dir)
 
 
@@ -350,12 +356,12 @@ def test_another_seed_list_is_refused_naming_the_difference(trained):
     with pytest.raises(
         ValueError, match=r"seeds=\(0, 1\); refusing seeds=\(0, 1, 2\) \(added \[2\], dropped \[\]"
     ):
-        loop.train_and_evaluate(e2e_config(seeds=(0, 1, 2)), pack_dir)
+        train_e2e(e2e_config(seeds=(0, 1, 2)), pack_dir)
     with pytest.raises(ValueError, match=r"added \[\], dropped \[1\]"):
-        loop.train_and_evaluate(e2e_config(seeds=(0,)), pack_dir)
+        train_e2e(e2e_config(seeds=(0,)), pack_dir)
     assert sorted(p.name for p in (pack_dir).iterdir()) == before  # no seed_2 left behind
     with pytest.raises(ValueError, match="num_epochs: saved 2, now 3"):  # each run's config
-        loop.train_and_evaluate(e2e_config(seeds=SEEDS, num_epochs=3), pack_dir)
+        train_e2e(e2e_config(seeds=SEEDS, num_epochs=3), pack_dir)
 
 
 def test_a_non_finite_run_stops_the_pack_and_the_others_lose_nothing(tmp_path):
@@ -366,9 +372,9 @@ def test_a_non_finite_run_stops_the_pack_and_the_others_lose_nothing(tmp_path):
     config.optim.lr_boundaries = (0.6,)
     config.optim.lr_decay = 1e30
     with pytest.raises(loop.NonFiniteError, match=r"at step 1\d in the run of seed 0;"):
-        loop.train_and_evaluate(config, tmp_path)
+        train_e2e(config, tmp_path)
     for seed in SEEDS:
         assert Checkpoints(tmp_path / f"seed_{seed}").all_steps() == [8]
         assert [r["step"] for r in untimed(tmp_path / f"seed_{seed}")] == [8]
     config.skip_nonfinite = True
-    assert loop.train_and_evaluate(config, tmp_path)["finished"]
+    assert train_e2e(config, tmp_path)["finished"]

@@ -2,13 +2,12 @@
 
 import jax
 import numpy as np
-from helpers import tiny_config
+from helpers import tiny_config, train
 
 from rvm.models.conv import Conv3x3
 from rvm.models.norm import _stats
 from rvm.models.recalibrate import recalibrate
 from rvm.models.resnet import ResNet
-from rvm.train import loop
 
 
 def small_resnet(**kw):
@@ -95,7 +94,7 @@ def test_recalibration_recovers_error_lost_to_stale_statistics_after_consolidati
     config.model.blocks_per_level = (3, 3, 3)
     config.model.stochastic_depth = False
     config.optim.pull_start = config.optim.pull_end = 1e-6
-    results = loop.train_and_evaluate(config, tmp_path)
+    results = train(config, tmp_path)
     stale = results["consolidated_test_error"]
     fresh = results["consolidated_recalibrated_test_error"]
     assert stale > results["test_error"] + 5  # staleness hurts here

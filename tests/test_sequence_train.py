@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import set_field
+from helpers import set_field, train
 
 from experiments.configs import moving_digits
 from experiments.describe import describe
@@ -53,12 +53,12 @@ def test_motion_run_resumes_exactly_and_reports_both_errors(tmp_path):
             "model.td_rate": 0.5,
         }
     )
-    straight = loop.train_and_evaluate(config, tmp_path / "straight")
-    assert loop.train_and_evaluate(config, tmp_path / "split", max_steps=2) == {
+    straight = train(config, tmp_path / "straight")
+    assert train(config, tmp_path / "split", max_steps=2) == {
         "step": 2,
         "finished": False,
     }
-    split = loop.train_and_evaluate(config, tmp_path / "split")
+    split = train(config, tmp_path / "split")
     assert straight["finished"] and straight["step"] == 4
 
     run = loop.build_run(config, loop.load_data(config), shd.data_mesh())
@@ -113,7 +113,7 @@ def test_prediction_run_reports_mse_psnr_ssim(tmp_path):
         "predict",
         **{"data.num_frames": 6, "data.num_input": 3, "model.depth": 1, "num_epochs": 1},
     )
-    results = loop.train_and_evaluate(config, tmp_path)
+    results = train(config, tmp_path)
     assert results["finished"] and results["step"] == 2
     for key in ("test_mse", "test_psnr", "test_ssim"):
         assert len(results[f"{key}_per_frame"]) == 3

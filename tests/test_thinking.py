@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import train
 
 from experiments.configs import mazes as maze_configs
 from experiments.configs import prefix_sums as prefix_configs
@@ -19,7 +20,6 @@ from rvm.models.thinking import ThinkingNet
 from rvm.tasks.thinking import progressive
 from rvm.tasks.thinking import task as thinking_task
 from rvm.train.config_check import validate
-from rvm.train.loop import train_and_evaluate
 
 # --- Data ---------------------------------------------------------------------------------
 
@@ -310,7 +310,7 @@ def test_bad_configs_are_refused_before_compiling(tmp_path, field, value, messag
     section, name = field.split(".")
     config[section][name] = value
     with pytest.raises(ValueError, match=message):
-        train_and_evaluate(config, tmp_path)
+        train(config, tmp_path)
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -324,7 +324,7 @@ def test_sizes_the_receptive_field_cannot_cover_warn():
 @pytest.mark.parametrize("configs", [prefix_configs, maze_configs], ids=["prefix", "mazes"])
 def test_smoke_run_through_the_loop(configs, tmp_path):
     config = configs.get_config("smoke")
-    results = train_and_evaluate(config, tmp_path)
+    results = train(config, tmp_path)
     assert results["finished"]
     saved = json.loads((tmp_path / "results.json").read_text())
     most = config.eval.factor * config.train.iterations

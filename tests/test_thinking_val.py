@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import train
 
 from experiments.configs import prefix_sums as prefix_configs
 from rvm.analysis.thinking import evaluate_run, read_curves, readings, wilson_interval
@@ -19,7 +20,6 @@ from rvm.models.thinking import ThinkingNet
 from rvm.tasks.thinking import progressive
 from rvm.tasks.thinking import task as thinking_task
 from rvm.train.config_check import check_resume, validate
-from rvm.train.loop import train_and_evaluate
 
 # --- Splits -------------------------------------------------------------------------------
 
@@ -176,7 +176,7 @@ def smoke_run(tmp_path_factory):
     config = prefix_configs.get_config("smoke")
     config.train.draw = "reference"
     workdir = tmp_path_factory.mktemp("ps_smoke")
-    return config, workdir, train_and_evaluate(config, workdir)
+    return config, workdir, train(config, workdir)
 
 
 def test_the_epochs_watch_validation_and_the_count_is_chosen_on_it(smoke_run):

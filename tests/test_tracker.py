@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from helpers import random_variables, set_field
+from helpers import random_variables, set_field, train
 
 from experiments.configs import glimpses as glimpses_config
 from experiments.configs import tracker as tracker_config
@@ -147,8 +147,6 @@ def test_glimpse_config_errors(field, value, message):
 
 
 def test_tracker_run_resumes_exactly_through_the_curriculum(tmp_path):
-    from rvm.train import loop
-
     config = tracker_config.get_config("smoke")
     config.data.update(canvas=24, digit_size=12, num_train=32, num_val=8, num_test=8)
     config.data.update(train_frames=9, test_frames=10)
@@ -157,9 +155,9 @@ def test_tracker_run_resumes_exactly_through_the_curriculum(tmp_path):
     config.update(batch_size=16, eval_batch_size=8, num_epochs=2, log_every_steps=2)
     config.eval.update(reset_every=4, num_shown=1, speed_batches=())
 
-    straight = loop.train_and_evaluate(config, tmp_path / "straight")
-    assert loop.train_and_evaluate(config, tmp_path / "split", max_steps=1)["step"] == 1
-    split = loop.train_and_evaluate(config, tmp_path / "split")
+    straight = train(config, tmp_path / "straight")
+    assert train(config, tmp_path / "split", max_steps=1)["step"] == 1
+    split = train(config, tmp_path / "split")
     assert straight["finished"] and straight["step"] == 4
     assert split == straight
     records = read_jsonl(tmp_path / "straight/metrics.jsonl")

@@ -28,7 +28,7 @@ class Records:
     """The JSON records of one run directory, as written."""
 
     workdir: Path
-    config: dict  # config.json as saved (`filled_config` fills fields added since)
+    config: dict  # config.json as saved (`config_check.with_added_fields` fills fields added since)
     metrics: list[dict]  # metrics.jsonl; a torn last line dropped
     results: dict | None  # None while the run is unfinished
     starts: list[dict]  # starts.jsonl; empty for runs recorded before it existed
@@ -66,19 +66,3 @@ def runs_in(path: str | Path) -> list[Path]:
     except (OSError, json.JSONDecodeError):
         seeds = None  # `read_records` says what is wrong with it
     return [path] if seeds is None else [path / f"seed_{s}" for s in seeds]
-
-
-def filled_config(saved: dict) -> dict:
-    """A saved config with the fields added since (`config_check.added_fields`) filled in
-    where it lacks them, so older run directories read as the runs they were; a saved value
-    always wins."""
-    from rvm.train.config_check import added_fields  # imports the tasks, and so JAX
-
-    filled = json.loads(json.dumps(saved))  # a deep copy
-    for field, value in added_fields(saved.get("task", "image")).items():
-        *sections, name = field.split(".")
-        node = filled
-        for section in sections:
-            node = node.setdefault(section, {})
-        node.setdefault(name, value)
-    return filled

@@ -36,7 +36,7 @@ from rvm.analysis.runs import (
 )
 from rvm.data import load_images
 from rvm.train import console
-from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE, with_added_fields
+from rvm.train.config_check import CIFAR10_SOURCES, RESUME_SAFE, flatten, with_added_fields
 
 METHODS = ("nonshared", "relaxed", "raw", "minimal")  # the paper's row order
 METHOD_NAMES = {"nonshared": "Non-shared", "relaxed": "Relaxed", "raw": "Raw", "minimal": "Minimal"}
@@ -78,16 +78,9 @@ class Group:
     rows: list[Row]
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def _experiment_key(info: RunInfo) -> tuple:
     """The config minus what repeats an experiment (seed) or only steers bookkeeping."""
-    flat = with_added_fields(_flat(info.config.to_dict()))
+    flat = flatten(with_added_fields(info.config.to_dict()))
     if flat.get("data.source") in CIFAR10_SOURCES:
         flat["data.source"] = "cifar10"  # readers of the same images in the same order
     ignore = set(_NOT_A_DIFFERENCE)

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from rvm.analysis.records import NotARunError, filled_config, read_records
+from rvm.analysis.records import NotARunError, read_records
 from rvm.data import ImageData, eval_batches, load_images, normalization_stats, normalize
 from rvm.models import sharing
 from rvm.models.recalibrate import recalibrate
@@ -29,6 +29,7 @@ from rvm.tasks import image as image_task
 from rvm.train import loop, xla
 from rvm.train import sharding as shd
 from rvm.train.checkpoint import Checkpoints
+from rvm.train.config_check import with_added_fields
 
 LEVEL_NAMES = ("lower", "middle", "upper")
 # A relaxed run's reported error, first found first: (results key, source).
@@ -148,7 +149,7 @@ def read_run_info(workdir: str | Path) -> RunInfo:
             f"{records.workdir} is a {task!r} run; these analyses read image runs "
             "(experiments/sequence_summary.py summarises moving-digits runs)"
         )
-    config = ml_collections.ConfigDict(filled_config(records.config))
+    config = ml_collections.ConfigDict(with_added_fields(records.config))
     return RunInfo(records.workdir, config, records.metrics, records.results, records.starts)
 
 

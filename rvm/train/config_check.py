@@ -63,9 +63,18 @@ def added_fields(task: str) -> dict:
     return {**ADDED_FIELDS, **TASK_ADDED_FIELDS.get(task, {})}
 
 
-def with_added_fields(flat: dict) -> dict:
-    """A flattened config with the fields added since filled in where it predates them."""
-    return {**added_fields(flat.get("task", "image")), **flat}
+def with_added_fields(saved: dict) -> dict:
+    """A saved config (nested, as config.json holds it) with the fields added since
+    (`added_fields`) filled in where it lacks them, so older runs read as the runs they
+    were; a saved value always wins."""
+    filled = json.loads(json.dumps(saved))  # a deep copy
+    for field, value in added_fields(saved.get("task", "image")).items():
+        *sections, name = field.split(".")
+        node = filled
+        for section in sections:
+            node = node.setdefault(section, {})
+        node.setdefault(name, value)
+    return filled
 
 
 def task_of(config: ml_collections.ConfigDict) -> str:
@@ -132,12 +141,13 @@ def _seeds(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"seeds={seeds!r} repeats {repeated}: each seed is one run")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}, tuples as lists (as JSON reads them back)."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+            out.update(flatten(v, key + "."))
         else:
             out[key] = list(v) if isinstance(v, tuple) else v
     return out
@@ -153,8 +163,8 @@ def check_resume(
         if not path.exists():
             return
         saved = json.loads(path.read_text())
-    saved = with_added_fields(_flatten(saved))
-    current = with_added_fields(_flatten(json.loads(config.to_json())))
+    saved = flatten(with_added_fields(saved))
+    current = flatten(with_added_fields(json.loads(config.to_json())))
     same_images = {saved.get("data.source"), current.get("data.source")} <= CIFAR10_SOURCES
     differing = sorted(
         k

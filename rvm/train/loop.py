@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -157,20 +157,26 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
     )
 
 
-def build_pack(config: ml_collections.ConfigDict, data: Any, mesh: Mesh | None = None) -> pack.Pack:
-    """The runs of `config.seeds` built to train together (`rvm.train.pack`), on `mesh`
-    (default: `pack.pack_mesh` over every device); without `seeds`, the one run of
-    `config.seed` (`build_run` on every device), as a pack of one."""
+def build_pack(
+    config: ml_collections.ConfigDict, data: Any, devices: Sequence[jax.Device] | None = None
+) -> pack.Pack:
+    """The runs of `config.seeds` built to train together (`rvm.train.pack`) on `devices`
+    (default: every device, as `pack.pack_mesh` groups them); without `seeds`, the one
+    run of `config.seed` (`build_run` data-parallel over `devices`), as a pack of one."""
     seeds = pack.seeds_of(config)
     if config.get("seeds") is None:
-        return pack.build(build_run(config, data, mesh or shd.data_mesh()), seeds, "loop")
-    strategy = pack.strategy_of(config, jax.devices()[0].platform)
-    mesh = mesh or pack.pack_mesh(len(seeds), strategy)
+        return pack.build(build_run(config, data, shd.data_mesh(devices)), seeds, "loop")
+    strategy = pack.strategy_of(config, (devices or jax.devices())[0].platform)
+    mesh = pack.pack_mesh(len(seeds), strategy, devices)
     return pack.build(build_run(pack.run_config(config, seeds[0]), data, mesh), seeds, strategy)
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict, workdir: str | Path, *, max_steps: int | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    max_steps: int | None = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> dict:
     """Trains (or resumes) the run of `config` in `workdir`; returns the final results.
 
@@ -179,7 +185,8 @@ def train_and_evaluate(
     `{"step", "finished", "runs": {seed: results}}`.
 
     `max_steps` stops early (with a checkpoint) without changing the schedules,
-    as an interrupted run would; calling again resumes.
+    as an interrupted run would; calling again resumes. `devices` (default: all of
+    them) are those the run trains on; a run may resume on other devices.
 
     In a multi-process run (`jax.distributed`), every process calls this with the
     same arguments; they train together on the mesh of all their devices, write
@@ -198,7 +205,7 @@ def train_and_evaluate(
                     path.mkdir(exist_ok=True)
                     locks.enter_context(guard.exclusive(path))
             start.owner = primary  # only the lock's holder may undo what its start made
-            results = _train(config, workdir, max_steps, primary, signals)
+            results = _train(config, workdir, max_steps, primary, signals, devices)
             if signals.received:  # seen by no step: it came after the last one was queued
                 logging.warning("%s", too_late(signals.received))
             return results
@@ -210,6 +217,7 @@ def _train(
     max_steps: int | None,
     primary: bool,
     signals: StopSignals,
+    devices: Sequence[jax.Device] | None,
 ) -> dict:
     """`train_and_evaluate` under its signal handlers and workdir locks: refuse or resume,
     build, train with per-epoch evaluation and checkpoints, write the final numbers."""
@@ -221,7 +229,7 @@ def _train(
     for run_config, path, ck in zip(configs, dirs, ckpts):
         if ck.all_steps():
             check_resume(run_config, path, saved=_checkpointed_config(path, ck, primary))
-    runs = build_pack(config, load_data(config))
+    runs = build_pack(config, load_data(config), devices)
     run, task = runs.run, runs.run.task
     steps_per_epoch, total_steps = run.steps_per_epoch, run.total_steps
     num_params = sharing.count_params(run.state.params)
@@ -348,7 +356,8 @@ def _resume(
         records = [r.records["records"] for r in resumed]
         logging.info("Resumed %s from step %d", workdir, resumed[0].step)
     if primary:
-        started = provenance.start_record(resumed[0].step if resumed[0] is not None else 0)
+        step = resumed[0].step if resumed[0] is not None else 0
+        started = provenance.start_record(step, list(runs.run.mesh.devices.flat))
         for ck, run_config, run_records, restored in zip(ckpts, configs, records, resumed):
             metrics.append_jsonl(ck.workdir / "starts.jsonl", started)
             # Epochs logged after the checkpoint we start from (a kill before the save) are

@@ -17,6 +17,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +60,12 @@ def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
     return out
 
 
-def start_record(step: int) -> dict[str, Any]:
-    """One line of starts.jsonl: this process's start of a run at `step`."""
+def start_record(step: int, devices: Sequence[Any]) -> dict[str, Any]:
+    """One line of starts.jsonl: this process's start of a run at `step` on `devices`
+    (those of every process that trains it)."""
     import jax  # the harness imports this module without JAX
 
-    device = jax.devices()[0]
+    device = devices[0]
     return {
         "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "step": step,
@@ -73,7 +75,7 @@ def start_record(step: int) -> dict[str, Any]:
         "devices": {
             "platform": device.platform,
             "kind": device.device_kind,
-            "count": jax.device_count(),
+            "count": len(devices),
             "processes": jax.process_count(),
         },
         "versions": versions(),
