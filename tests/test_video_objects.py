@@ -73,6 +73,34 @@ def test_linear_predictive_corrective_sums_reproduce_the_per_frame_output():
     np.testing.assert_allclose(summed, per_frame, atol=1e-5)
 
 
+@pytest.mark.parametrize("pc_layers", [(3,), (2, 3)])
+def test_pc_update_net_starts_as_a_copy_of_the_init_net(pc_layers):
+    model = vo.VideoObjects("pc", pc_layers=pc_layers, **TINY)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), _video())
+    for col in ("params", "batch_stats"):
+        update, init = variables[col]["update_trunk"], variables[col]["big"]["trunk"]
+        assert set(update) == set(init)  # every segment is covered by some block
+        jax.tree.map(np.testing.assert_array_equal, update, init)
+    # a copy, not a shared reference: the update net has its own parameters to train
+    assert jax.tree.leaves(variables["params"]["update_trunk"])
+
+
+def test_dual_small_network_costs_at_most_a_tenth_of_the_big_one():
+    config = configs.get_config("dual")
+    m, size = config.model, config.data.canvas
+    x = jnp.zeros((1, size, size, 1))
+    big = vo.BigNet(tuple(m.widths), tuple(m.blocks))
+    shapes = jax.eval_shape(lambda: big.init(jax.random.PRNGKey(0), x, x, x, False))
+    big_flops = measures.compiled_flops(lambda v, x: big.apply(v, x, x, x, False), shapes, x)
+    step = vo.SmallStep(m.small_features)
+    state = jnp.zeros((1, size // 4, size // 4, m.small_features))
+    shapes = jax.eval_shape(lambda: step.init(jax.random.PRNGKey(0), (state, x[..., 0]), x))
+    small_flops = measures.compiled_flops(
+        lambda p, mask, x: step.apply(p, (state, mask), x), shapes, x[..., 0], x
+    )
+    assert small_flops <= 0.1 * big_flops, small_flops / big_flops
+
+
 def test_pc_schedule_reinitialises_every_k_and_ignores_still_frames():
     x = np.zeros((1, 6, 4, 4, 1), np.float32)
     x[0, 1] = 0.5  # a large change

@@ -15,14 +15,20 @@ Variants (`rvm.models.video_objects` describes each system):
                   (`frame` is the same network without it).
   dual, dual_carry
                   the big network every K = 8 frames writes the memory of a small
-                  recurrent network (ConvGRU, 8 channels at 1/4 resolution); the memory
+                  recurrent network (ConvGRU, 7 channels at 1/4 resolution); the memory
                   is written only by the big network (`dual`) or updated by the small one
                   every frame (`dual_carry`). `--config.model.key_every=1`: every frame big.
+                  The small network's step costs at most 10% of the big network's FLOPs
+                  per frame at these sizes (XLA's cost analysis at 64x64, `small_over_big`
+                  in a run's results.json; tests/test_video_objects.py checks it); the
+                  smoke variant's tiny big network does not keep that ratio.
   small           the small network alone after frame 0.
   pc, pc_stacked  predictive-corrective block over the whole trunk (re-initialised every
-                  K = 8 frames), or stacked blocks over two segments of it; thresholds at
-                  evaluation with `--config.model.ignore_threshold=...` and
-                  `--config.model.reinit_threshold=...` (mean absolute pixel change).
+                  K = 8 frames), or stacked blocks over two segments of it; the update
+                  network starts as a copy of the init network. Adaptive schedules with
+                  `--config.model.ignore_threshold=...` and
+                  `--config.model.reinit_threshold=...` (mean absolute pixel change); they
+                  act in training and in evaluation alike (one path computes both).
   smoke           a tiny `dual` run (32x32 canvas, 6 frames) that trains in about a minute.
 
 Data: `rvm.data.target_videos` (64x64, 24 frames, 1-3 distractors of 24-pixel digits,
@@ -84,7 +90,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.cell = "none"  # resrec: "elman", "gru"
     config.model.key_every = 8
     config.model.memory = "big_only"  # dual: "every_frame"
-    config.model.small_features = 8
+    config.model.small_features = 7  # small step <= 10% of the big net's FLOPs
     config.model.pc_layers = (3,)
     config.model.reinit_threshold = 0.0
     config.model.ignore_threshold = 0.0

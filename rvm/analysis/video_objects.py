@@ -160,13 +160,33 @@ def write_summary(out_dir: str, machine: str) -> None:
 
     out = Path(out_dir)
     runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"))}
-    lines = [
-        f"# Video objects on the CPU ({machine})",
-        "",
-        "Made by `run.sh` in this folder. J: mask IoU x 100 over frames 1..23 of 64 test",
-        "videos (held-out digits), +- its standard error over videos; decay: J of the first",
-        "quarter of the frames minus the last quarter; FLOPs per frame from XLA's cost",
-        "analysis of each compiled part at batch 1 (a multiply-add counts 2).",
+    configs = {
+        name: json.loads((out / name / "config.json").read_text())
+        for name in runs
+        if (out / name / "config.json").exists()
+    }
+    lines = [f"# Video objects on the CPU ({machine})", "", "Made by `run.sh` in this folder.", ""]
+    budgets = {}
+    for name, c in configs.items():
+        d, steps = c["data"], runs[name].get("step", "?")
+        budget = (
+            f"{d['num_train']} training videos, {c['num_epochs']} epochs of batch "
+            f"{c['batch_size']} ({steps} Adam steps); J on {d['num_val']} validation and "
+            f"{d['num_test']} test videos of held-out digits, {d['canvas']}x{d['canvas']} "
+            f"canvas, {d['num_frames']} frames, K = {c['model']['key_every']}"
+        )
+        budgets.setdefault(budget, []).append(name)
+    for budget, names in budgets.items():
+        who = "every run" if len(budgets) == 1 else ", ".join(names)
+        lines += [f"Budget of {who}: {budget}.", ""]
+    frames = {len(r["test_J_per_frame"]) for r in runs.values()}
+    last = ", ".join(str(n) for n in sorted(frames))
+    lines += [
+        f"J: mask IoU x 100 over frames 1..{last} of the test videos, +- its standard error",
+        "over videos; decay: J of the first quarter of those frames minus the last quarter;",
+        "FLOPs per frame from XLA's cost analysis of each compiled part at batch 1 (a",
+        "multiply-add counts 2); effective: pc's multiply-adds on non-zero differences.",
+        "Choices are made on val J; test J is only reported.",
         "",
         "| run | val J | test J | decay | MFLOPs/frame | effective MFLOPs | frames/s b1 | b32 |",
         "|---|---|---|---|---|---|---|---|",
@@ -186,6 +206,13 @@ def write_summary(out_dir: str, machine: str) -> None:
                 "",
                 f"{name}: kernel RMS, recurrent {r['rnn_recurrent_kernel_rms']:.4f}, "
                 f"input {r['rnn_input_kernel_rms']:.4f}, trunk {r['trunk_kernel_rms']:.4f}.",
+            ]
+    for name, r in runs.items():
+        if "small_over_big" in r:
+            lines += [
+                "",
+                f"{name}: the small network's step costs {100 * r['small_over_big']:.1f}% of "
+                "the big network's FLOPs per frame.",
             ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 

@@ -16,13 +16,23 @@ the target reaches it. Each returns mask logits [B, T, H, W].
   recurrent network (a two-conv encoder, a ConvGRU, a 1x1 head) that produces the masks
   between key frames. The memory is the GRU state and the last mask; policy
   `big_only` keeps the key frame's memory until the next one (Looking Fast and Slow),
-  `every_frame` lets the small network update it every frame.
+  `every_frame` lets the small network update it every frame. The small network is
+  meant to cost at most 10% of the big one's FLOPs per frame (`small_features`).
 * `small`: `dual` with only frame 0 as key frame.
 * `pc`: predictive-corrective blocks (Dave et al. 2017) over segments of the trunk
   (`pc_layers`, segment ends): a block re-initialises y_t = init(x_t) and otherwise
   corrects y_t = y_ref + update(x_t - x_ref), x_ref the last frame it processed;
   frames whose change is below the ignore threshold reuse everything (`pc_schedule`).
-  The update net has its own weights, initialised independently (not as a copy).
+  The update net has its own weights, initialised as a copy of the init net's, as in
+  Dave et al.: `model.init` builds both trunks, then overwrites every parameter (and
+  batch statistic) of `update_trunk` with the one at the same path in `big/trunk`
+  where the shapes agree (they always do here: the update net runs the same segments
+  on inputs of the same shape). Training then moves the two apart.
+  The thresholds (`reinit_threshold`, `ignore_threshold`) enter `pc_schedule`, which is
+  computed from the input frames on the one path used for training and evaluation, so
+  a non-zero threshold acts in training as well as in evaluation: the network is
+  trained under the schedule it is measured with. With both at 0 (the configs'
+  default) the schedule is the fixed one, a re-initialisation every K frames.
 
 The training path is vectorised over time (key frames picked statically); evaluation
 runs the same path, so what is trained is what is measured.
@@ -132,7 +142,7 @@ class SmallStep(nn.Module):
     """One frame of the small network: encoder on [frame, last mask] at 1/4 resolution,
     a ConvGRU on the memory, and a 1x1 head at full resolution."""
 
-    features: int = 8
+    features: int = 7
 
     @nn.compact
     def __call__(self, memory: tuple[Array, Array], x: Array) -> tuple[tuple, Array]:
@@ -149,7 +159,7 @@ class SmallLoop(nn.Module):
     """The small network carrying its memory (`every_frame`); key frames overwrite it
     with what the big network wrote, and their mask is the big network's."""
 
-    features: int = 8
+    features: int = 7
 
     @nn.compact
     def __call__(self, memory, inputs):
@@ -228,7 +238,7 @@ class VideoObjects(nn.Module):
     cell: str = "none"  # resrec's recurrent unit: CELLS
     key_every: int = 8  # K: dual, stale and pc
     memory: str = "big_only"  # dual: MEMORY
-    small_features: int = 8
+    small_features: int = 7
     pc_layers: tuple[int, ...] = (3,)  # ends of the trunk segments each pc block covers
     reinit_threshold: float = 0.0  # pc: re-initialise above this mean |change| (0: off)
     ignore_threshold: float = 0.0  # pc: reuse everything below it (0: off)
@@ -308,9 +318,24 @@ class VideoObjects(nn.Module):
         if bounds[-1] < len(self.widths):
             y = fold(lambda v: self.big.trunk(v, train, bounds[-1]), y)
         logits = fold2(self.big.head, y, x)
+        if self.is_initializing():
+            self._copy_init_to_update()
         # an ignored frame reuses everything, its mask included
         ignored = (kind == IGNORE)[..., None, None]
         return jnp.where(ignored, take_frames(logits, ref), logits)
+
+    def _copy_init_to_update(self) -> None:
+        """At initialisation: the update trunk's variables := the init trunk's, leaf by
+        leaf at the same path where the shapes agree (the rest keep their own init)."""
+        for col, tree in self.variables.items():
+            if "update_trunk" not in tree or "trunk" not in tree.get("big", {}):
+                continue
+            src = dict(jax.tree_util.tree_leaves_with_path(tree["big"]["trunk"]))
+            pick = lambda path, v, src=src: (
+                src[path] if path in src and src[path].shape == v.shape else v
+            )
+            copied = jax.tree_util.tree_map_with_path(pick, tree["update_trunk"])
+            self.put_variable(col, "update_trunk", copied)
 
 
 def _repeat(a: Array, like: Array) -> Array:
