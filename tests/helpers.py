@@ -54,7 +54,8 @@ def tiny_config(sharing: str = "relaxed", **fields):
 
 def train(config, workdir, *, devices: int = 1, **kwargs) -> dict:
     """`loop.train_and_evaluate` on the first `devices` of the simulated devices: a tiny
-    run split over all 8 spends most of its time exchanging gradients between them."""
+    pack of two seeds through the loop took 24 s over all 8 and 9.5 s on one (2-core VM,
+    compilation cache warm)."""
     return loop.train_and_evaluate(config, workdir, devices=jax.devices()[:devices], **kwargs)
 
 

@@ -28,7 +28,7 @@ class Records:
     """The JSON records of one run directory, as written."""
 
     workdir: Path
-    config: dict  # config.json as saved (`config_check.with_added_fields` fills fields added since)
+    config: dict  # config.json as saved (`config_check.with_added_fields` fills later fields)
     metrics: list[dict]  # metrics.jsonl; a torn last line dropped
     results: dict | None  # None while the run is unfinished
     starts: list[dict]  # starts.jsonl; empty for runs recorded before it existed

@@ -164,9 +164,10 @@ def build_pack(
     (default: every device, as `pack.pack_mesh` groups them); without `seeds`, the one
     run of `config.seed` (`build_run` data-parallel over `devices`), as a pack of one."""
     seeds = pack.seeds_of(config)
+    devices = jax.devices() if devices is None else devices
     if config.get("seeds") is None:
         return pack.build(build_run(config, data, shd.data_mesh(devices)), seeds, "loop")
-    strategy = pack.strategy_of(config, (devices or jax.devices())[0].platform)
+    strategy = pack.strategy_of(config, devices[0].platform)
     mesh = pack.pack_mesh(len(seeds), strategy, devices)
     return pack.build(build_run(pack.run_config(config, seeds[0]), data, mesh), seeds, strategy)
 
