@@ -108,6 +108,6 @@ def eval_batches(
         missing = batch_size - len(y)
         if missing:
             x = np.concatenate([x, np.zeros((missing, *x.shape[1:]), x.dtype)])
-            y = np.concatenate([y, np.zeros(missing, y.dtype)])
+            y = np.concatenate([y, np.zeros((missing, *y.shape[1:]), y.dtype)])
             mask[len(mask) - missing :] = 0.0
         yield x, y, mask
