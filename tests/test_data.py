@@ -335,10 +335,10 @@ def test_eval_batches_cover_every_example_once():
 def test_eval_batches_pad_labels_of_any_shape():
     """Labels that are arrays themselves (a video's masks) are padded like the inputs."""
     videos, masks = np.ones((3, 2, 4, 4, 1), np.float32), np.ones((3, 2, 4, 4), np.uint8)
-    (x, y, w), (x2, y2, w2) = eval_batches(videos, masks, 2)
-    assert (x2.shape, y2.shape) == ((2, 2, 4, 4, 1), (2, 2, 4, 4))
-    np.testing.assert_array_equal(w2, [1, 0])
-    assert y2[0].all() and not y2[1].any()
+    _, (x, y, w) = eval_batches(videos, masks, 2)
+    assert (x.shape, y.shape) == ((2, 2, 4, 4, 1), (2, 2, 4, 4))
+    np.testing.assert_array_equal(w, [1, 0])
+    assert y[0].all() and not y[1].any()
 
 
 # --- The real data, where this machine keeps a copy --------------------------------------------
