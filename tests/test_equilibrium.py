@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import set_field
+from helpers import set_field, train, untimed_records
 
 from experiments.configs import equilibrium as eq_configs
 from rvm.errors import ConfigError
@@ -16,6 +16,7 @@ from rvm.models.equilibrium import (
     Equilibrium,
     Solver,
     Spec,
+    adjoint_metrics,
     implicit_fixed_point,
     jacobian_penalty,
     phantom_fixed_point,
@@ -83,6 +84,41 @@ def test_solver_stops_at_tolerance_or_maximum_and_says_which():
     assert float(stats.residual) > 1e-4
     m = solver_metrics([stats])
     assert float(m["solver_nonconverged"]) == 1.0 and float(m["solver_iterations"]) == 3
+
+
+@pytest.mark.parametrize("max_iter, converged", [(200, True), (2, False)])
+def test_adjoint_solve_reports_through_the_probe_gradient(max_iter, converged):
+    """The probe's gradient is the adjoint solve's Stats, and leaves the others alone."""
+    f, w = tanh_block(0.8)
+    fwd, adj = Solver("anderson", 1e-6, 100), Solver("anderson", 1e-7, max_iter)
+
+    def loss(p, probe):
+        return loss_of(implicit_fixed_point(f, fwd, adj, p, X, jnp.zeros_like(X), probe)[0])
+
+    grad_w, measured = jax.grad(loss, argnums=(0, 1))(w, jnp.zeros(3))
+    # the adjoint solve done directly, as the backward pass does it
+    z, _ = solve(lambda z: f(w, X, z), jnp.zeros_like(X), fwd)
+    _, pull = jax.vjp(lambda z: f(w, X, z), z)
+    g = jax.grad(loss_of)(z)
+    _, stats = solve(lambda u: pull(u)[0] + g, g, adj)
+    m = adjoint_metrics({"level": measured})
+    assert bool(stats.converged) == converged
+    assert float(m["adjoint_iterations"]) == int(stats.iterations)
+    assert float(m["adjoint_residual"]) == pytest.approx(float(stats.residual), rel=1e-5)
+    assert float(m["adjoint_nonconverged"]) == float(not converged)
+    unprobed = jax.grad(lambda p: loss_of(implicit_fixed_point(f, fwd, adj, p, X, X * 0)[0]))(w)
+    np.testing.assert_array_equal(grad_w, unprobed)
+
+
+def test_adjoint_solve_that_stops_at_its_maximum_is_reported_per_epoch(tmp_path):
+    config = eq_configs.get_config("mazes_smoke")
+    config.num_epochs = 1
+    config.equilibrium.backward_max_iter = 2  # too few for the adjoint's tolerance
+    train(config, tmp_path / "run")
+    (record,) = untimed_records(tmp_path / "run")
+    assert record["train_adjoint_iterations"] == 2.0
+    assert record["train_adjoint_nonconverged"] == 1.0
+    assert record["train_adjoint_residual"] > config.equilibrium.backward_tol
 
 
 def test_phantom_gradient_is_the_k_step_unrolled_gradient():

@@ -14,7 +14,8 @@ Backward (`Backward.mode`):
             cotangent, solve the adjoint fixed point u = g + J_f(z*)^T u (the same
             solver, its own tolerance and maximum) and pull u back through f to the
             parameters and x. Exact at the fixed point (tested against the unrolled
-            solve to 1e-3 relative).
+            solve to 1e-3 relative). The adjoint solve is reported like the forward
+            one (the train step's `adjoint_*` metrics), through a probe's gradient.
   phantom   Geng et al.'s (2021) phantom gradient: from the (untaped) z*, k damped
             steps z <- (1 - l) z + l f(z) with autodiff; the layer outputs their end.
 Jacobian regularisation (Bai et al. 2021): `jacobian_penalty` is a Hutchinson estimate
@@ -49,6 +50,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 SOLVERS = ("anderson", "iterate")
+PROBES = "probes"  # the variable collection of the adjoint probes
 MODES = ("implicit", "phantom")
 EPS = 1e-6
 
@@ -198,24 +200,33 @@ def solve(f: Callable[[Array], Array], z0: Array, s: Solver) -> tuple[Array, Sta
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def implicit_fixed_point(f, forward: Solver, adjoint: Solver, params, x, z0):
-    """z* = f(params, x, z*) from z0, and the forward Stats; differentiated implicitly."""
+def implicit_fixed_point(f, forward: Solver, adjoint: Solver, params, x, z0, probe=None):
+    """z* = f(params, x, z*) from z0, and the forward Stats; differentiated implicitly.
+
+    `probe` (float32[3] zeros, optional) changes nothing forward; its gradient is the
+    adjoint solve's (iterations, residual, 1 if it stopped at its maximum): the only way
+    out of a backward pass (`adjoint_metrics` reads it)."""
     return solve(lambda z: f(params, x, z), z0, forward)
 
 
-def _implicit_fwd(f, forward, adjoint, params, x, z0):
+def _implicit_fwd(f, forward, adjoint, params, x, z0, probe):
     z, stats = solve(lambda z: f(params, x, z), z0, forward)
-    return (z, stats), (params, x, z)
+    return (z, stats), (params, x, z, probe)
 
 
 def _implicit_bwd(f, forward, adjoint, res, cotangents):
-    params, x, z = res
+    params, x, z, probe = res
     g = cotangents[0]  # the Stats carry no gradient
     _, pull = jax.vjp(f, params, x, z)
     # u = g + J_z^T u: the adjoint fixed point, solved like the forward one.
-    u, _ = solve(lambda u: pull(u)[2] + g, g, adjoint)
+    u, stats = solve(lambda u: pull(u)[2] + g, g, adjoint)
     dparams, dx, _ = pull(u)
-    return dparams, dx, jnp.zeros_like(z)
+    measured = None
+    if probe is not None:
+        measured = jnp.stack(
+            [stats.iterations.astype(jnp.float32), stats.residual, 1.0 - stats.converged]
+        ).astype(probe.dtype)
+    return dparams, dx, jnp.zeros_like(z), measured
 
 
 implicit_fixed_point.defvjp(_implicit_fwd, _implicit_bwd)
@@ -260,7 +271,10 @@ class Equilibrium(nn.Module):
     """z* = block(z*, x) from z0; returns (z*, Stats, Jacobian penalty or None).
 
     `block` is any weight-tied Flax module called as block(z, x) with parameters only.
-    `jacobian_key` (training) adds the penalty estimate at z*.
+    `jacobian_key` (training) adds the penalty estimate at z*. With the implicit backward
+    the layer holds a probe in the `PROBES` collection: a loss given it and
+    differentiated with respect to it learns how the adjoint solve went
+    (`adjoint_probes`); without it the backward is the same, unreported.
     """
 
     block: nn.Module
@@ -271,6 +285,13 @@ class Equilibrium(nn.Module):
     @nn.compact
     def __call__(self, z0: Array, x: Array, jacobian_key: Array | None = None, solver=None):
         solver = solver or self.solver
+        b = self.backward
+        if b.mode == "implicit" and (
+            self.is_initializing() or self.has_variable(PROBES, "adjoint")
+        ):  # zeros whose gradient reports the adjoint solve (`adjoint_metrics`)
+            probe = self.variable(PROBES, "adjoint", jnp.zeros, (3,), jnp.float32).value
+        else:
+            probe = None
         if self.is_initializing():
             z = self.block(z0, x)
             check_block(self.block.variables)
@@ -280,9 +301,8 @@ class Equilibrium(nn.Module):
         check_block(variables)
         f = lambda p, x, z: module.apply({"params": p}, z, x)
         params = variables["params"]
-        b = self.backward
         if b.mode == "implicit":
-            z, stats = implicit_fixed_point(f, solver, b.solver, params, x, z0)
+            z, stats = implicit_fixed_point(f, solver, b.solver, params, x, z0, probe)
         else:
             z, stats = phantom_fixed_point(f, solver, b.steps, b.damping, params, x, z0)
         penalty = None
@@ -291,6 +311,28 @@ class Equilibrium(nn.Module):
                 lambda z: f(params, x, z), z, jacobian_key, self.jacobian_samples
             )
         return z, stats, penalty
+
+
+def adjoint_probes(model: nn.Module, *args, method: Any = None, **kwargs) -> Any:
+    """Zeros for every probe of `model`'s implicit equilibrium layers (None if it has
+    none), from its variables' shapes when initialised with `args` (nothing computed)."""
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(0)}
+    shapes = jax.eval_shape(lambda: model.init(rngs, *args, method=method, **kwargs))
+    if PROBES not in shapes:
+        return None
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[PROBES])
+
+
+def adjoint_metrics(measured: Any) -> dict[str, Array]:
+    """Step metrics from the probes' gradients (`implicit_fixed_point`): the adjoint
+    solves' summed iterations, their worst residual, and 1.0 where any stopped at its
+    maximum, like `solver_metrics` for the forward solves."""
+    rows = jnp.stack(jax.tree.leaves(measured))
+    return {
+        "adjoint_iterations": jnp.sum(rows[:, 0]),
+        "adjoint_residual": jnp.max(rows[:, 1]),
+        "adjoint_nonconverged": jnp.max(rows[:, 2]),
+    }
 
 
 def solver_metrics(stats: Any) -> dict[str, Array]:

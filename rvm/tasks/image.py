@@ -32,6 +32,7 @@ from rvm.train import sharding, xla
 from rvm.train.fields import boolean, choice, positive
 from rvm.train.relaxation import max_angles, max_pairwise_angles
 from rvm.train.state import TrainState
+from rvm.train.step import Probes
 from rvm.train.task import Task, sum_over_split
 
 
@@ -76,13 +77,16 @@ def make_loss_fn(model: nn.Module, draw_masks: Callable[[jax.Array], list] | Non
     """The loss of `model`; in training, `draw_masks(key)` (if given) draws per-level
     keep-masks for the step (random iteration counts), from the step's model key."""
 
-    def loss_fn(params, batch_stats, batch, rng, train: bool):
+    def loss_fn(params, batch_stats, batch, rng, train: bool, probes=None):
         images, labels = batch
         masks = None
         if train and draw_masks is not None:
             masks = draw_masks(jax.random.fold_in(rng, ITERATIONS_STREAM))
+        variables = {"params": params, "batch_stats": batch_stats}
+        if probes is not None:  # equilibrium levels' adjoint probes (`rvm.train.step.Probes`)
+            variables[equilibrium.PROBES] = probes
         logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats},
+            variables,
             images,
             train=train,
             masks=masks,
@@ -176,6 +180,8 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
     """The image-classification task of a CIFAR-10-style config on `data`."""
     stats = pipeline.normalization_stats(data.train_images, config.data.normalization)
     model = weight_sharing.build_model(config.model, data.num_classes)
+    init_input = jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32)
+    probes = equilibrium.adjoint_probes(model, init_input)
     relaxed = config.model.sharing == "relaxed"
     mask_fn = partial(weight_sharing.set_mask, scope=config.model.scope) if relaxed else None
     score = partial(evaluate, stats=stats, batch_size=config.eval_batch_size, mesh=mesh)
@@ -232,7 +238,7 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
         model=model,
         train_data=put_train_split(data.train_images, data.train_labels, stats, mesh),
         num_train=len(data.train_labels),
-        init_input=jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32),
+        init_input=init_input,
         get_batch=make_get_batch(config, mesh),
         loss_fn=make_loss_fn(model, random_iterations(config.model)),
         epoch_metrics=epoch_metrics,
@@ -240,6 +246,7 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
         unit="images",
         summary=f"{config.model.sharing} sharing, scope {config.model.scope}",
         relax_mask=mask_fn,
+        probes=None if probes is None else Probes(probes, equilibrium.adjoint_metrics),
     )
 
 

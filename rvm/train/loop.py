@@ -124,6 +124,7 @@ def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
         lr_schedule=optim.learning_rate(config.optim, total_steps),
         skip_nonfinite=config.skip_nonfinite,
         rng_streams=config.get("rng_streams", ADDED_FIELDS["rng_streams"]),
+        probes=task.probes,
     )
     step_fn = jax.jit(
         partial(train_step, **step_kwargs),

@@ -10,7 +10,7 @@ over a `("data",)` mesh, BatchNorm statistics are those of the global batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,17 @@ from rvm.train.optim import relaxation_state
 from rvm.train.state import TrainState
 
 LossFn = Callable[..., tuple[jax.Array, tuple[Any, dict[str, jax.Array]]]]
+
+
+class Probes(NamedTuple):
+    """Inputs of a loss that leave its value unchanged but whose gradients measure the
+    backward pass (an equilibrium layer's adjoint solve, `rvm.models.equilibrium`): the
+    loss takes `zeros` as a sixth argument, and `read` turns their gradients into step
+    metrics."""
+
+    zeros: Any
+    read: Callable[[Any], dict[str, jax.Array]]
+
 
 # How a run's key (`state.rng`, PRNGKey(seed)) becomes the keys of its uses
 # (`config.rng_streams`). "tagged": each use folds in a tag of its own first, so no two
@@ -53,23 +64,29 @@ def train_step(
     lr_schedule: optax.Schedule | None = None,
     skip_nonfinite: bool = False,
     rng_streams: str = "tagged",
+    probes: Probes | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step; returns the new state and this step's scalar metrics.
 
     With `skip_nonfinite`, a step whose loss or gradients are not finite leaves
     params, statistics and optimiser state as they were (metric `skipped` = 1),
     except the optimiser's step counts, so that its schedules (learning rate, pull)
-    stay those of `state.step`. `rng_streams` is one of `RNG_STREAMS`.
+    stay those of `state.step`. `rng_streams` is one of `RNG_STREAMS`. `probes`' readings
+    join the metrics.
     """
     step_key, order_key = stream_keys(state.rng, state.step, rng_streams)
     data_rng, model_rng = jax.random.split(step_key)
     # The run's key, `PRNGKey(config.seed)`, orders its data: a traced value, so the runs
     # of a pack (`rvm.train.pack`) share one program and each keeps its own order.
     batch = get_batch(data, state.step, data_rng, jax.random.wrap_key_data(order_key))
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (batch_stats, metrics)), grads = grad_fn(
-        state.params, state.batch_stats, batch, model_rng, True
-    )
+    args = (state.params, state.batch_stats, batch, model_rng, True)
+    if probes is None:
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (batch_stats, metrics)), grads = grad_fn(*args)
+    else:
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 5), has_aux=True)
+        (loss, (batch_stats, metrics)), (grads, measured) = grad_fn(*args, probes.zeros)
+        metrics = {**metrics, **probes.read(measured)}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, **metrics}

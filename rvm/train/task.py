@@ -22,7 +22,7 @@ import numpy as np
 from rvm.data import pipeline
 from rvm.train import sharding
 from rvm.train.state import TrainState
-from rvm.train.step import LossFn
+from rvm.train.step import LossFn, Probes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,7 @@ class Task:
     unit: str  # what one example is ("images", "sequences"): throughput is `{unit}_per_sec`
     summary: str  # the model in a few words, for the log
     relax_mask: Callable | None = None  # kernel sets the optimiser relaxes (relaxed sharing)
+    probes: Probes | None = None  # gradients that measure the backward pass (`rvm.train.step`)
 
 
 def sum_over_split(

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from rvm.models.equilibrium import solver_metrics
+from rvm.models.equilibrium import PROBES, solver_metrics
 from rvm.models.thinking import ThinkingNet
 from rvm.train.step import LossFn
 
@@ -163,10 +163,13 @@ def equilibrium_loss_fn(model: ThinkingNet) -> LossFn:
     with the Jacobian penalty when the spec weights it, and the solver's statistics."""
     spec = model.equilibrium
 
-    def loss_fn(params, batch_stats, batch, rng, is_training):
+    def loss_fn(params, batch_stats, batch, rng, is_training, probes=None):
         x, labels = batch
         key = rng if spec.jacobian_weight > 0 and is_training else None
-        logits, stats, penalty = model.apply({"params": params}, x, key, method=ThinkingNet.solve)
+        variables = {"params": params}
+        if probes is not None:  # the adjoint solve's probe (`rvm.train.step.Probes`)
+            variables[PROBES] = probes
+        logits, stats, penalty = model.apply(variables, x, key, method=ThinkingNet.solve)
         loss = per_position_loss(logits, labels)
         metrics = {"error": exact_match_error(logits, labels), **solver_metrics(stats)}
         if penalty is not None:

@@ -43,11 +43,12 @@ from flax import struct
 from rvm.data import pipeline
 from rvm.data.mazes import check_size, maze_split
 from rvm.data.prefix_sums import check_length, prefix_sum_split
-from rvm.models.equilibrium import spec_from_config
+from rvm.models.equilibrium import adjoint_metrics, adjoint_probes, spec_from_config
 from rvm.models.thinking import NORMS, ThinkingNet, check_iterations, warn_if_unseen
 from rvm.tasks.thinking import progressive
 from rvm.train import sharding, xla
 from rvm.train.state import TrainState
+from rvm.train.step import Probes
 from rvm.train.task import Task, sum_over_split
 
 KINDS = ("mazes", "prefix_sums")
@@ -318,13 +319,17 @@ def make_task(config: ml_collections.ConfigDict, data: ThinkingData, mesh) -> Ta
         if t.progressive_weight == 0
         else f"{progressive.draw_name(t)} counts, a={t.progressive_weight}"
     )
+    init_input = jnp.zeros((1, *data.train.inputs.shape[1:]), jnp.float32)
+    probes = None
     if model.equilibrium is not None:
         scheme = f"solved to equilibrium ({model.equilibrium.solver.name})"
+        zeros = adjoint_probes(model, init_input, method=ThinkingNet.solve)
+        probes = None if zeros is None else Probes(zeros, adjoint_metrics)
     return Task(
         model=model,
         train_data=jax.device_put(train, sharding.replicated(mesh)),
         num_train=len(data.train.labels),
-        init_input=jnp.zeros((1, *data.train.inputs.shape[1:]), jnp.float32),
+        init_input=init_input,
         get_batch=make_get_batch(config, mesh),
         loss_fn=progressive.make_loss_fn(model, config.train),
         epoch_metrics=epoch_metrics,
@@ -334,6 +339,7 @@ def make_task(config: ml_collections.ConfigDict, data: ThinkingData, mesh) -> Ta
             f"{config.data.kind}, width {config.model.width}, recall {config.model.recall}, "
             f"{m} iterations, {scheme}"
         ),
+        probes=probes,
     )
 
 
