@@ -37,7 +37,7 @@ BLOCKS = (2, 3, 3)  # two scanned blocks per level (levels 2-3 lose one to paddi
 # Trains one tiny run exactly as the fixture's docstring says, in a child process.
 TRAIN = f"""
 import sys
-from experiments.configs import cifar10
+from experiments.configs import cifar10, equilibrium
 from rvm.train.loop import train_and_evaluate
 
 config = cifar10.get_config("smoke")
@@ -49,13 +49,16 @@ config.data.synthetic_train = 128
 config.data.synthetic_test = 64
 config.batch_size = 32
 config.eval_batch_size = 64
+if config.model.sharing == "equilibrium":
+    config.model.equilibrium = equilibrium.solver_section(max_iter=3, backward_max_iter=3)
 train_and_evaluate(config, sys.argv[1])
 """
 
 
 @pytest.fixture(scope="module")
 def run_dirs(tmp_path_factory):
-    """A relaxed run (stochastic depth on) and a non-shared run (off), one epoch each.
+    """A relaxed run (stochastic depth on), a non-shared run and one whose levels are
+    solved to equilibrium (at most 3 solver iterations; both off), one epoch each.
 
     Both train with `train_and_evaluate` in child processes started together: on a
     shared 2-core machine compilation dominates, and two processes compile in
@@ -67,7 +70,7 @@ def run_dirs(tmp_path_factory):
     fast = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=1 {fast}"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    specs = {"relaxed": "on", "nonshared": "off"}
+    specs = {"relaxed": "on", "nonshared": "off", "equilibrium": "off"}
     procs = {}
     for mode, sd in specs.items():
         # Logs go to files: an unread pipe that fills up would stall a child.
@@ -205,6 +208,35 @@ def test_readout_time_at_trained_depth_equals_plain_evaluation(loaded):
         assert curve[t - 1]["loss"] == pytest.approx(exact["loss"], rel=1e-5)
     with pytest.raises(ValueError, match="not raw-shared"):
         readout.readout_time_curve(loaded["nonshared"])
+
+
+def test_readout_time_of_an_equilibrium_level_is_error_against_solver_iterations(loaded):
+    run = loaded["equilibrium"]
+    assert run.level_is_equilibrium(1) and not run.level_is_shared(1)
+    curve = readout.readout_time_curve(run, 1, max_factor=2)
+    assert [r["iterations"] for r in curve] == [1, 2, 3, 4, 6]
+    assert {r["trained"] for r in curve} == {3}
+    assert len({round(r["loss"], 6) for r in curve}) > 1  # the count changes the network
+    for r in (curve[0], curve[-1]):
+        exact = run.evaluate(iterations=(None, r["iterations"], None))
+        assert r["error"] == exact["error"]
+        assert r["loss"] == pytest.approx(exact["loss"], rel=1e-6)
+    with pytest.raises(ValueError, match="no blocks to switch off"):
+        readout.ablations(run)
+
+
+def test_trajectories_of_an_equilibrium_level_follow_its_solver(loaded):
+    """An equilibrium level's trajectory: the plain iterates from its input, then the
+    fixed point its solver found, which is what the level passes on."""
+    run = loaded["equilibrium"]
+    images = run.split("train")[0][:8]
+    acts = run.activations(images)
+    ends = run.level_ends(images)
+    for level, (inputs, path) in enumerate(acts):
+        assert path.shape == (3 + 1, *inputs.shape)  # at most 3 iterations, then the answer
+        np.testing.assert_array_equal(path[-1], ends[level])
+    levels = trajectories.trajectories(run, num_examples=16)
+    assert [lt.raw.shape for lt in levels] == [(16, 5, 2)] * 3
 
 
 def test_recalibrated_ablations_reestimate_each_ablated_network(loaded):
@@ -377,7 +409,7 @@ def test_report_writes_every_file_it_promises(run_dirs, loaded, tmp_path):
         "readout_time_relaxed_recalibrated.json",
         "readout_time_relaxed_recalibrated.csv",
     }
-    for mode in run_dirs:
+    for mode in ("relaxed", "nonshared"):
         expected |= {f"trajectories_{mode}.png", f"separability_{mode}.json"}
         expected |= {f"ablation_{mode}.json", f"ablation_{mode}.csv"}
     assert names == expected

@@ -7,7 +7,9 @@ early. Three ablations probe how a level spreads its work over its blocks:
   bottom_to_top  blocks off from the bottom: which early blocks the level relies on;
   single         each block off alone: how much any one block matters.
 For a raw-shared level (or the consolidated relaxed one) the recurrence can also
-run *longer* than trained: `readout_time_curve` evaluates readout times 1..2N.
+run *longer* than trained: `readout_time_curve` evaluates readout times 1..2N. An
+equilibrium level has no blocks to switch off: its readout time is the number of solver
+iterations, up to twice the maximum it was trained with (`readout_time_curve` again).
 
 Every analysis can keep the trained BatchNorm statistics or (`recalibrate=True`)
 re-estimate them for each network it evaluates (`LoadedRun.recalibrated`): an
@@ -83,6 +85,11 @@ def ablations(
     run is evaluated as (the consolidated one for relaxed runs); `num_examples`
     limits the test split for quick looks.
     """
+    if run.level_is_equilibrium(level):
+        raise ValueError(
+            f"{run.info.workdir}: level {level + 1} is solved to equilibrium, it has no blocks "
+            "to switch off; readout_time_curve gives its error against solver iterations"
+        )
     n = run.info.scanned_blocks(level)
     masks = [None] * 3
     cache: dict[tuple, dict] = {}
@@ -128,7 +135,13 @@ def readout_time_curve(
     level scanned for max_factor*N iterations, those past the readout time masked
     off (a masked-off block is the identity), so the evaluation compiles once rather
     than once per readout time.
+
+    For an equilibrium level the readout times are solver iterations (exactly t
+    f-evaluations of its solver, no tolerance), on `solver_counts`' grid up to
+    max_factor times the solver's trained maximum: one program per count.
     """
+    if run.level_is_equilibrium(level):
+        return _solver_iterations_curve(run, level, max_factor, num_examples, recalibrate)
     if not run.level_is_shared(level, consolidated):
         raise ValueError(
             f"{run.info.workdir}: level {level + 1} is not raw-shared in this network "
@@ -154,6 +167,29 @@ def readout_time_curve(
             variables=fresh,
         )
         records.append({"iterations": t, "trained": n, **result})
+    return records
+
+
+def solver_counts(longest: int) -> list[int]:
+    """1, 2, 3, 4, 6, 8, 12, 16, 24, ... up to `longest` (included): each count of a
+    readout-time curve over solver iterations compiles its own program."""
+    powers = [2**i for i in range(longest.bit_length())]
+    return sorted({c for p in powers for c in (p, 3 * p) if c < longest}) + [longest]
+
+
+def _solver_iterations_curve(
+    run: LoadedRun, level: int, max_factor: int, num_examples: int | None, recalibrate: bool
+) -> list[dict]:
+    trained = run.model.equilibrium.solver.max_iter
+    records = []
+    for t in solver_counts(max_factor * trained):
+        iterations = [None] * 3
+        iterations[level] = t
+        fresh = run.recalibrated(None, tuple(iterations)) if recalibrate else None
+        result = run.evaluate(
+            None, iterations=tuple(iterations), num_examples=num_examples, variables=fresh
+        )
+        records.append({"iterations": t, "trained": trained, **result})
     return records
 
 
@@ -222,7 +258,7 @@ def readout_time_axes(ax, curves: Sequence[tuple[str, Sequence[dict]]], level: i
         ax.axvline(records[0]["trained"], color=colour, ls="--", lw=1)
     ax.set_xlabel(f"readout time of the {LEVEL_NAMES[level]} level (iterations)")
     ax.set_ylabel("test error (%)")
-    ax.set_title("readout time (dashed: trained depth)")
+    ax.set_title("readout time (dashed: trained depth or solver maximum)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -341,7 +341,8 @@ def _analyses(
                     written.extend(done[info.workdir]["files"])
             if done[info.workdir] is None:
                 continue
-            abl_curves.append((label, done[info.workdir]["ablation"]))
+            if done[info.workdir]["ablation"] is not None:
+                abl_curves.append((label, done[info.workdir]["ablation"]))
             if done[info.workdir]["times"] is not None:
                 time_curves.append((label, done[info.workdir]["times"]))
         if abl_curves:
@@ -429,10 +430,13 @@ def _analyse_run(info: RunInfo, name: str, out: Path, options: Options, data_cac
     )
     sep_path = out / f"separability_{name}.json"
     sep_path.write_text(json.dumps(sep, indent=1) + "\n")
-    abl = readout.ablations(run, options.level, num_examples=options.readout_examples)
-    files = [traj, sep_path, *readout.write_records(abl, out / f"ablation_{name}")]
+    files = [traj, sep_path]
+    abl = None  # an equilibrium level has no blocks to switch off
+    if not run.level_is_equilibrium(options.level):
+        abl = readout.ablations(run, options.level, num_examples=options.readout_examples)
+        files.extend(readout.write_records(abl, out / f"ablation_{name}"))
     times = None
-    if run.level_is_shared(options.level):
+    if run.level_is_shared(options.level) or run.level_is_equilibrium(options.level):
         console.status(f"{name}: readout time up to {options.max_factor}x the trained depth")
         times = {}
         for stats in ("trained", "recalibrated"):

@@ -211,6 +211,11 @@ class LoadedRun:
         model, _ = self.network(consolidated)
         return bool(model.shared_levels[level])
 
+    def level_is_equilibrium(self, level: int) -> bool:
+        """Whether the level is one block solved to its fixed point (`model.sharing`
+        "equilibrium"): its readout time is the solver's iteration count."""
+        return bool(self.model.equilibrium_levels[level])
+
     def split(self, name: str = "test", num_examples: int | None = None):
         """(images, labels) of a split, optionally only its first `num_examples`."""
         images, labels = getattr(self.data, f"{name}_images"), getattr(self.data, f"{name}_labels")

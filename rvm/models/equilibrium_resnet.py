@@ -55,7 +55,10 @@ class EquilibriumLevel(nn.Module):
 
     `iterations` (evaluation): run exactly that many solver iterations (error against
     solver iterations, the readout-time ablation of an equilibrium level).
-    Returns (x, (level input, None)) like `rvm.models.resnet.Level`.
+    Returns (x, (level input, outputs)) like `rvm.models.resnet.Level`; with
+    `keep_activations` the outputs are the path of the recurrence towards its fixed point,
+    the plain iterates f(z, x), ..., f^T(z, x) from z = x (T the solver's maximum or
+    `iterations`), then the solver's answer [T + 1, B, H, W, C]; otherwise None.
     """
 
     features: int
@@ -63,6 +66,7 @@ class EquilibriumLevel(nn.Module):
     spec: Spec
     dtype: Any = jnp.float32
     conv_impl: str = "xla"
+    keep_activations: bool = False
 
     @nn.compact
     def __call__(self, x: Array, train: bool, iterations: int | None = None):
@@ -79,9 +83,16 @@ class EquilibriumLevel(nn.Module):
         layer = Equilibrium(
             cell, self.spec.solver, self.spec.backward, self.spec.jacobian_samples, name="deq"
         )
-        z, stats, penalty = layer(x.astype(jnp.float32), x.astype(jnp.float32), key, solver)
+        x32 = x.astype(jnp.float32)
+        z, stats, penalty = layer(x32, x32, key, solver)
+        path = None
         if not self.is_initializing():
             self.sow("solver", "stats", stats)
             if penalty is not None:
                 self.sow("solver", "jacobian", penalty)
-        return z.astype(self.dtype), (inputs, None)
+            if self.keep_activations:
+                module, variables = cell.unbind()
+                f = lambda z, _: (module.apply(variables, z, x32),) * 2
+                iterates = jax.lax.scan(f, x32, None, length=solver.max_iter)[1]
+                path = jnp.concatenate([iterates, z[None]]).astype(self.dtype)
+        return z.astype(self.dtype), (inputs, path)

@@ -80,8 +80,8 @@ def extend_levels(variables: dict, iterations: Sequence[int | None]) -> dict:
     stats = dict(variables["batch_stats"])
     for i, length in enumerate(iterations):
         name = f"level{i + 1}"
-        if length is None or name not in stats:
-            continue
+        if length is None or "blocks" not in stats.get(name, {}):
+            continue  # no statistics per iteration (an equilibrium level's cell has none)
         level = dict(stats[name])
         blocks = level["blocks"]
         trained = jax.tree.leaves(blocks)[0].shape[0]

@@ -344,6 +344,7 @@ class ResNet(nn.Module):
                     self.equilibrium,
                     self.dtype,
                     self.conv_impl,
+                    self.keep_activations,
                     name=f"level{i + 1}",
                 )(x, train, iterations[i])
                 activations.append(acts)
