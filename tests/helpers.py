@@ -3,6 +3,7 @@ config, fake variables, record comparisons. No test module imports another."""
 
 import ast
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from experiments.configs import cifar10
 from rvm.train import loop, metrics
+from rvm.train.checkpoint import Checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,3 +114,27 @@ def assert_moved_alike(got, want, start, ratio: float, floor: float = 1e-6) -> N
             f"{jax.tree_util.keystr(path)}: {off:.3g} from the expected value, "
             f"{ratio:g} of the {moved:.3g} training moved it allows {ratio * moved + floor:.3g}"
         )
+
+
+def assert_pack_resumes_to_each_seed_alone(config, tmp_path, stop_at: int) -> dict:
+    """Seed 1 trained alone, and a pack of seeds (0, 1) stopped after `stop_at` steps and
+    resumed, end alike for seed 1 (records, results, parameters); the alone run's result."""
+    config.seed = 1
+    alone, pack_dir = tmp_path / "alone", tmp_path / "pack"
+    straight = train(config, alone)
+    packed_config = config.copy_and_resolve_references()
+    packed_config.seeds, packed_config.pack_strategy = (0, 1), "loop"
+    assert train(packed_config, pack_dir, max_steps=stop_at)["step"] == stop_at
+    packed = train(packed_config, pack_dir)
+    run = pack_dir / "seed_1"
+    assert packed["finished"] and sorted(packed["runs"]) == [0, 1]
+    results = lambda workdir: json.loads((workdir / "results.json").read_text())
+    assert results(run) == results(alone)
+    assert untimed_records(run) == untimed_records(alone)
+    assert untimed_records(run) != untimed_records(pack_dir / "seed_0")
+    assert Checkpoints(run).latest_step() == Checkpoints(alone).latest_step() == straight["step"]
+    shapes = loop.state_shapes(config, loop.load_data(config))
+    got, want = (Checkpoints(w).restore(shapes) for w in (run, alone))
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    return straight

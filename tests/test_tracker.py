@@ -1,12 +1,12 @@
 """The Re3-style tracker: its curriculum, state resets, measures and input checks; the
-glimpse task's checks."""
+glimpse task's checks; both tasks' packs of seeds through the loop, stopped and resumed."""
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from helpers import random_variables, set_field, train
+from helpers import assert_pack_resumes_to_each_seed_alone, random_variables, set_field
 
 from experiments.configs import glimpses as glimpses_config
 from experiments.configs import tracker as tracker_config
@@ -146,7 +146,7 @@ def test_glimpse_config_errors(field, value, message):
         validate(config)
 
 
-def test_tracker_run_resumes_exactly_through_the_curriculum(tmp_path):
+def test_tracker_pack_resumes_exactly_through_the_curriculum(tmp_path):
     config = tracker_config.get_config("smoke")
     config.data.update(canvas=24, digit_size=12, num_train=32, num_val=8, num_test=8)
     config.data.update(train_frames=9, test_frames=10)
@@ -155,13 +155,21 @@ def test_tracker_run_resumes_exactly_through_the_curriculum(tmp_path):
     config.update(batch_size=16, eval_batch_size=8, num_epochs=2, log_every_steps=2)
     config.eval.update(reset_every=4, num_shown=1, speed_batches=())
 
-    straight = train(config, tmp_path / "straight")
-    assert train(config, tmp_path / "split", max_steps=1)["step"] == 1
-    split = train(config, tmp_path / "split")
+    # stopped after the first step, inside the curriculum's first stage
+    straight = assert_pack_resumes_to_each_seed_alone(config, tmp_path, stop_at=1)
     assert straight["finished"] and straight["step"] == 4
-    assert split == straight
-    records = read_jsonl(tmp_path / "straight/metrics.jsonl")
+    records = read_jsonl(tmp_path / "alone/metrics.jsonl")
     # unroll 2 then 4 in epoch 1, 8 from step 2 on: the epoch means show the switch
     assert [r["train_unroll"] for r in records] == [3.0, 8.0]
     assert [r["train_p_own"] for r in records] == pytest.approx([0.25, 1.0])
     assert 0 <= straight["test"]["mean_iou"] <= 1
+
+
+def test_glimpses_pack_resumes_to_each_seed_trained_alone(tmp_path):
+    config = glimpses_config.get_config("smoke")  # RAM with the learned policy, clutter
+    config.data.update(num_train=32, num_val=16, num_test=16)
+    config.model.update(glimpses=2, hidden=8)
+    config.update(batch_size=16, eval_batch_size=16)
+    config.eval.update(compute_canvases=(), num_shown=2)
+    straight = assert_pack_resumes_to_each_seed_alone(config, tmp_path, stop_at=3)
+    assert straight["finished"] and straight["step"] == 4

@@ -2,21 +2,17 @@
 reproduce a linear per-frame network, FLOP accounting, schedules, config errors, and a
 pack of seeds through the loop, stopped and resumed."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import train, untimed_records
+from helpers import assert_pack_resumes_to_each_seed_alone
 
 from experiments.configs import video_objects as configs
 from rvm.analysis import video_objects as measures
 from rvm.errors import ConfigError
 from rvm.models import video_objects as vo
 from rvm.models.conv import SameConv
-from rvm.train import loop
-from rvm.train.checkpoint import Checkpoints
 from rvm.train.config_check import validate
 
 TINY = dict(widths=(2, 4, 4), blocks=(1, 2, 2), small_features=2)
@@ -173,26 +169,9 @@ def test_every_variant_validates():
 
 
 def test_a_pack_stopped_mid_epoch_resumes_to_each_seed_trained_alone(tmp_path):
-    """Through the one loop, as for every task: a pack of two seeds stopped mid-epoch and
-    resumed ends, seed by seed, as that seed trained alone without a stop (records,
-    results, parameters)."""
+    """Through the one loop, as for every task: seed by seed, as trained alone."""
     config = configs.get_config("smoke")  # dual, K = 3
     config.data.update(num_train=16, num_val=4, num_test=4, num_frames=4)
     config.update(num_epochs=2, measure_fps_batches=())  # 2 steps an epoch; frames/s is timing
-    config.seed = 1
-    alone, pack_dir = tmp_path / "alone", tmp_path / "pack"
-    train(config, alone)
-    packed_config = config.copy_and_resolve_references()
-    packed_config.seeds, packed_config.pack_strategy = (0, 1), "loop"
-    assert train(packed_config, pack_dir, max_steps=3) == {"step": 3, "finished": False}
-    packed = train(packed_config, pack_dir)
-    assert packed["finished"] and sorted(packed["runs"]) == [0, 1]
-    run = pack_dir / "seed_1"
-    assert untimed_records(run) == untimed_records(alone)
-    assert untimed_records(run) != untimed_records(pack_dir / "seed_0")
-    assert packed["runs"][1] == json.loads((alone / "results.json").read_text())
-    assert Checkpoints(run).latest_step() == Checkpoints(alone).latest_step() == 4
-    shapes = loop.state_shapes(config, loop.load_data(config))
-    got, want = (Checkpoints(w).restore(shapes) for w in (run, alone))
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    straight = assert_pack_resumes_to_each_seed_alone(config, tmp_path, stop_at=3)
+    assert straight["step"] == 4
