@@ -24,7 +24,7 @@ train() {  # name config workdir flags...
 }
 THINK_EPOCHS=${THINK_EPOCHS:-1}
 THINK_TRAIN=${THINK_TRAIN:-640}  # training examples: 20 steps of 32 (README.md: the budget)
-for run in ${RUNS:-mazes prefix_sums prefix_sums_phantom cifar_raw cifar_deq}; do
+for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom cifar_raw cifar_deq}; do
   case $run in
     cifar_raw)
       train all3_raw_e$EPOCHS experiments/configs/cifar10.py:all3_raw workdirs/eq_all3_raw_e$EPOCHS \
@@ -42,6 +42,11 @@ for run in ${RUNS:-mazes prefix_sums prefix_sums_phantom cifar_raw cifar_deq}; d
       train prefix_sums_deq experiments/configs/equilibrium.py:prefix_sums workdirs/eq_prefix_sums \
         --config.num_epochs="$THINK_EPOCHS" --config.data.num_train="$THINK_TRAIN" \
         --config.log_every_steps=5 --config.data.test_sizes="(32,64)" --config.eval.factor=3 ;;
+    mazes_phantom)  # the maze net at the progressive net's budget (3,744 steps), phantom
+      train mazes_phantom experiments/configs/equilibrium.py:mazes workdirs/eq_mz_phantom \
+        --config.equilibrium.backward=phantom \
+        --config.equilibrium.phantom_steps=10 --config.equilibrium.phantom_damping=1.0 \
+        --config.log_every_steps=25 --config.data.test_sizes="(9,13)" --config.eval.factor=3 ;;
     prefix_sums_phantom)  # the same at the progressive net's budget (5,000 steps), trained
       # with the phantom gradient: 10 undamped steps with autodiff from the fixed point
       train prefix_sums_phantom experiments/configs/equilibrium.py:prefix_sums \
