@@ -9,6 +9,8 @@
 # alone), in workdirs/cpu_<variant>/seed_<s>. Rerunning resumes from the checkpoints;
 # VARIANTS="all3_raw" trains only the variants named, SEEDS="1" only those seeds (a
 # pack's seed list is fixed: another list needs another workdir, here its own name).
+# --config.rng_streams=shared: the random keys these runs were recorded with (their
+# config.json predates the field; rvm.train.step says how the streams differ).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 # One XLA device: on this 2-core VM, two host devices deadlocked in an all-reduce when
@@ -28,7 +30,7 @@ train() {
   python -m experiments.train \
     --config=experiments/configs/cifar10.py:$1 --config.seeds="$pack" \
     --config.num_epochs="$EPOCHS" --config.data.source=binary \
-    --workdir="$workdir" --alsologtostderr
+    --config.rng_streams=shared --workdir="$workdir" --alsologtostderr
   for seed in $2; do
     run=$(name "$1" "$seed")
     mkdir -p "results/cifar10_cpu/$run"

@@ -22,6 +22,8 @@ train() {  # name config workdir flags...
   python -m experiments.train --config="$config" --workdir="$workdir" "$@"
   copy "$workdir" "$name"
 }
+# The short mazes and prefix_sums runs were recorded before `rng_streams` existed:
+# --config.rng_streams=shared gives them their keys again (rvm.train.step).
 THINK_EPOCHS=${THINK_EPOCHS:-1}
 THINK_TRAIN=${THINK_TRAIN:-640}  # training examples: 20 steps of 32 (README.md: the budget)
 for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom cifar_raw cifar_deq}; do
@@ -36,11 +38,15 @@ for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom cifar_raw
         --config.model.equilibrium.backward_max_iter="$MAX_ITER" ;;
     mazes)  # 9x9 training mazes, tested on 9x9 and 13x13; a short budget (README.md)
       train mazes_deq experiments/configs/equilibrium.py:mazes workdirs/eq_mazes \
-        --config.num_epochs="$THINK_EPOCHS" --config.data.num_train="$THINK_TRAIN" \
+        --config.rng_streams=shared --config.num_epochs="$THINK_EPOCHS" --config.data.num_train="$THINK_TRAIN" \
         --config.log_every_steps=5 --config.data.test_sizes="(9,13)" --config.eval.factor=3 ;;
     prefix_sums)  # 32-bit training strings, tested on 32 and 64 bits
-      train prefix_sums_deq experiments/configs/equilibrium.py:prefix_sums workdirs/eq_prefix_sums \
-        --config.num_epochs="$THINK_EPOCHS" --config.data.num_train="$THINK_TRAIN" \
+      train prefix_sums_deq experiments/configs/equilibrium.py:prefix_sums \
+        workdirs/eq_prefix_sums_short --config.rng_streams=shared --config.num_epochs="$THINK_EPOCHS" --config.data.num_train="$THINK_TRAIN" \
+        --config.log_every_steps=5 --config.data.test_sizes="(32,64)" --config.eval.factor=3 ;;
+    prefix_sums_implicit)  # the same at the progressive net's budget, 5,000 steps
+      train prefix_sums_implicit experiments/configs/equilibrium.py:prefix_sums \
+        workdirs/eq_prefix_sums --config.num_epochs=50 --config.data.num_train=10000 \
         --config.log_every_steps=5 --config.data.test_sizes="(32,64)" --config.eval.factor=3 ;;
     mazes_phantom)  # the maze net at the progressive net's budget (3,744 steps), phantom
       train mazes_phantom experiments/configs/equilibrium.py:mazes workdirs/eq_mz_phantom \

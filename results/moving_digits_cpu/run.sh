@@ -9,6 +9,8 @@
 # summary.md and the figures are then written from the run directories
 # (experiments/sequence_summary.py).
 # Rerunning resumes unfinished runs and skips finished ones. Logs: $WORKDIRS/NAME.log.
+# --config.rng_streams=shared: the random keys these runs were recorded with (their
+# config.json predates the field; rvm.train.step says how the streams differ).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORKDIRS=${WORKDIRS:-workdirs/moving_digits_cpu}
@@ -21,7 +23,7 @@ train() {  # NAME VARIANT [--config.FIELD=VALUE ...]
   local name=$1 variant=$2 start=$SECONDS
   shift 2
   if [[ ! -f "$WORKDIRS/$name/results.json" ]]; then
-    python -m experiments.train --config="$CONFIG:$variant" "$@" \
+    python -m experiments.train --config="$CONFIG:$variant" --config.rng_streams=shared "$@" \
       --workdir="$WORKDIRS/$name" >>"$WORKDIRS/$name.log" 2>&1
   fi
   mkdir -p "$OUT/$name"

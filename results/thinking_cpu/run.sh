@@ -10,7 +10,8 @@
 # (experiments/think_eval.py). Rerunning resumes unfinished runs and skips finished ones,
 # and a run committed here without a workdir is kept as it is (its checkpoint is evaluated
 # again); RUNS="ps_plain" takes only the runs named.
-# Logs: $WORKDIRS/NAME.log.
+# Logs: $WORKDIRS/NAME.log. --config.rng_streams=shared: the random keys these runs were
+# recorded with (their config.json predates the field; rvm.train.step says how they differ).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORKDIRS=${WORKDIRS:-workdirs/thinking_cpu}
@@ -28,7 +29,8 @@ train() {  # NAME CONFIG VARIANT [--config.FIELD=VALUE ...]
     return 0
   fi
   if [[ ! -f "$WORKDIRS/$name/results.json" ]]; then
-    python -m experiments.train --config="experiments/configs/$config.py:$variant" "$@" \
+    python -m experiments.train --config="experiments/configs/$config.py:$variant" \
+      --config.rng_streams=shared "$@" \
       --workdir="$WORKDIRS/$name" >>"$WORKDIRS/$name.log" 2>&1
   fi
   local last
