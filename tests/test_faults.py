@@ -27,7 +27,7 @@ from helpers import (
 from orbax.checkpoint._src.serialization import serialization
 
 from rvm.data import load_images
-from rvm.train import loop, metrics, optim
+from rvm.train import epoch, loop, metrics, optim
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.checkpoint import CheckpointError, Checkpoints
@@ -69,6 +69,27 @@ def test_a_checkpoint_of_another_state_is_refused_and_left_in_place(tmp_path):
     restored = ckpts.restore_latest_usable({"w": jnp.zeros((3, 2)), "b": jnp.ones(2)}, sums)
     np.testing.assert_array_equal(restored.state["w"], np.ones((3, 2)))
     assert restored.records == records
+
+
+def test_a_checkpoint_of_code_with_other_step_metrics_resumes_its_epoch(tmp_path, caplog):
+    """Code that adds a step metric (or drops one) still resumes a run stopped mid-epoch:
+    the epoch's other sums go on, the added metric's mean reads NaN until the epoch ends."""
+    state = {"w": jnp.ones(3)}
+    step_metrics = lambda *names: {k: jnp.float32(i + 1) for i, k in enumerate(names)}
+    old = step_metrics("loss", "error", "dropped", "learning_rate")
+    saved = epoch.add(epoch.zeros(old), old, jnp.int32(0), 10)
+    Checkpoints(tmp_path).save(1, state, saved, {"config": {}, "records": []})
+    new = step_metrics("loss", "error", "added", "learning_rate")
+    with caplog.at_level("WARNING"):
+        restored = Checkpoints(tmp_path).restore_latest_usable(state, epoch.zeros(new))
+    assert "without the step metrics added" in caplog.text
+    assert set(restored.epoch.sums) == set(restored.epoch.carry) == {"loss", "error", "added"}
+    sums = epoch.add(restored.epoch, new, jnp.int32(1), 10)
+    means = epoch.means(jax.device_get(sums))
+    assert (means["loss"], means["error"], means["learning_rate"]) == (1.0, 2.0, 4.0)
+    assert np.isnan(means["added"]) and int(sums.steps) == 2
+    fresh = epoch.means(jax.device_get(epoch.add(sums, new, jnp.int32(10), 10)))
+    assert fresh["added"] == 3.0  # the next epoch records it
 
 
 def test_a_checkpoint_without_the_epoch_and_records_is_analysed_not_resumed(tmp_path):

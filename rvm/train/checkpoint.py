@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from rvm.errors import UserError
+from rvm.train import epoch as epoch_sums
 
 # Status codes of tensorstore's I/O errors, which orbax raises as ValueError: a full or
 # read-only disk, a vanished directory. Other ValueErrors are bugs and propagate.
@@ -261,6 +262,17 @@ class Checkpoints:
                 continue
         return None
 
+    def _saved_epoch(self, step: int) -> dict | None:
+        """The tree of checkpoint `step`'s epoch sums, None where it cannot be read (damage
+        is for the restore to find)."""
+        try:
+            saved = self.manager.item_metadata(step)[EPOCH].tree
+        except Exception:  # orbax/tensorstore raise many kinds for damaged files
+            return None
+        fields = epoch_sums.METRIC_FIELDS
+        ok = isinstance(saved, dict) and all(isinstance(saved.get(f), dict) for f in fields)
+        return saved if ok else None
+
     def _check_matches(self, target: dict[str, Any], step: int) -> None:
         """Raises CheckpointError if checkpoint `step` holds another tree of arrays than
         `target` (items by name), or is a complete checkpoint of an older rvm's format;
@@ -306,7 +318,6 @@ class Checkpoints:
         Refuses (CheckpointError) when the workdir has damaged checkpoints and no other,
         or when a checkpoint holds another state than `state` or is of an older rvm.
         """
-        target = {STATE: _abstract(state), EPOCH: _abstract(epoch)}
         steps = self.all_steps()
         if not steps and any((self.workdir / "damaged_checkpoints").glob("*")):
             raise CheckpointError(
@@ -316,9 +327,24 @@ class Checkpoints:
         for step in reversed(steps):
             try:
                 with _orbax_warnings_told_by_rvm():
+                    # the epoch's sums as saved: code since may add or drop a step metric
+                    saved = self._saved_epoch(step)
+                    adapt = saved is not None and isinstance(epoch, epoch_sums.EpochSums)
+                    as_saved = epoch_sums.as_saved(epoch, saved) if adapt else epoch
+                    target = {STATE: _abstract(state), EPOCH: _abstract(as_saved)}
                     self._check_matches(target, step)
                     items = self._restore(step, {**target, RECORDS: None})
-                return Restored(step, items[STATE], items[EPOCH], items[RECORDS])
+                sums, lacking = items[EPOCH], []
+                if adapt:
+                    sums, lacking = epoch_sums.conform(sums, epoch)
+                if lacking:
+                    logging.warning(
+                        "checkpoint %s was written by code without the step metrics %s: "
+                        "their means for the epoch in progress will read NaN",
+                        self.directory / str(step),
+                        ", ".join(lacking),
+                    )
+                return Restored(step, items[STATE], sums, items[RECORDS])
             except CheckpointError:
                 raise
             except Exception as e:  # orbax/tensorstore raise many kinds for damaged files

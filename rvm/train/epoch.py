@@ -51,6 +51,38 @@ def zeros(step_metrics: dict[str, Any]) -> EpochSums:
     )
 
 
+METRIC_FIELDS = ("sums", "carry", "last")  # the fields keyed by metric name
+
+
+def as_saved(sums: EpochSums, saved: dict[str, Any]) -> EpochSums:
+    """`sums` keyed by the metrics of `saved` (a checkpoint's tree of its epoch sums),
+    which code that has since added or dropped a step metric names otherwise: the
+    target to restore that checkpoint's sums into. Every entry is a float32 scalar."""
+    like = sums.sums["loss"]  # always there, placed as every other entry
+    return sums.replace(
+        **{f: {k: getattr(sums, f).get(k, like) for k in saved[f]} for f in METRIC_FIELDS}
+    )
+
+
+def conform(restored: EpochSums, current: EpochSums) -> tuple[EpochSums, list[str]]:
+    """Restored sums keyed by the `current` step metrics, and the metrics the checkpoint
+    lacked: their means are NaN until the epoch ends (its first steps went unrecorded);
+    metrics the code no longer produces are dropped."""
+    lacking = sorted(set(current.sums) - set(restored.sums))
+    # one new buffer per entry: the step donates them, and no buffer may go twice
+    like = restored.sums["loss"]
+
+    def fill(field: str, k: str, value: float) -> jax.Array:
+        saved = getattr(restored, field)
+        return saved[k] if k in saved else jnp.full_like(like, value)
+
+    return restored.replace(
+        sums={k: fill("sums", k, jnp.nan) for k in current.sums},
+        carry={k: fill("carry", k, 0.0) for k in current.carry},
+        last={k: fill("last", k, 0.0) for k in current.last},
+    ), lacking
+
+
 def add(
     sums: EpochSums, metrics: dict[str, jax.Array], step: jax.Array, steps_per_epoch: int
 ) -> EpochSums:
