@@ -181,7 +181,9 @@ def make_task(config: ml_collections.ConfigDict, data: ImageData, mesh) -> Task:
     stats = pipeline.normalization_stats(data.train_images, config.data.normalization)
     model = weight_sharing.build_model(config.model, data.num_classes)
     init_input = jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32)
-    probes = equilibrium.adjoint_probes(model, init_input)
+    probes = None  # traced only for a model that has equilibrium levels
+    if model.equilibrium is not None:
+        probes = equilibrium.adjoint_probes(model, init_input)
     relaxed = config.model.sharing == "relaxed"
     mask_fn = partial(weight_sharing.set_mask, scope=config.model.scope) if relaxed else None
     score = partial(evaluate, stats=stats, batch_size=config.eval_batch_size, mesh=mesh)
