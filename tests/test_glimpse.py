@@ -149,10 +149,16 @@ def test_summary_sets_runs_against_the_targets(tmp_path):
         "occlusions": 10,
         "failure_rate_occluded": 0.1,
     }
-    runs = {
-        "track": (
-            tracker_config.get_config("lstm"),
-            {"test": scores, "test_no_reset": scores, "steps_per_sec": {"1": 900.0, "32": 5e3}},
+    speeds = {"1": 900.0, "32": 5e3}
+    tracked = lambda scores: {"test": scores, "test_no_reset": scores, "steps_per_sec": speeds}
+    small = tracker_config.get_config("lstm")
+    small.model.size = 24
+    runs = {  # "small" first: an LSTM with no feed-forward run of its network
+        "small": (small, tracked(scores)),
+        "track": (tracker_config.get_config("lstm"), tracked(scores)),
+        "ff": (
+            tracker_config.get_config("feedforward"),
+            tracked(dict(scores, failure_rate_occluded=0.2)),
         ),
         "ram": (
             glimpses_config.get_config("cluttered_ram"),
@@ -161,17 +167,21 @@ def test_summary_sets_runs_against_the_targets(tmp_path):
     }
     runs["ram"][1].update(flops_per_image={"60": 1e6, "100": 1e6}, shown_predictions=[1] * 2)
     runs["ram"][1]["shown_locations"] = [[[0.0, 0.0]] * 2] * 3
-    runs["track"][1].update(test_frames=8, shown_ious=[[1.0] * 8], shown_occluded=[[False] * 8])
+    for name in ("track", "ff", "small"):
+        runs[name][1].update(test_frames=8, shown_ious=[[1.0] * 8], shown_occluded=[[False] * 8])
     for name, (config, results) in runs.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(config.to_json())
         results.update(params=10, step=5)
         (tmp_path / name / "results.json").write_text(json.dumps(results))
-    text = write_summary([tmp_path / "track", tmp_path / "ram"], tmp_path, "a test VM", "run.sh")
+    text = write_summary([tmp_path / n for n in runs], tmp_path, "a test VM", "run.sh")
     assert "test error 6.00% against the target 5.0%: missed by 1" in text
     assert "success_rate 0.850 (>= 0.9): missed by 0.05" in text
     assert "mean_iou 0.800 (>= 0.75): met" in text
     assert "900 track steps/s at batch 1 (>= 1,000): missed by 100" in text
+    # Each LSTM is set against the feed-forward run of its own network only.
+    assert "LSTM track 0.100 against feed-forward ff 0.200 (LSTM below): met" in text
+    assert "LSTM small" not in text
     assert "= 1.00" in text  # RAM's operations per image do not grow with the canvas
     assert (tmp_path / "tracker_iou.png").is_file() and (
         tmp_path / "glimpse_locations.png"

@@ -21,6 +21,7 @@ OUT=results/where_to_look_cpu
 MACHINE=${MACHINE:-"a 2-core $(lscpu | sed -n 's/^Model name: *//p') VM shared with other work (one XLA device)"}
 ALL="tracker_lstm tracker_feedforward cluttered_ram cluttered_random cluttered_cnn"
 ALL+=" translated_ram translated_random translated_cnn tracker_one_crop cluttered_center"
+ALL+=" tracker_lstm_own tracker_feedforward_own"
 RUNS=${RUNS:-$ALL}
 mkdir -p "$WORKDIRS"
 
@@ -67,6 +68,10 @@ train translated_random glimpses translated_random "${RAM[@]}"
 train translated_cnn glimpses translated_cnn "${CNN[@]}"
 train tracker_one_crop tracker one_crop "${TRACKER[@]}"
 train cluttered_center glimpses cluttered_center "${RAM[@]}"
+# The tracker variants as configured, network included (32x32 glimpses, 16 features, a
+# 128-unit LSTM): about an hour a run on one core of this VM.
+train tracker_lstm_own tracker lstm
+train tracker_feedforward_own tracker feedforward
 
 paths=""
 for name in $RUNS; do paths+="${paths:+,}$OUT/$name"; done

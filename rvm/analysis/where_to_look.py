@@ -133,17 +133,28 @@ def target_lines(glimpses: dict[str, dict], trackers: dict[str, dict]) -> list[s
             f"- {name}: {rate:,.0f} track steps/s at batch 1 (>= {STEPS_TARGET:,.0f}): "
             f"{_met(rate, '>=', STEPS_TARGET)}"
         )
-    lstm = [r for r in trackers.values() if r["config"]["model"]["recurrent"]]
-    feedforward = [r for r in trackers.values() if not r["config"]["model"]["recurrent"]]
-    if lstm and feedforward:
-        a = lstm[0]["results"]["test"]["failure_rate_occluded"]
-        b = feedforward[0]["results"]["test"]["failure_rate_occluded"]
+    for lstm, feedforward in _ablation_pairs(trackers):
+        a = lstm["results"]["test"]["failure_rate_occluded"]
+        b = feedforward["results"]["test"]["failure_rate_occluded"]
         verdict = "met" if a is not None and b is not None and a < b else "missed"
         lines.append(
-            f"- failure rate on occluded frames, LSTM {lstm[0]['dir'].name} {a:.3f} against "
-            f"feed-forward {feedforward[0]['dir'].name} {b:.3f} (LSTM below): {verdict}"
+            f"- failure rate on occluded frames, LSTM {lstm['dir'].name} {a:.3f} against "
+            f"feed-forward {feedforward['dir'].name} {b:.3f} (LSTM below): {verdict}"
         )
     return lines
+
+
+def _ablation_pairs(trackers: dict[str, dict]) -> list[tuple[dict, dict]]:
+    """(LSTM run, feed-forward run) pairs whose models differ in `recurrent` alone."""
+    without = lambda run: {k: v for k, v in run["config"]["model"].items() if k != "recurrent"}
+    runs = list(trackers.values())
+    return [
+        (lstm, ff)
+        for lstm in runs
+        if lstm["config"]["model"]["recurrent"]
+        for ff in runs
+        if not ff["config"]["model"]["recurrent"] and without(ff) == without(lstm)
+    ]
 
 
 def iou_figure(trackers: dict[str, dict], path: Path) -> None:
