@@ -26,7 +26,7 @@ train() {  # name config workdir flags...
 # --config.rng_streams=shared gives them their keys again (rvm.train.step).
 THINK_EPOCHS=${THINK_EPOCHS:-1}
 THINK_TRAIN=${THINK_TRAIN:-640}  # training examples: 20 steps of 32 (README.md: the budget)
-for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom cifar_raw cifar_deq}; do
+for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom diagnosis cifar_raw cifar_deq}; do
   case $run in
     cifar_raw)
       train all3_raw_e$EPOCHS experiments/configs/cifar10.py:all3_raw workdirs/eq_all3_raw_e$EPOCHS \
@@ -59,5 +59,17 @@ for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom cifar_raw
         workdirs/eq_ps_phantom --config.equilibrium.backward=phantom \
         --config.equilibrium.phantom_steps=10 --config.equilibrium.phantom_damping=1.0 \
         --config.log_every_steps=25 --config.data.test_sizes="(32,64)" --config.eval.factor=3 ;;
+    diagnosis)  # why the implicit prefix-sum run stayed at chance where the phantom one
+      # learned (README.md), read at h* from their newest checkpoints, copied here from
+      # their workdirs where those exist (the copies are committed)
+      for pair in prefix_sums_implicit:eq_prefix_sums prefix_sums_phantom:eq_ps_phantom; do
+        name=${pair%%:*} ckpts=workdirs/${pair#*:}/checkpoints
+        [ -d "$ckpts" ] || continue
+        rm -rf "$OUT/$name/checkpoints" && mkdir -p "$OUT/$name/checkpoints"
+        cp -r "$ckpts/$(ls "$ckpts" | sort -n | tail -1)" "$OUT/$name/checkpoints/"
+      done
+      python -m experiments.equilibrium_diagnosis --out="$OUT/diagnosis.json" \
+        --runs="$OUT/prefix_sums_implicit,$OUT/prefix_sums_phantom" \
+        --command="RUNS=diagnosis bash results/equilibrium_cpu/run.sh" ;;
   esac
 done

@@ -1,0 +1,179 @@
+"""Why a thinking net solved to equilibrium learns or does not: three readings at h*.
+
+- `gradient_agreement`: the cosine between the implicit gradient of the loss at the fixed
+  point and the gradient of the same net unrolled (plain iteration, autodiff through
+  every step) long enough to converge. Near 1: the implicit backward computes what it
+  claims, so a run that does not learn fails for another reason.
+- `spectral_radius`: how contractive the iteration F is at h* (power iteration on its
+  Jacobian, per example). Far below 1: perturbations die out within a few steps.
+- `reach`: how far the answer follows the input, for bit strings. Flipping bit 0 flips
+  every running parity after it, so a net that solves prefix sums changes its
+  prediction at every position; a contractive fixed point's dependence on a distant
+  bit decays with the distance, and the predictions stop following.
+
+`experiments/equilibrium_diagnosis.py` reads them from runs' checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from rvm.models.thinking import ThinkingNet
+
+
+def _loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def gradient_agreement(
+    model: ThinkingNet, params: Any, inputs: jax.Array, labels: jax.Array, unrolled: int
+) -> float:
+    """Cosine between the parameter gradients of the loss at the fixed point (the model's
+    equilibrium backward) and of the net unrolled `unrolled` plain iterations from h_0."""
+
+    def at_fixed_point(p):
+        logits, _, _ = model.apply({"params": p}, inputs, method=ThinkingNet.solve)
+        return _loss(logits, labels)
+
+    def through_iterations(p):
+        return _loss(model.apply({"params": p}, inputs, unrolled), labels)
+
+    a, _ = ravel_pytree(jax.grad(at_fixed_point)(params))
+    b, _ = ravel_pytree(jax.grad(through_iterations)(params))
+    return float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
+
+
+def spectral_radius(f, z: jax.Array, key: jax.Array, steps: int = 50) -> np.ndarray:
+    """Per example (axis 0), an estimate of the spectral radius of J = df/dz at `z`: the
+    growth per step of ||(J^T)^k v|| over the last half of `steps` power-iteration steps
+    from a random v (J^T has J's eigenvalues; a VJP works through custom-VJP convolutions
+    where a JVP does not). `f` must act on each example alone, as a convolution does."""
+    axes = tuple(range(1, z.ndim))
+    norm = lambda v: jnp.sqrt(jnp.sum(jnp.square(v), axes, keepdims=True))
+    _, pull = jax.vjp(f, z)
+
+    def body(v, _):
+        (w,) = pull(v)
+        n = norm(w)
+        return w / (n + 1e-30), jnp.log(n + 1e-30)
+
+    v = jax.random.normal(key, z.shape, z.dtype)
+    _, logs = jax.lax.scan(body, v / norm(v), None, length=steps)
+    return np.asarray(jnp.exp(jnp.mean(logs[steps // 2 :], axis=0)).reshape(-1))
+
+
+def fixed_point(model: ThinkingNet, params: Any, inputs: jax.Array):
+    """(h*, solver Stats): where the model's forward solve stops, as in training."""
+
+    def state(mdl, x):
+        return mdl.deq(mdl.encode(x), x)[:2]
+
+    return model.apply({"params": params}, inputs, method=state)
+
+
+def reach(model: ThinkingNet, params: Any, bits: jax.Array) -> np.ndarray:
+    """Per position of [N, L, 1] bit strings, the fraction of strings whose prediction at
+    the fixed point changes when bit 0 flips (a prefix-sum solver: 1 everywhere)."""
+    flipped = bits.at[:, 0].set(1 - bits[:, 0])
+
+    def predict(x):
+        logits, _, _ = model.apply({"params": params}, x, method=ThinkingNet.solve)
+        return jnp.argmax(logits, -1)
+
+    return np.asarray(jnp.mean(predict(bits) != predict(flipped), axis=0))
+
+
+def iteration(model: ThinkingNet, params: Any, inputs: jax.Array):
+    """F(., x) as a function of the state alone, for `spectral_radius`."""
+    return lambda h: model.apply({"params": params}, h, inputs, method=ThinkingNet.step)
+
+
+def _readings(model: ThinkingNet, params: Any, split, unrolled: int, key: jax.Array) -> dict:
+    inputs, labels = jnp.asarray(split.inputs, jnp.float32), jnp.asarray(split.labels)
+    h, stats = fixed_point(model, params, inputs)
+    logits = model.apply({"params": params}, h, method=ThinkingNet.readout)
+    radius = spectral_radius(iteration(model, params, inputs), h, key)
+    thirds = np.array_split(reach(model, params, inputs)[1:], 3)
+    return {
+        "position_accuracy": float(jnp.mean(jnp.argmax(logits, -1) == labels)),
+        "solver_iterations": int(stats.iterations),
+        "solver_converged": bool(stats.converged),
+        "spectral_radius": float(np.median(radius)),  # over the examples
+        "gradient_cosine": gradient_agreement(model, params, inputs, labels, unrolled),
+        "reach": [float(np.mean(t)) for t in thirds],  # positions 1.., in thirds
+    }
+
+
+def diagnose(path, num: int = 128, unrolled: int = 200, max_iter: int = 200, tol: float = 1e-4):
+    """`_readings` of a prefix-sum equilibrium run's newest checkpoint and of a fresh net of
+    its config (seed `config.seed`), on `num` validation strings of its trained length.
+
+    Both are solved with the implicit backward, to `tol` within `max_iter` iterations (the
+    same solver as trained otherwise), whatever the run trained with: the question is
+    whether the exact gradient at a fixed point would have taught the net."""
+    from pathlib import Path
+
+    import ml_collections
+
+    from rvm.analysis.thinking import read_run
+    from rvm.tasks.thinking import task as thinking_task
+    from rvm.train import loop
+    from rvm.train.checkpoint import Checkpoints
+
+    path = Path(path)
+    run = read_run(path)
+    config = ml_collections.ConfigDict(run["config"])
+    if config.data.kind != "prefix_sums" or not thinking_task.is_equilibrium(config):
+        raise ValueError(f"{path}: not a prefix-sum net trained to equilibrium")
+    ckpts = Checkpoints(path, keep=config.keep_checkpoints)
+    try:
+        step = ckpts.latest_step()
+        state = ckpts.restore(loop.state_shapes(config, thinking_task.load_data(config)))
+    finally:
+        ckpts.close()
+    with config.unlocked():
+        config.equilibrium.backward = "implicit"
+        config.equilibrium.max_iter = config.equilibrium.backward_max_iter = max_iter
+        config.equilibrium.tol = config.equilibrium.backward_tol = tol
+        config.data.num_val = num
+    model = thinking_task.build_model(config)
+    split = thinking_task.load_data(config).vals[config.data.train_size]
+    fresh = model.init(jax.random.key(config.seed), jnp.asarray(split.inputs[:1], jnp.float32))
+    key = jax.random.key(0)
+    return {
+        "run": path.name,
+        "step": step,
+        "backward": run["config"]["equilibrium"]["backward"],
+        "initial": _readings(model, fresh["params"], split, unrolled, key),
+        "trained": _readings(model, state.variables["params"], split, unrolled, key),
+    }
+
+
+def markdown(rows: list[dict], command: str = "") -> str:
+    """The readings of `diagnose` as a table, a row per net."""
+    lines = ["# Prefix-sum nets at their fixed point: contraction, gradient, reach", ""]
+    if command:
+        lines += [f"Made by `{command}`.", ""]
+    lines += [
+        "| run | net | backward trained | position accuracy | solver iterations (converged) "
+        "| spectral radius of dF/dh at h* | cosine, implicit vs unrolled gradient "
+        "| reach: predictions changed by flipping bit 0, positions in thirds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        for net in ("initial", "trained"):
+            r = row[net]
+            reach_text = " / ".join(f"{v:.2f}" for v in r["reach"])
+            lines.append(
+                f"| {row['run']} | {net if net == 'initial' else 'step ' + str(row['step'])} "
+                f"| {row['backward']} | {r['position_accuracy']:.3f} "
+                f"| {r['solver_iterations']} ({'yes' if r['solver_converged'] else 'no'}) "
+                f"| {r['spectral_radius']:.3f} | {r['gradient_cosine']:.4f} | {reach_text} |"
+            )
+    return "\n".join(lines) + "\n"
