@@ -12,7 +12,7 @@
 # runs (a glimpse run's, 10 MB with its optimiser state, stays in $WORKDIRS); summary.md and the
 # figures are then written from them (experiments/where_to_look.py). Rerunning resumes
 # unfinished runs and skips finished ones; RUNS="tracker_lstm" trains only the runs
-# named. Logs: $WORKDIRS/NAME.log.
+# named (the summary still covers every run recorded here). Logs: $WORKDIRS/NAME.log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -73,8 +73,10 @@ train cluttered_center glimpses cluttered_center "${RAM[@]}"
 train tracker_lstm_own tracker lstm
 train tracker_feedforward_own tracker feedforward
 
-paths=""
-for name in $RUNS; do paths+="${paths:+,}$OUT/$name"; done
+paths=""  # every run with records here, trained now or before
+for name in $ALL; do
+  [[ -f "$OUT/$name/results.json" ]] && paths+="${paths:+,}$OUT/$name"
+done
 python -m experiments.where_to_look --out="$OUT" --machine="$MACHINE" \
   --command="results/where_to_look_cpu/run.sh" --runs="$paths"
 echo "total: $SECONDS s"
