@@ -26,13 +26,18 @@ train() {  # name config workdir flags...
 # --config.rng_streams=shared gives them their keys again (rvm.train.step).
 THINK_EPOCHS=${THINK_EPOCHS:-1}
 THINK_TRAIN=${THINK_TRAIN:-640}  # training examples: 20 steps of 32 (README.md: the budget)
-for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom diagnosis cifar_raw cifar_deq}; do
+for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom diagnosis cifar_raw cifar_deq cifar_jac}; do
   case $run in
     cifar_raw)
       train all3_raw_e$EPOCHS experiments/configs/cifar10.py:all3_raw workdirs/eq_all3_raw_e$EPOCHS \
         --config.num_epochs="$EPOCHS" --config.data.source=binary ;;
     cifar_deq)
       train all3_deq_e$EPOCHS experiments/configs/equilibrium.py:all3 workdirs/eq_all3_deq_e$EPOCHS \
+        --config.num_epochs="$EPOCHS" --config.data.source=binary \
+        --config.model.equilibrium.max_iter="$MAX_ITER" \
+        --config.model.equilibrium.backward_max_iter="$MAX_ITER" ;;
+    cifar_jac)  # cifar_deq with Jacobian regularisation (weight 0.5, equilibrium.py:all3_jac)
+      train all3_jac_e$EPOCHS experiments/configs/equilibrium.py:all3_jac workdirs/eq_all3_jac_e$EPOCHS \
         --config.num_epochs="$EPOCHS" --config.data.source=binary \
         --config.model.equilibrium.max_iter="$MAX_ITER" \
         --config.model.equilibrium.backward_max_iter="$MAX_ITER" ;;
