@@ -262,25 +262,32 @@ class Checkpoints:
                 continue
         return None
 
-    def _saved_epoch(self, step: int) -> dict | None:
-        """The tree of checkpoint `step`'s epoch sums, None where it cannot be read (damage
-        is for the restore to find)."""
+    def _metadata(self, step: int) -> Any:
+        """Checkpoint `step`'s description of its items, None where it cannot be read
+        (damage is for the restore to find)."""
         try:
-            saved = self.manager.item_metadata(step)[EPOCH].tree
+            return self.manager.item_metadata(step)
+        except Exception:  # orbax/tensorstore raise many kinds for damaged files
+            return None
+
+    @staticmethod
+    def _saved_epoch(metadata: Any) -> dict | None:
+        """The tree of a checkpoint's epoch sums from its `_metadata`, None where absent."""
+        try:
+            saved = metadata[EPOCH].tree
         except Exception:  # orbax/tensorstore raise many kinds for damaged files
             return None
         fields = epoch_sums.METRIC_FIELDS
         ok = isinstance(saved, dict) and all(isinstance(saved.get(f), dict) for f in fields)
         return saved if ok else None
 
-    def _check_matches(self, target: dict[str, Any], step: int) -> None:
-        """Raises CheckpointError if checkpoint `step` holds another tree of arrays than
-        `target` (items by name), or is a complete checkpoint of an older rvm's format;
-        `_Unreadable` if it lacks items it was written with (damage).
+    def _check_matches(self, target: dict[str, Any], step: int, metadata: Any) -> None:
+        """Raises CheckpointError if checkpoint `step` (its `_metadata`) holds another tree
+        of arrays than `target` (items by name), or is a complete checkpoint of an older
+        rvm's format; `_Unreadable` if it lacks items it was written with (damage).
 
         An unreadable tree description is left to `restore` (damage)."""
         try:
-            metadata = self.manager.item_metadata(step)
             present = set(metadata.keys())
             saved = {k: metadata[k].tree for k in target if k in present}
         except Exception:  # orbax/tensorstore raise many kinds for damaged files
@@ -328,11 +335,12 @@ class Checkpoints:
             try:
                 with _orbax_warnings_told_by_rvm():
                     # the epoch's sums as saved: code since may add or drop a step metric
-                    saved = self._saved_epoch(step)
+                    metadata = self._metadata(step)
+                    saved = self._saved_epoch(metadata)
                     adapt = saved is not None and isinstance(epoch, epoch_sums.EpochSums)
                     as_saved = epoch_sums.as_saved(epoch, saved) if adapt else epoch
                     target = {STATE: _abstract(state), EPOCH: _abstract(as_saved)}
-                    self._check_matches(target, step)
+                    self._check_matches(target, step, metadata)
                     items = self._restore(step, {**target, RECORDS: None})
                 sums, lacking = items[EPOCH], []
                 if adapt:
