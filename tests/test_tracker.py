@@ -1,6 +1,8 @@
 """The Re3-style tracker: its curriculum, state resets, measures and input checks; the
 glimpse task's checks; both tasks' packs of seeds through the loop, stopped and resumed."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,6 +13,7 @@ from helpers import assert_pack_resumes_to_each_seed_alone, random_variables, se
 from experiments.configs import glimpses as glimpses_config
 from experiments.configs import tracker as tracker_config
 from rvm.analysis.measures import recovery, tracking_scores, wilson
+from rvm.analysis.where_to_look import evaluate_tracker, read
 from rvm.errors import ConfigError
 from rvm.models.glimpse import crop_to_box
 from rvm.models.tracker import Re3, track
@@ -107,6 +110,21 @@ def test_tracking_measures_on_known_tracks():
     assert low < 5 < high and high - low < 10
 
 
+def test_tracking_intervals_resample_tracks_not_frames():
+    """Ten tracks followed throughout and ten lost throughout: the frames say little about
+    the next track, the tracks do (a frame bootstrap would give about +-0.04 here)."""
+    ious = np.repeat([[1.0], [0.0]], 10, axis=0) * np.ones((20, 65))
+    visible = np.ones_like(ious, bool)
+    visible[:, 3] = False  # one occlusion per track, recovered by the followed ones only
+    scores = tracking_scores(ious, visible, window=2)
+    for name in ("mean_iou", "success_rate", "recovery"):
+        low, high = scores["intervals"][name]
+        assert low < scores[name] == 0.5 < high and high - low > 0.3, name
+    low, high = scores["intervals"]["failure_rate"]
+    assert low < 0.5 < high and high - low > 0.3
+    assert tracking_scores(ious, np.ones_like(visible), 2)["intervals"]["recovery"] is None
+
+
 def test_follow_refuses_a_first_box_outside_the_frame(video):
     frames, _, params = video
     with pytest.raises(ConfigError, match="leaves the 20x20 frame"):
@@ -163,6 +181,19 @@ def test_tracker_pack_resumes_exactly_through_the_curriculum(tmp_path):
     assert [r["train_unroll"] for r in records] == [3.0, 8.0]
     assert [r["train_p_own"] for r in records] == pytest.approx([0.25, 1.0])
     assert 0 <= straight["test"]["mean_iou"] <= 1
+
+    # The final checkpoint evaluated again: the run's scores and intervals, which the
+    # summary takes only while they agree with results.json.
+    evaluated = evaluate_tracker(tmp_path / "alone")
+    assert evaluated["step"] == 4
+    assert evaluated["test"] == straight["test"]
+    assert evaluated["test_no_reset"] == straight["test_no_reset"]
+    assert read(tmp_path / "alone")["results"]["test"]["intervals"] == straight["test"]["intervals"]
+    evaluated["test"]["mean_iou"] += 0.01
+    (tmp_path / "alone/evaluated.json").write_text(json.dumps(evaluated))
+    differs = r"differs from results.json \(step 4\) in test \['mean_iou'\]"
+    with pytest.raises(ValueError, match=differs):
+        read(tmp_path / "alone")
 
 
 def test_glimpses_pack_resumes_to_each_seed_trained_alone(tmp_path):

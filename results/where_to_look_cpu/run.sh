@@ -13,6 +13,8 @@
 # figures are then written from them (experiments/where_to_look.py). Rerunning resumes
 # unfinished runs and skips finished ones; RUNS="tracker_lstm" trains only the runs
 # named (the summary still covers every run recorded here). Logs: $WORKDIRS/NAME.log.
+# --evaluate: each tracker run's committed checkpoint is evaluated again once (evaluated.json,
+# the same scores with 95% intervals over test tracks).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -82,6 +84,6 @@ paths=""  # every run with records here, trained now or before
 for name in $ALL; do
   [[ -f "$OUT/$name/results.json" ]] && paths+="${paths:+,}$OUT/$name"
 done
-python -m experiments.where_to_look --out="$OUT" --machine="$MACHINE" \
+python -m experiments.where_to_look --evaluate --out="$OUT" --machine="$MACHINE" \
   --command="results/where_to_look_cpu/run.sh" --runs="$paths"
 echo "total: $SECONDS s"

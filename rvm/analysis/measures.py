@@ -8,6 +8,9 @@ frame and then averaged over all frames of all tracks:
 * recovery: of the occlusions (a run of frames where the target is hidden, ending
   before the track does), the share after which IoU > 0.5 is reached within
   `window` frames of the target reappearing.
+
+Their 95% intervals resample whole tracks (a percentile bootstrap): the frames of one
+track are not independent draws, the tracks are.
 """
 
 from __future__ import annotations
@@ -67,4 +70,30 @@ def tracking_scores(ious: np.ndarray, visible: np.ndarray, window: int = 5) -> d
         # how often the tracker has lost the target while or just after it is hidden
         "failure_rate_occluded": float(np.mean(after[hidden] < 0.1)) if hidden.any() else None,
         "frames": int(after.size),
+        "intervals": track_intervals(ious, visible, window),
     }
+
+
+def track_intervals(
+    ious: np.ndarray, visible: np.ndarray, window: int = 5, draws: int = 2000, seed: int = 0
+) -> dict[str, list[float] | None]:
+    """95% percentile-bootstrap intervals of mean IoU, success, failure and recovery,
+    drawing `draws` resamples of the tracks (rows of [N, T]) with replacement."""
+    after = np.asarray(ious, np.float64)[:, 1:]
+    per_track = {  # each track's sum; all tracks have the same number of frames
+        "mean_iou": after.sum(1),
+        "success_rate": (after > 0.5).sum(1),
+        "failure_rate": (after < 0.1).sum(1),
+    }
+    hits, counts = np.zeros(len(after)), np.zeros(len(after))
+    for n, t in occlusion_ends(visible):
+        counts[n] += 1
+        hits[n] += np.any(np.asarray(ious)[n, t : t + window] > 0.5)
+    picks = np.random.default_rng(seed).integers(0, len(after), (draws, len(after)))
+    bounds = lambda v: [float(x) for x in np.percentile(v, [2.5, 97.5])]
+    out: dict[str, list[float] | None] = {
+        name: bounds(sums[picks].sum(1) / after.size) for name, sums in per_track.items()
+    }
+    drawn = counts[picks].sum(1)
+    out["recovery"] = bounds(hits[picks].sum(1) / np.maximum(drawn, 1)) if counts.any() else None
+    return out

@@ -31,7 +31,62 @@ def read(path: str | Path) -> dict:
     results_path = path / "results.json"
     if not results_path.is_file():
         raise ValueError(f"{path} has not finished (no results.json)")
-    return {"dir": path, "config": config, "results": json.loads(results_path.read_text())}
+    results = json.loads(results_path.read_text())
+    if (path / "evaluated.json").is_file():
+        _add_intervals(results, json.loads((path / "evaluated.json").read_text()), path)
+    return {"dir": path, "config": config, "results": results}
+
+
+SCORED = ("mean_iou", "success_rate", "failure_rate", "recovery", "occlusions")
+
+
+def _add_intervals(results: dict, evaluated: dict, path: Path) -> None:
+    """The intervals of `evaluate_tracker`'s scores into `results`, whose scores they must
+    equal: otherwise the evaluation measured something else than the run reported."""
+    for key in ("test", "test_no_reset"):
+        got, want = evaluated[key], results[key]
+        differ = [
+            k
+            for k in SCORED
+            if (got[k] is None) != (want[k] is None)
+            or (want[k] is not None and abs(got[k] - want[k]) > 1e-6)
+        ]
+        if evaluated["step"] != results["step"] or differ:
+            raise ValueError(
+                f"{path}/evaluated.json (step {evaluated['step']}) differs from results.json "
+                f"(step {results['step']}) in {key} {differ}: evaluate the run again"
+            )
+        want["intervals"] = got["intervals"]
+
+
+def evaluate_tracker(path: str | Path) -> dict:
+    """The test scores of the tracker run in `path` again, from its newest checkpoint, by
+    the code at hand (so with the intervals results.json may predate): written to
+    `evaluated.json` beside results.json and returned."""
+    import ml_collections
+
+    from rvm.tasks import tracker
+    from rvm.train import loop
+    from rvm.train.checkpoint import Checkpoints
+
+    path = Path(path)
+    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    if config.task != "tracker":
+        raise ValueError(f"{path} is a {config.task!r} run, not a tracker run")
+    data = tracker.load_data(config)
+    ckpts = Checkpoints(path, keep=config.keep_checkpoints)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{path} has no checkpoint to evaluate")
+        state = ckpts.restore(loop.state_shapes(config, data))
+    finally:
+        ckpts.close()
+    model = tracker.build_model(config)
+    scores, no_reset = tracker.test_scores(config, model, state.params, data.test)
+    evaluated = {"step": step, "test": scores, "test_no_reset": no_reset}
+    (path / "evaluated.json").write_text(json.dumps(evaluated, indent=1) + "\n")
+    return evaluated
 
 
 def _model_name(config: dict) -> str:
@@ -74,15 +129,30 @@ def tracker_table(runs: dict[str, dict]) -> list[str]:
             if key == "test_no_reset" and not every:
                 continue
             s = r[key]
-            recovery = "-" if s["recovery"] is None else f"{s['recovery']:.1%}"
+            cell = _with_interval(s)
+            recovery = "-" if s["recovery"] is None else cell("recovery", "{:.1%}")
             occluded = s["failure_rate_occluded"]
             lines.append(
-                f"| {name} | {resets} | {s['mean_iou']:.3f} | {s['success_rate']:.1%} | "
-                f"{s['failure_rate']:.1%} | {s['auc']:.3f} | {recovery} ({s['occlusions']}) | "
+                f"| {name} | {resets} | {cell('mean_iou', '{:.3f}')} | "
+                f"{cell('success_rate', '{:.1%}')} | {cell('failure_rate', '{:.1%}')} | "
+                f"{s['auc']:.3f} | {recovery} ({s['occlusions']}) | "
                 f"{'-' if occluded is None else f'{occluded:.1%}'} | "
                 f"{r['steps_per_sec']['1']:,.0f} | {r['steps_per_sec']['32']:,.0f} | {r['step']} |"
             )
     return lines
+
+
+def _with_interval(scores: dict):
+    """A cell formatter: `scores[name]` in `form`, then its interval where one was measured."""
+
+    def cell(name: str, form: str) -> str:
+        bounds = scores.get("intervals", {}).get(name)
+        text = form.format(scores[name])
+        if bounds is None:
+            return text
+        return f"{text} ({form.format(bounds[0])}-{form.format(bounds[1])})"
+
+    return cell
 
 
 def _met(value: float | None, op: str, target: float) -> str:
@@ -238,7 +308,15 @@ def write_summary(runs: list[str | Path], out: str | Path, machine: str, command
             lines += ["![glimpse locations](glimpse_locations.png)", ""]
     if trackers:
         frames = next(iter(trackers.values()))["results"]["test_frames"]
-        lines += [f"## Tracking ({frames}-frame test tracks)", "", *tracker_table(trackers), ""]
+        lines += [f"## Tracking ({frames}-frame test tracks)", ""]
+        if any("intervals" in v["results"]["test"] for v in trackers.values()):
+            lines += [
+                "In brackets: 95% intervals that resample the test tracks (a percentile "
+                "bootstrap, `rvm.analysis.measures`), from the run's final checkpoint "
+                "evaluated again (`evaluated.json`, the same scores as results.json).",
+                "",
+            ]
+        lines += [*tracker_table(trackers), ""]
         iou_figure(trackers, out / "tracker_iou.png")
         lines += ["![IoU over a test track](tracker_iou.png)", ""]
     lines += ["## Against the targets", "", *target_lines(glimpses, trackers), ""]

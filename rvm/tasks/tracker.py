@@ -207,6 +207,19 @@ def split_ious(model, params, split: Split, batch_size: int, reset_every: int, m
     return np.concatenate(jax.device_get(parts))[: len(index)]
 
 
+def test_scores(config, model, params, test: Split, mesh=None, ious=None) -> tuple[dict, dict]:
+    """`tracking_scores` of `test` with the state reset every `eval.reset_every` frames
+    (its per-frame `ious` where already computed) and never reset."""
+    e, visible = config.eval, ~test.occluded
+    if ious is None:
+        ious = split_ious(model, params, test, config.eval_batch_size, e.reset_every, mesh)
+    no_reset = split_ious(model, params, test, config.eval_batch_size, 0, mesh)
+    return (
+        tracking_scores(ious, visible, e.recovery_window),
+        tracking_scores(no_reset, visible, e.recovery_window),
+    )
+
+
 def steps_per_second(model, params, split: Split, batch: int, repeats: int = 3) -> float:
     """Track steps (frames x tracks) per second at `batch`, the best of `repeats` after
     a warm-up call; one device."""
@@ -238,9 +251,7 @@ def make_task(config: ml_collections.ConfigDict, data: TrackData, mesh) -> Task:
 
     def final_results(state: TrainState) -> dict[str, Any]:
         test = ious(state, data.test, e.reset_every)
-        visible = ~data.test.occluded
-        scores = tracking_scores(test, visible, e.recovery_window)
-        no_reset = tracking_scores(ious(state, data.test, 0), visible, e.recovery_window)
+        scores, no_reset = test_scores(config, model, state.params, data.test, mesh, test)
         val = tracking_scores(
             ious(state, data.validation, e.reset_every), ~data.validation.occluded
         )
