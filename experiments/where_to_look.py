@@ -5,8 +5,9 @@ r"""The where-to-look report of finished runs: `summary.md`, the glimpse and IoU
 
 Each DIR is a run directory of a `task="glimpses"` or `task="tracker"` config (or a copy
 of its config.json and results.json); nothing is retrained. --evaluate: each tracker run
-with a checkpoint and no evaluated.json yet is evaluated again from it first
-(`rvm.analysis.where_to_look.evaluate_tracker`: the same scores, with intervals).
+with a checkpoint and no intervals yet (runs recorded before they were measured) is
+evaluated again from it first (`rvm.analysis.where_to_look.evaluate_tracker`: the same
+scores, with intervals, in evaluated.json).
 """
 
 import json
@@ -26,14 +27,21 @@ flags.mark_flags_as_required(["runs", "out"])
 FLAGS = flags.FLAGS
 
 
+def _lacks_intervals(run: Path) -> bool:
+    """A tracker run with a checkpoint whose scores have no intervals yet."""
+    if json.loads((run / "config.json").read_text())["task"] != "tracker":
+        return False
+    results = json.loads((run / "results.json").read_text())
+    measured = "intervals" in results["test"] or (run / "evaluated.json").is_file()
+    return (run / "checkpoints").is_dir() and not measured
+
+
 def main(argv):
     del argv
     with launcher.user_errors():
         for run in map(Path, FLAGS.runs if FLAGS.evaluate else []):
-            task = json.loads((run / "config.json").read_text())["task"]
-            if task == "tracker" and (run / "checkpoints").is_dir():
-                if not (run / "evaluated.json").is_file():
-                    print(f"{run}: evaluated again, step {evaluate_tracker(run)['step']}")
+            if _lacks_intervals(run):
+                print(f"{run}: evaluated again, step {evaluate_tracker(run)['step']}")
         print(write_summary(FLAGS.runs, FLAGS.out, FLAGS.machine, FLAGS.command))
 
 

@@ -23,7 +23,7 @@ OUT=results/where_to_look_cpu
 MACHINE=${MACHINE:-"a 2-core $(lscpu | sed -n 's/^Model name: *//p') VM shared with other work (one XLA device)"}
 ALL="tracker_lstm tracker_feedforward cluttered_ram cluttered_random cluttered_cnn"
 ALL+=" translated_ram translated_random translated_cnn tracker_one_crop cluttered_center"
-ALL+=" tracker_lstm_own tracker_feedforward_own tracker_lstm_long"
+ALL+=" tracker_lstm_own tracker_feedforward_own tracker_lstm_long tracker_feedforward_long"
 RUNS=${RUNS:-$ALL}
 mkdir -p "$WORKDIRS"
 
@@ -79,6 +79,8 @@ train tracker_feedforward_own tracker feedforward
 # learning rate dropped (80% of the steps): the same with twice the epochs, so that the full
 # curriculum trains about 540 steps before the drop instead of 124.
 train tracker_lstm_long tracker lstm --config.num_epochs=20
+# Its feed-forward ablation at the same budget.
+train tracker_feedforward_long tracker feedforward --config.num_epochs=20
 
 paths=""  # every run with records here, trained now or before
 for name in $ALL; do
