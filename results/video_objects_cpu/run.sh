@@ -6,7 +6,9 @@
 # Each run's config.json, metrics.jsonl, starts.jsonl and results.json are copied here;
 # summary.md is then written from them (rvm.analysis.video_objects.write_summary), with
 # the budget read back from the runs' config.json. Wall times go to times.txt.
-# Rerunning resumes unfinished runs and skips finished ones. Logs: $WORKDIRS/NAME.log.
+# Rerunning resumes unfinished runs and skips finished ones; RUNS="frame_long" trains only
+# the runs named (a run recorded here without its workdir is kept as it is). Logs:
+# $WORKDIRS/NAME.log.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORKDIRS=${WORKDIRS:-workdirs/video_objects_cpu_v2}
@@ -14,11 +16,18 @@ OUT=results/video_objects_cpu
 CONFIG=experiments/configs/video_objects.py
 MACHINE=${MACHINE:-"$(lscpu | grep 'Model name' | sed 's/Model name: *//'), 2 cores shared with other work"}
 BUDGET=()
+RUNS=${RUNS:-"frame dual small stale pc pc_ignore_0.03 pc_ignore_0.045 pc_ignore_0.08 pc_ignore_0.1
+  pc_ignore_0.12 resrec_gru dual_carry frame_long"}
 mkdir -p "$WORKDIRS"
 
 train() {  # NAME VARIANT [--config.FIELD=VALUE ...]
   local name=$1 variant=$2 start=$SECONDS
   shift 2
+  [[ " ${RUNS//$'\n'/ } " == *" $name "* ]] || return 0
+  if [[ -f "$OUT/$name/results.json" && ! -d "$WORKDIRS/$name" ]]; then
+    echo "$name: the committed run"
+    return 0
+  fi
   if [[ ! -f "$WORKDIRS/$name/results.json" ]]; then
     nice -n 5 python -m experiments.train --config="$CONFIG:$variant" ${BUDGET[@]+"${BUDGET[@]}"} "$@" \
       --workdir="$WORKDIRS/$name" >>"$WORKDIRS/$name.log" 2>&1
@@ -42,4 +51,8 @@ for t in 0.03 0.045 0.08 0.1 0.12; do
 done
 train resrec_gru resrec_gru
 train dual_carry dual_carry
+# The reference system at a larger budget, to see how far J moves with training alone:
+# 2,048 training videos (four times the common budget's), 8 epochs (2,048 Adam steps of 8
+# videos against 192), the learning rate dropped at 80% as in every run.
+train frame_long frame --config.data.num_train=2048 --config.num_epochs=8
 python -c "from rvm.analysis.video_objects import write_summary; write_summary('$OUT', '$MACHINE')"
