@@ -31,7 +31,7 @@ from rvm.train import epoch, loop, metrics, optim
 from rvm.train import sharding as shd
 from rvm.train import workdir as guard
 from rvm.train.checkpoint import CheckpointError, Checkpoints
-from rvm.train.config_check import check_resume, validate
+from rvm.train.config_check import check_resume, validate, with_added_fields
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
@@ -283,6 +283,26 @@ def test_resume_may_switch_between_readers_of_the_real_cifar10(tmp_path):
     config.data.source = "synthetic"
     with pytest.raises(ValueError, match="data.source: saved 'tfds', now 'synthetic'"):
         check_resume(config, tmp_path / "run")
+
+
+def test_fields_added_since_a_run_was_saved_are_filled_for_its_task_only():
+    """A CIFAR-10 run saved before the ResNet's later options reads as one with their old
+    values; another task's config gains none of them, only the loop's own."""
+    image = {"model": {"sharing": "raw"}}  # no task field: an image run
+    filled = with_added_fields(image)
+    assert filled["model"] == {
+        "sharing": "raw",
+        "unroll": False,
+        "conv_impl": "xla",
+        "random_iterations": False,
+        "iterations_mean": 2.0,
+        "iterations_sigma": 0.5,
+    }
+    assert filled["rng_streams"] == "shared" and image == {"model": {"sharing": "raw"}}
+    tracker = with_added_fields({"task": "tracker", "model": {"size": 32}})
+    assert tracker == {"task": "tracker", "model": {"size": 32}, "rng_streams": "shared"}
+    saved = with_added_fields({"model": {"conv_impl": "gemm"}, "rng_streams": "tagged"})
+    assert saved["model"]["conv_impl"] == "gemm" and saved["rng_streams"] == "tagged"
 
 
 def test_learning_rate_decays_that_fall_on_one_step_are_refused():

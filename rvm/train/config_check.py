@@ -45,14 +45,17 @@ RESUME_SAFE = frozenset(
 # config without one compares, and is loaded, as if it held this value. Those of one task
 # (`TASK_ADDED_FIELDS`) apply to its configs only.
 ADDED_FIELDS = {
-    "model.unroll": False,
-    "model.conv_impl": "xla",
-    "model.random_iterations": False,
-    "model.iterations_mean": 2.0,
-    "model.iterations_sigma": 0.5,
     "rng_streams": "shared",  # the step's and the data order's keys (`rvm.train.step`)
 }
 TASK_ADDED_FIELDS = {
+    # the CIFAR-10 ResNet's options added since its first runs
+    "image": {
+        "model.unroll": False,
+        "model.conv_impl": "xla",
+        "model.random_iterations": False,
+        "model.iterations_mean": 2.0,
+        "model.iterations_sigma": 0.5,
+    },
     # thinking runs recorded before their validation split and the reference count draw
     "thinking": {"data.num_val": 0, "data.eval_stream": 0, "train.draw": "fixed_k"},
 }
