@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_pack_resumes_to_each_seed_alone
+from helpers import assert_pack_resumes_to_each_seed_alone, set_field
 
 from experiments.configs import video_objects as configs
 from rvm.analysis import video_objects as measures
@@ -58,6 +58,52 @@ def test_dual_with_k1_uses_only_the_big_network(dual_pair):
     frame = vo.VideoObjects("frame", **TINY)
     big_only = {"params": {"big": params["big"]}, "batch_stats": variables["batch_stats"]}
     np.testing.assert_allclose(out, jax.jit(frame.apply)(big_only, video), atol=1e-5)
+
+
+def test_prototypes_and_similarity_of_a_known_target():
+    fg, bg = np.array([1.0, 0.0, 1.0]), np.array([0.0, 2.0, 0.0])
+    mask = np.zeros((1, 8, 8, 1), np.float32)
+    mask[0, :4] = 1.0  # the top half, which is the top half of the 4x4 features too
+    feats = np.where(np.arange(4)[None, :, None, None] < 2, fg, bg) * np.ones((1, 4, 4, 3))
+    protos = vo.prototypes(jnp.asarray(feats, jnp.float32), jnp.asarray(mask))
+    np.testing.assert_allclose(protos[0], [fg, bg], atol=1e-5)
+    sim = np.asarray(vo.similarity(jnp.asarray(feats, jnp.float32), protos))
+    np.testing.assert_allclose(sim[0, :2], np.broadcast_to([1.0, 0.0], (2, 4, 2)), atol=1e-5)
+    np.testing.assert_allclose(sim[0, 2:], np.broadcast_to([0.0, 1.0], (2, 4, 2)), atol=1e-5)
+
+
+@pytest.mark.parametrize("system", ["frame", "dual"])
+def test_matching_heads_compare_each_frame_with_frame_0s_target(system):
+    """Every frame's head sees its features' similarity to frame 0's prototypes (not its
+    own frame's), and dual at K = 1 is still the per-frame network."""
+    video = _video()
+    model = vo.VideoObjects(system, key_every=1, match=True, **TINY)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), video)
+    out = jax.jit(model.apply)(variables, video)
+    frame = vo.VideoObjects("frame", match=True, **TINY)
+    big_only = {
+        "params": {"big": variables["params"]["big"]},
+        "batch_stats": variables["batch_stats"],
+    }
+    inputs = jnp.concatenate(
+        [video[..., :1], jnp.broadcast_to(video[:, :1], video.shape)], -1
+    )  # [frame, frame 0, mask 0]
+
+    def by_hand(m):
+        feats = vo.fold(lambda v: m.big.trunk(v, False), inputs)
+        protos = vo.prototypes(feats[:, 0], inputs[:, 0, ..., 2:])
+        one = lambda t: m.big.logits(feats[:, t], inputs[:, t, ..., :1], protos)
+        own = lambda t: m.big.logits(
+            feats[:, t], inputs[:, t, ..., :1], vo.prototypes(feats[:, t], inputs[:, 0, ..., 2:])
+        )
+        return jnp.stack([one(t) for t in range(4)], 1), jnp.stack([own(t) for t in range(4)], 1)
+
+    want, own = frame.apply(big_only, method=by_hand)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    assert not np.allclose(out[:, 1:], own[:, 1:], atol=1e-3)  # frame 0's, not its own
+    np.testing.assert_allclose(out[:, 0], own[:, 0], atol=1e-5)
+    kernel = variables["params"]["big"]["head"]["project"]["kernel"]
+    assert kernel.shape[-2] == TINY["widths"][-1] + 2  # the two similarity channels
 
 
 def test_linear_predictive_corrective_sums_reproduce_the_per_frame_output():
@@ -152,12 +198,12 @@ def test_iou_and_j_summary():
         ("data.distractors", (1, 4), "4 distractors and the target need 5 cells"),
         ("model.system", "tracker", "model.system='tracker' is not one of"),
         ("model.pc_layers", (3, 2), "model.pc_layers"),
+        ("model.match", 1, "model.match=1 must be True or False"),
     ],
 )
 def test_bad_configs_fail_before_compiling(field, value, match):
     config = configs.get_config("dual")
-    section, name = field.split(".")
-    config[section][name] = value
+    set_field(config, field, value)
     with pytest.raises(ConfigError, match=match) as err:
         validate(config)
     assert "\n" not in str(err.value)

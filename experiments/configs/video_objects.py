@@ -30,6 +30,8 @@ Variants (`rvm.models.video_objects` describes each system):
                   `--config.model.reinit_threshold=...` (mean absolute pixel change); they
                   act in training and in evaluation alike (one path computes both).
   smoke           a tiny `dual` run (32x32 canvas, 6 frames) that trains in about a minute.
+`--config.model.match=True` on any of them: the big network's head also sees, at each
+site, the similarity of its features to frame 0's target (and background).
 
 Data: `rvm.data.target_videos` (64x64, 24 frames, 1-3 distractors of 24-pixel digits,
 half of them of the target's class; train / validation / test from disjoint digits).
@@ -94,6 +96,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model.pc_layers = (3,)
     config.model.reinit_threshold = 0.0
     config.model.ignore_threshold = 0.0
+    # the big network's head also sees each site's similarity to frame 0's target
+    # (rvm.models.video_objects): any system; the committed results were trained without
+    config.model.match = False
 
     config.optim = ml_collections.ConfigDict()
     config.optim.name = "adam"

@@ -61,7 +61,8 @@ def part_flops(model: vo.VideoObjects, variables: dict, frame_shape: tuple[int, 
     apply = lambda f, *a: compiled_flops(lambda v, *b: model.apply(v, *b, method=f), variables, *a)
     out = {"big": apply(lambda m, x: m.big(x, x, x, False), x)}
     feats = jax.eval_shape(lambda v: model.apply(v, x, x, x, False, method=_big), variables)[1]
-    out["head"] = apply(lambda m, f, x: m.big.head(f, x), jnp.zeros(feats.shape), x)
+    protos = lambda f, x: vo.prototypes(f, x) if model.match else None  # x: a mask's shape
+    out["head"] = apply(lambda m, f, x: m.big.logits(f, x, protos(f, x)), jnp.zeros(feats.shape), x)
     bounds = (0, *model.pc_layers)
     y = jnp.zeros((1, h, w, 3))
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):

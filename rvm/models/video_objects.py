@@ -8,6 +8,12 @@ the target reaches it. Each returns mask logits [B, T, H, W].
   project's ResNet trunk (`rvm.models.resnet.Level`) made fully convolutional (stem of
   stride 2, no pooling head) with an upsampling head that also sees the frame at full
   resolution, so the mask can follow the strokes.
+
+With `match` (every system), the big network's head also sees, at each site, the cosine
+similarity of its top features to frame 0's mean feature inside the target's mask and
+outside it (`prototypes`, `similarity`): the frames reach the trunk only as channels
+stacked with frame 0, so without it the network can compare the target with what it
+sees only within its receptive field, not wherever the target has moved.
 * `stale`: trained as `frame`; at evaluation the key frame's mask is reused until the
   next key frame (clockwork's reuse of the full output).
 * `resrec`: `frame` with a convolutional recurrent cell (rvm's Elman or GRU) on the
@@ -123,11 +129,31 @@ class Head(nn.Module):
         return SameConv(1, (1, 1), name="logits")(y)[..., 0]
 
 
+def prototypes(features: Array, mask: Array) -> Array:
+    """[B, 2, C]: the mean feature of `features` [B, h, w, C] inside the mask [B, H, W, 1]
+    and outside it, each site weighted by the share of its H/h x W/w pixels in the mask."""
+    (b, h, w, _), (height, width) = features.shape, mask.shape[1:3]
+    m = mask.reshape(b, h, height // h, w, width // w, 1).mean((2, 4))
+    inside = jnp.sum(features * m, (1, 2)) / (jnp.sum(m, (1, 2)) + 1e-6)
+    outside = jnp.sum(features * (1 - m), (1, 2)) / (jnp.sum(1 - m, (1, 2)) + 1e-6)
+    return jnp.stack([inside, outside], 1)
+
+
+def similarity(features: Array, protos: Array) -> Array:
+    """[N, h, w, 2]: the cosine similarity of each site of `features` [N, h, w, C] to each
+    of `protos` [N, 2, C]."""
+    unit = lambda v: v / (jnp.linalg.norm(v, axis=-1, keepdims=True) + 1e-6)
+    return jnp.einsum("nhwc,nkc->nhwk", unit(features), unit(protos))
+
+
 class BigNet(nn.Module):
-    """Trunk + head on [frame, frame 0, mask 0]; also returns the top features."""
+    """Trunk + head on [frame, frame 0, mask 0]; also returns the top features. Called on
+    frames alone, `match` compares each frame's features with its own prototypes (what it
+    does for frame 0; `rvm.analysis.video_objects` counts the FLOPs of that call)."""
 
     widths: tuple[int, ...]
     blocks: tuple[int, ...]
+    match: bool = False
 
     def setup(self):
         self.trunk = Trunk(self.widths, self.blocks)
@@ -135,7 +161,14 @@ class BigNet(nn.Module):
 
     def __call__(self, x: Array, x0: Array, m0: Array, train: bool) -> tuple[Array, Array]:
         features = self.trunk(jnp.concatenate([x, x0, m0], -1), train)
-        return self.head(features, x), features
+        protos = prototypes(features, m0) if self.match else None
+        return self.logits(features, x, protos), features
+
+    def logits(self, features: Array, x: Array, protos: Array | None = None) -> Array:
+        """The head on `features`, with their similarity to `protos` where matching."""
+        if self.match:
+            features = jnp.concatenate([features, similarity(features, protos)], -1)
+        return self.head(features, x)
 
 
 class SmallStep(nn.Module):
@@ -242,9 +275,10 @@ class VideoObjects(nn.Module):
     pc_layers: tuple[int, ...] = (3,)  # ends of the trunk segments each pc block covers
     reinit_threshold: float = 0.0  # pc: re-initialise above this mean |change| (0: off)
     ignore_threshold: float = 0.0  # pc: reuse everything below it (0: off)
+    match: bool = False  # the head also sees similarities to frame 0's target (docstring)
 
     def setup(self):
-        self.big = BigNet(self.widths, self.blocks)
+        self.big = BigNet(self.widths, self.blocks, self.match)
         if self.system == "resrec" and CELLS[self.cell] is not None:
             self.rnn = CELLS[self.cell](self.widths[-1], name="rnn")
         if self.system in ("dual", "small"):
@@ -267,22 +301,36 @@ class VideoObjects(nn.Module):
         inputs = jnp.concatenate(
             [x, _repeat(video[:, :1, ..., :1], x), _repeat(video[:, :1, ..., 1:], x)], -1
         )
-        big = lambda v: self.big(v[..., :1], v[..., 1:2], v[..., 2:], train)
+        big = lambda v: self._big(v, train)
         if self.system == "stale" and not train:
             keys = key_frames(x.shape[1], self.key_every)
-            return fold(lambda v: big(v)[0], inputs[:, :: self.key_every])[:, keys]
+            return big(inputs[:, :: self.key_every])[0][:, keys]
         if self.system in ("frame", "stale"):
-            return fold(lambda v: big(v)[0], inputs)
+            return big(inputs)[0]
         if self.system == "resrec":
             feats = fold(lambda v: self.big.trunk(v, train), inputs)
             if self.cell != "none":
                 carry = self.rnn.initialize_carry(jax.random.PRNGKey(0), feats[:, 0].shape)
                 feats = feats + run_sequence(self.rnn, carry, feats, train=train)[2]
-            return fold2(self.big.head, feats, x)
+            return self._head(feats, inputs)
         if self.system in ("dual", "small"):
             every = x.shape[1] if self.system == "small" else self.key_every
             return self._dual(inputs, x, every, big)
         return self._pc(inputs, x, train)
+
+    def _big(self, inputs: Array, train: bool) -> tuple[Array, Array]:
+        """The big network's logits and top features on frames [B, T', H, W, 3] whose first
+        is frame 0."""
+        feats = fold(lambda v: self.big.trunk(v, train), inputs)
+        return self._head(feats, inputs), feats
+
+    def _head(self, feats: Array, inputs: Array) -> Array:
+        """The big network's head on top features [B, T', h, w, C] of frames whose first is
+        frame 0, compared with frame 0's target where matching."""
+        if not self.match:
+            return fold2(self.big.logits, feats, inputs[..., :1])
+        protos = prototypes(feats[:, 0], inputs[:, 0, ..., 2:])
+        return fold2(self.big.logits, feats, inputs[..., :1], _repeat(protos[:, None], feats))
 
     def write_memory(self, feats: Array, frame_shape: Sequence[int]) -> Array:
         """The small network's state from the big network's top features (1/4 resolution)."""
@@ -291,7 +339,7 @@ class VideoObjects(nn.Module):
 
     def _dual(self, inputs, x, every, big):
         keys = key_frames(x.shape[1], every)
-        big_logits, feats = fold(big, inputs[:, ::every])
+        big_logits, feats = big(inputs[:, ::every])
         h_key = fold(lambda f: self.write_memory(f, x.shape[2:4]), feats)
         is_key = np.arange(x.shape[1]) % every == 0
         if self.memory == "big_only" or self.system == "small":
@@ -317,7 +365,7 @@ class VideoObjects(nn.Module):
             y = predictive_corrective(init, update, kind)
         if bounds[-1] < len(self.widths):
             y = fold(lambda v: self.big.trunk(v, train, bounds[-1]), y)
-        logits = fold2(self.big.head, y, x)
+        logits = self._head(y, inputs)
         if self.is_initializing():
             self._copy_init_to_update()
         # an ignored frame reuses everything, its mask included

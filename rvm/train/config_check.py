@@ -58,6 +58,7 @@ TASK_ADDED_FIELDS = {
     },
     # thinking runs recorded before their validation split and the reference count draw
     "thinking": {"data.num_val": 0, "data.eval_stream": 0, "train.draw": "fixed_k"},
+    "video_objects": {"model.match": False},  # runs recorded before the head could match
 }
 
 

@@ -27,7 +27,7 @@ from rvm.data.target_videos import TargetVideos, check_arguments, make_target_vi
 from rvm.errors import ConfigError
 from rvm.models import video_objects as vo
 from rvm.train import sharding
-from rvm.train.fields import choice, nonnegative, positive_int
+from rvm.train.fields import boolean, choice, nonnegative, positive_int
 from rvm.train.state import TrainState
 from rvm.train.task import Task, sum_over_split
 
@@ -82,6 +82,7 @@ def build_model(config: ml_collections.ConfigDict, **overrides) -> vo.VideoObjec
         pc_layers=tuple(m.pc_layers),
         reinit_threshold=float(m.reinit_threshold),
         ignore_threshold=float(m.ignore_threshold),
+        match=bool(m.match),
     )
     return vo.VideoObjects(**{**fields, **overrides})
 
@@ -225,6 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         positive_int(config, f"model.{field}")
     for field in ("reinit_threshold", "ignore_threshold"):
         nonnegative(config, f"model.{field}")
+    boolean(config, "model.match")
     if len(m.widths) != len(m.blocks) or not all(int(b) >= 1 for b in m.blocks):
         raise ConfigError(f"model.blocks={m.blocks!r} needs one count >= 1 per width {m.widths!r}")
     if any(int(b) < 2 for b in m.blocks[1:]):
