@@ -17,7 +17,7 @@ CONFIG=experiments/configs/video_objects.py
 MACHINE=${MACHINE:-"$(lscpu | grep 'Model name' | sed 's/Model name: *//'), 2 cores shared with other work"}
 BUDGET=()
 RUNS=${RUNS:-"frame dual small stale pc pc_ignore_0.03 pc_ignore_0.045 pc_ignore_0.08 pc_ignore_0.1
-  pc_ignore_0.12 resrec_gru dual_carry frame_long"}
+  pc_ignore_0.12 resrec_gru dual_carry frame_long frame_match"}
 mkdir -p "$WORKDIRS"
 
 train() {  # NAME VARIANT [--config.FIELD=VALUE ...]
@@ -55,4 +55,7 @@ train dual_carry dual_carry
 # 2,048 training videos (four times the common budget's), 8 epochs (2,048 Adam steps of 8
 # videos against 192), the learning rate dropped at 80% as in every run.
 train frame_long frame --config.data.num_train=2048 --config.num_epochs=8
+# The reference system at the common budget with a matching head (model.match): each site
+# of every frame compared with frame 0's target, wherever the target has moved.
+train frame_match frame --config.model.match=True
 python -c "from rvm.analysis.video_objects import write_summary; write_summary('$OUT', '$MACHINE')"
