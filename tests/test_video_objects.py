@@ -186,6 +186,33 @@ def test_iou_and_j_summary():
     np.testing.assert_allclose(iou[0], [0.0, 0.5, 1.0])
     s = measures.summarize_j(iou, key_every=2)
     assert s["J"] == pytest.approx(75.0) and s["J_since_key"] == [100.0, 50.0]
+    # videos 0 and 2 have a distractor of the target's class (3); video 1's are other digits
+    ious = np.array([[1.0, 0.2, 0.4], [1.0, 0.9, 0.9], [1.0, 0.0, 0.2]])
+    classes = np.array([[3, 5, 3, -1], [3, 5, -1, -1], [7, 7, -1, -1]])
+    split = measures.j_by_distractor_class(ious, classes)
+    assert split["J_same_class"] == pytest.approx(20.0)
+    assert split["J_other_class"] == pytest.approx(90.0)
+    assert (split["videos_same_class"], split["videos_other_class"]) == (2, 1)
+
+
+def test_summary_takes_j_by_class_from_an_evaluation_that_agrees(tmp_path):
+    import json
+
+    results = {"step": 4, "val_J": 50.0, "test_J": 40.0, "test_J_se": 1.0, "test_J_decay": 5.0}
+    results.update(test_J_per_frame=[40.0] * 3, flops_per_frame=2e6)
+    (tmp_path / "frame").mkdir()
+    (tmp_path / "frame/results.json").write_text(json.dumps(results))
+    (tmp_path / "frame/config.json").write_text(configs.get_config("frame").to_json())
+    test = {"J": 40.0, "J_same_class": 20.0, "J_other_class": 60.0}
+    test.update(videos_same_class=5, videos_other_class=5)
+    evaluated = {"step": 4, "validation": {"J": 50.0}, "test": test}
+    (tmp_path / "frame/evaluated.json").write_text(json.dumps(evaluated))
+    measures.write_summary(str(tmp_path), "a test VM")
+    assert "| frame | 20.0 (5) | 60.0 (5) |" in (tmp_path / "summary.md").read_text()
+    evaluated["test"]["J"] = 41.0  # another network's J: not this run's evaluation
+    (tmp_path / "frame/evaluated.json").write_text(json.dumps(evaluated))
+    with pytest.raises(ValueError, match="differs from results.json"):
+        measures.write_summary(str(tmp_path), "a test VM")
 
 
 @pytest.mark.parametrize(
@@ -221,3 +248,11 @@ def test_a_pack_stopped_mid_epoch_resumes_to_each_seed_trained_alone(tmp_path):
     config.update(num_epochs=2, measure_fps_batches=())  # 2 steps an epoch; frames/s is timing
     straight = assert_pack_resumes_to_each_seed_alone(config, tmp_path, stop_at=3)
     assert straight["step"] == 4
+    assert straight["test_videos_same_class"] + straight["test_videos_other_class"] == 4
+
+    # The final checkpoint evaluated again: the run's J, which the summary then trusts.
+    evaluated = measures.evaluate_run(tmp_path / "alone")
+    assert evaluated["step"] == 4
+    assert evaluated["test"]["J"] == pytest.approx(straight["test_J"], abs=1e-9)
+    assert evaluated["validation"]["J"] == pytest.approx(straight["val_J"], abs=1e-9)
+    assert evaluated["test"]["J_same_class"] == straight["test_J_same_class"]

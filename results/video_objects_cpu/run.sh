@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The video-object results in this folder, on the CPU of the machine at hand (2 cores
 # shared with other work). Every system trains at one common budget, BUDGET below (the
-# config's own defaults unless overridden here), so the runs are comparable: J on the
-# validation and test videos of held-out digits, 64x64 canvas, 24 frames, K = 8.
-# Each run's config.json, metrics.jsonl, starts.jsonl and results.json are copied here;
+# config's own defaults unless overridden here), so the runs are comparable (frame_long
+# alone has a larger one, to see what budget buys): J on the validation and test videos of
+# held-out digits, 64x64 canvas, 24 frames, K = 8.
+# Each run's config.json, metrics.jsonl, starts.jsonl, results.json and final checkpoint
+# (runs trained before this copy was made have none) are copied here;
 # summary.md is then written from them (rvm.analysis.video_objects.write_summary), with
 # the budget read back from the runs' config.json. Wall times go to times.txt.
 # Rerunning resumes unfinished runs and skips finished ones; RUNS="frame_long" trains only
@@ -34,6 +36,11 @@ train() {  # NAME VARIANT [--config.FIELD=VALUE ...]
   fi
   mkdir -p "$OUT/$name"
   cp "$WORKDIRS/$name"/{config.json,metrics.jsonl,starts.jsonl,results.json} "$OUT/$name/"
+  local last  # the final checkpoint, so that the run can be evaluated again
+  last=$(ls "$WORKDIRS/$name/checkpoints" | sort -n | tail -1)
+  rm -rf "$OUT/$name/checkpoints"
+  mkdir -p "$OUT/$name/checkpoints"
+  cp -r "$WORKDIRS/$name/checkpoints/$last" "$OUT/$name/checkpoints/"
   echo "$name: $((SECONDS - start)) s" | tee -a "$OUT/times.txt"
 }
 
@@ -58,4 +65,7 @@ train frame_long frame --config.data.num_train=2048 --config.num_epochs=8
 # The reference system at the common budget with a matching head (model.match): each site
 # of every frame compared with frame 0's target, wherever the target has moved.
 train frame_match frame --config.model.match=True
+# Runs whose results.json predates J by distractor class, evaluated again from their
+# checkpoint (evaluated.json); then the summary.
+python -c "from rvm.analysis.video_objects import evaluate_where_missing as e; print(e('$OUT'))"
 python -c "from rvm.analysis.video_objects import write_summary; write_summary('$OUT', '$MACHINE')"

@@ -47,6 +47,22 @@ def summarize_j(per_frame: np.ndarray, key_every: int | None = None) -> dict:
     return out
 
 
+def j_by_distractor_class(per_frame: np.ndarray, classes: np.ndarray) -> dict:
+    """J (x100, frames 1..T-1) of the videos with a distractor of the target's class and of
+    the others, with their counts, from per-frame IoU [N, T] and the slots' classes [N, D]
+    (slot 0 the target, -1 an absent slot): where the target's look alone cannot find it."""
+    per_video = np.asarray(per_frame, np.float64)[:, 1:].mean(axis=1) * 100
+    classes = np.asarray(classes)
+    same = np.any(classes[:, 1:] == classes[:, :1], axis=1)
+    mean = lambda pick: float(per_video[pick].mean()) if pick.any() else None
+    return {
+        "J_same_class": mean(same),
+        "J_other_class": mean(~same),
+        "videos_same_class": int(same.sum()),
+        "videos_other_class": int((~same).sum()),
+    }
+
+
 def compiled_flops(fn: Callable, *args) -> float:
     """FLOPs of `fn(*args)` by XLA's cost analysis of the compiled function."""
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
@@ -149,6 +165,84 @@ def weight_rms(params: dict) -> dict:
     return out
 
 
+def evaluate_run(path) -> dict:
+    """Validation and test J of the run in `path` again, from its newest checkpoint, by the
+    code at hand (with the measures its results.json may predate, J by distractor class):
+    written to `evaluated.json` beside results.json and returned."""
+    import json
+    from pathlib import Path
+
+    import ml_collections
+
+    from rvm.tasks.video_objects import task
+    from rvm.train import loop
+    from rvm.train.checkpoint import Checkpoints
+    from rvm.train.config_check import with_added_fields
+
+    path = Path(path)
+    saved = with_added_fields(json.loads((path / "config.json").read_text()))
+    config = ml_collections.ConfigDict(saved)
+    data = task.load_data(config)
+    ckpts = Checkpoints(path, keep=config.keep_checkpoints)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{path} has no checkpoint to evaluate")
+        state = ckpts.restore(loop.state_shapes(config, data))
+    finally:
+        ckpts.close()
+    model = task.build_model(config)
+    evaluated = {"step": step}
+    for split in ("validation", "test"):
+        out = task.evaluate(model, state.variables, getattr(data, split), config.eval_batch_size)
+        evaluated[split] = {k: v for k, v in out.items() if not k.startswith("pc_")}
+    (path / "evaluated.json").write_text(json.dumps(evaluated, indent=1) + "\n")
+    return evaluated
+
+
+def evaluate_where_missing(out_dir: str) -> list[str]:
+    """`evaluate_run` for each run in `out_dir` with a checkpoint whose results.json
+    predates J by distractor class and that has no evaluated.json yet; their names."""
+    import json
+    from pathlib import Path
+
+    done = []
+    for path in sorted(Path(out_dir).glob("*/results.json")):
+        run = path.parent
+        measured = "test_J_same_class" in json.loads(path.read_text())
+        if (
+            (run / "checkpoints").is_dir()
+            and not measured
+            and not (run / "evaluated.json").exists()
+        ):
+            evaluate_run(run)
+            done.append(run.name)
+    return done
+
+
+def _j_by_class(results: dict, evaluated: dict | None, name: str) -> dict | None:
+    """A run's test J by distractor class, from results.json or else evaluated.json, whose
+    test J must then be results.json's."""
+    if "test_J_same_class" in results:
+        return {
+            k: results[f"test_{k}"]
+            for k in ("J_same_class", "J_other_class", "videos_same_class", "videos_other_class")
+        }
+    if evaluated is None:
+        return None
+    if (
+        evaluated["step"] != results["step"]
+        or abs(evaluated["test"]["J"] - results["test_J"]) > 1e-4
+    ):
+        raise ValueError(
+            f"{name}/evaluated.json (step {evaluated['step']}, test J "
+            f"{evaluated['test']['J']:.4f}) differs from results.json (step {results['step']}, "
+            f"{results['test_J']:.4f}): "
+            "evaluate the run again"
+        )
+    return evaluated["test"]
+
+
 def write_summary(out_dir: str, machine: str) -> None:
     """summary.md, j_since_key.png and j_vs_flops.png from the runs' results.json in out_dir."""
     import json
@@ -203,6 +297,27 @@ def write_summary(out_dir: str, machine: str) -> None:
             f"| {effective} "
             f"| {fps[0]:.0f} | {fps[1]:.0f} |"
         )
+    by_class = {}
+    for name, r in runs.items():
+        ev = out / name / "evaluated.json"
+        split = _j_by_class(r, json.loads(ev.read_text()) if ev.exists() else None, name)
+        if split is not None:
+            by_class[name] = split
+    if by_class:
+        lines += [
+            "",
+            "Test J of the videos with a distractor of the target's class (its look alone",
+            "does not tell it apart) and of the others (from results.json, or the run's final",
+            "checkpoint evaluated again: evaluated.json, the same test J):",
+            "",
+            "| run | J, same-class distractor (videos) | J, none (videos) |",
+            "|---|---|---|",
+        ]
+        for name, c in by_class.items():
+            lines.append(
+                f"| {name} | {c['J_same_class']:.1f} ({c['videos_same_class']}) "
+                f"| {c['J_other_class']:.1f} ({c['videos_other_class']}) |"
+            )
     for name, r in runs.items():
         if "rnn_recurrent_kernel_rms" in r:
             lines += [
@@ -224,7 +339,8 @@ def write_summary(out_dir: str, machine: str) -> None:
         if "test_J_since_key" in r:
             ax.plot(r["test_J_since_key"], marker="o", label=name)
     ax.set(xlabel="frames since the key frame", ylabel="test J", title="J against key-frame age")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a frame run alone has no key frames
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "j_since_key.png", dpi=120)
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -147,6 +147,7 @@ def evaluate(model, variables, videos: TargetVideos, batch_size: int, mesh=None)
     keep = lambda a, w: np.asarray(a)[np.asarray(w) > 0]
     iou = np.concatenate([keep(i, w) for i, _, w in outputs])
     out = measures.summarize_j(iou, None if model.system == "frame" else model.key_every)
+    out.update(measures.j_by_distractor_class(iou, videos.classes))
     if model.system == "pc":
         out["pc_kind"] = np.concatenate([keep(i["pc_kind"][0], w) for _, i, w in outputs])
         out["pc_nonzero"] = [
