@@ -30,9 +30,11 @@ train() {  # NAME VARIANT [--config.FIELD=VALUE ...]
     echo "$name: the committed run"
     return 0
   fi
+  local trained=0
   if [[ ! -f "$WORKDIRS/$name/results.json" ]]; then
     nice -n 5 python -m experiments.train --config="$CONFIG:$variant" ${BUDGET[@]+"${BUDGET[@]}"} "$@" \
       --workdir="$WORKDIRS/$name" >>"$WORKDIRS/$name.log" 2>&1
+    trained=1
   fi
   mkdir -p "$OUT/$name"
   cp "$WORKDIRS/$name"/{config.json,metrics.jsonl,starts.jsonl,results.json} "$OUT/$name/"
@@ -41,7 +43,11 @@ train() {  # NAME VARIANT [--config.FIELD=VALUE ...]
   rm -rf "$OUT/$name/checkpoints"
   mkdir -p "$OUT/$name/checkpoints"
   cp -r "$WORKDIRS/$name/checkpoints/$last" "$OUT/$name/checkpoints/"
-  echo "$name: $((SECONDS - start)) s" | tee -a "$OUT/times.txt"
+  if ((trained)); then  # the wall time of a training that ran now (a resumed one: its last part)
+    echo "$name: $((SECONDS - start)) s" | tee -a "$OUT/times.txt"
+  else
+    echo "$name: recorded before"
+  fi
 }
 
 train frame frame
