@@ -124,19 +124,13 @@ def diagnose(path, num: int = 128, unrolled: int = 200, max_iter: int = 200, tol
     from rvm.analysis.thinking import read_run
     from rvm.tasks.thinking import task as thinking_task
     from rvm.train import loop
-    from rvm.train.checkpoint import Checkpoints
 
     path = Path(path)
     run = read_run(path)
     config = ml_collections.ConfigDict(run["config"])
     if config.data.kind != "prefix_sums" or not thinking_task.is_equilibrium(config):
         raise ValueError(f"{path}: not a prefix-sum net trained to equilibrium")
-    ckpts = Checkpoints(path, keep=config.keep_checkpoints)
-    try:
-        step = ckpts.latest_step()
-        state = ckpts.restore(loop.state_shapes(config, thinking_task.load_data(config)))
-    finally:
-        ckpts.close()
+    step, state = loop.restore_newest(config, thinking_task.load_data(config), path)
     with config.unlocked():
         config.equilibrium.backward = "implicit"
         config.equilibrium.max_iter = config.equilibrium.backward_max_iter = max_iter

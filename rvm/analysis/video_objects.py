@@ -176,21 +176,13 @@ def evaluate_run(path) -> dict:
 
     from rvm.tasks.video_objects import task
     from rvm.train import loop
-    from rvm.train.checkpoint import Checkpoints
     from rvm.train.config_check import with_added_fields
 
     path = Path(path)
     saved = with_added_fields(json.loads((path / "config.json").read_text()))
     config = ml_collections.ConfigDict(saved)
     data = task.load_data(config)
-    ckpts = Checkpoints(path, keep=config.keep_checkpoints)
-    try:
-        step = ckpts.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{path} has no checkpoint to evaluate")
-        state = ckpts.restore(loop.state_shapes(config, data))
-    finally:
-        ckpts.close()
+    step, state = loop.restore_newest(config, data, path)
     model = task.build_model(config)
     evaluated = {"step": step}
     for split in ("validation", "test"):

@@ -67,21 +67,15 @@ def evaluate_tracker(path: str | Path) -> dict:
 
     from rvm.tasks import tracker
     from rvm.train import loop
-    from rvm.train.checkpoint import Checkpoints
+    from rvm.train.config_check import with_added_fields
 
     path = Path(path)
-    config = ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    saved = with_added_fields(json.loads((path / "config.json").read_text()))
+    config = ml_collections.ConfigDict(saved)
     if config.task != "tracker":
         raise ValueError(f"{path} is a {config.task!r} run, not a tracker run")
     data = tracker.load_data(config)
-    ckpts = Checkpoints(path, keep=config.keep_checkpoints)
-    try:
-        step = ckpts.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{path} has no checkpoint to evaluate")
-        state = ckpts.restore(loop.state_shapes(config, data))
-    finally:
-        ckpts.close()
+    step, state = loop.restore_newest(config, data, path)
     model = tracker.build_model(config)
     scores, no_reset = tracker.test_scores(config, model, state.params, data.test)
     evaluated = {"step": step, "test": scores, "test_no_reset": no_reset}
@@ -311,9 +305,10 @@ def write_summary(runs: list[str | Path], out: str | Path, machine: str, command
         lines += [f"## Tracking ({frames}-frame test tracks)", ""]
         if any("intervals" in v["results"]["test"] for v in trackers.values()):
             lines += [
-                "In brackets: 95% intervals that resample the test tracks (a percentile "
-                "bootstrap, `rvm.analysis.measures`), from the run's final checkpoint "
-                "evaluated again (`evaluated.json`, the same scores as results.json).",
+                "In parentheses: 95% intervals that resample the test tracks (a percentile "
+                "bootstrap, `rvm.analysis.measures`); runs recorded before them were evaluated "
+                "again from their final checkpoint (`evaluated.json`, the same scores as "
+                "results.json).",
                 "",
             ]
         lines += [*tracker_table(trackers), ""]

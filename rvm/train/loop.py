@@ -105,6 +105,19 @@ def state_shapes(config: ml_collections.ConfigDict, data: Any) -> Any:
     return jax.eval_shape(fresh)
 
 
+def restore_newest(config: ml_collections.ConfigDict, data: Any, workdir: str | Path):
+    """(step, state) of the newest checkpoint in `workdir`, a run of `config` on `data`:
+    for evaluating a run again; a workdir without a checkpoint is a FileNotFoundError."""
+    ckpts = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints)
+    try:
+        step = ckpts.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{workdir} has no checkpoint to evaluate")
+        return step, ckpts.restore(state_shapes(config, data))
+    finally:
+        ckpts.close()
+
+
 def build_run(config: ml_collections.ConfigDict, data: Any, mesh: Mesh) -> Run:
     """Task, optimiser, fresh replicated state and the jitted, donated train step."""
     task, tx, steps_per_epoch, total_steps = _task_and_optimizer(config, data, mesh)
