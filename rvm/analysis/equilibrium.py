@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import jax
@@ -31,12 +32,7 @@ def _loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def gradient_agreement(
-    model: ThinkingNet, params: Any, inputs: jax.Array, labels: jax.Array, unrolled: int
-) -> float:
-    """Cosine between the parameter gradients of the loss at the fixed point (the model's
-    equilibrium backward) and of the net unrolled `unrolled` plain iterations from h_0."""
-
+def _cosine(model: ThinkingNet, params: Any, inputs, labels, unrolled: int) -> jax.Array:
     def at_fixed_point(p):
         logits, _, _ = model.apply({"params": p}, inputs, method=ThinkingNet.solve)
         return _loss(logits, labels)
@@ -46,14 +42,18 @@ def gradient_agreement(
 
     a, _ = ravel_pytree(jax.grad(at_fixed_point)(params))
     b, _ = ravel_pytree(jax.grad(through_iterations)(params))
-    return float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30))
+    return jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b) + 1e-30)
 
 
-def spectral_radius(f, z: jax.Array, key: jax.Array, steps: int = 50) -> np.ndarray:
-    """Per example (axis 0), an estimate of the spectral radius of J = df/dz at `z`: the
-    growth per step of ||(J^T)^k v|| over the last half of `steps` power-iteration steps
-    from a random v (J^T has J's eigenvalues; a VJP works through custom-VJP convolutions
-    where a JVP does not). `f` must act on each example alone, as a convolution does."""
+def gradient_agreement(
+    model: ThinkingNet, params: Any, inputs: jax.Array, labels: jax.Array, unrolled: int
+) -> float:
+    """Cosine between the parameter gradients of the loss at the fixed point (the model's
+    equilibrium backward) and of the net unrolled `unrolled` plain iterations from h_0."""
+    return float(_cosine(model, params, inputs, labels, unrolled))
+
+
+def _radius(f, z: jax.Array, key: jax.Array, steps: int = 50) -> jax.Array:
     axes = tuple(range(1, z.ndim))
     norm = lambda v: jnp.sqrt(jnp.sum(jnp.square(v), axes, keepdims=True))
     _, pull = jax.vjp(f, z)
@@ -65,7 +65,15 @@ def spectral_radius(f, z: jax.Array, key: jax.Array, steps: int = 50) -> np.ndar
 
     v = jax.random.normal(key, z.shape, z.dtype)
     _, logs = jax.lax.scan(body, v / norm(v), None, length=steps)
-    return np.asarray(jnp.exp(jnp.mean(logs[steps // 2 :], axis=0)).reshape(-1))
+    return jnp.exp(jnp.mean(logs[steps // 2 :], axis=0)).reshape(-1)
+
+
+def spectral_radius(f, z: jax.Array, key: jax.Array, steps: int = 50) -> np.ndarray:
+    """Per example (axis 0), an estimate of the spectral radius of J = df/dz at `z`: the
+    growth per step of ||(J^T)^k v|| over the last half of `steps` power-iteration steps
+    from a random v (J^T has J's eigenvalues; a VJP works through custom-VJP convolutions
+    where a JVP does not). `f` must act on each example alone, as a convolution does."""
+    return np.asarray(_radius(f, z, key, steps))
 
 
 def fixed_point(model: ThinkingNet, params: Any, inputs: jax.Array):
@@ -77,16 +85,20 @@ def fixed_point(model: ThinkingNet, params: Any, inputs: jax.Array):
     return model.apply({"params": params}, inputs, method=state)
 
 
-def reach(model: ThinkingNet, params: Any, bits: jax.Array) -> np.ndarray:
-    """Per position of [N, L, 1] bit strings, the fraction of strings whose prediction at
-    the fixed point changes when bit 0 flips (a prefix-sum solver: 1 everywhere)."""
+def _flips(model: ThinkingNet, params: Any, bits: jax.Array) -> jax.Array:
     flipped = bits.at[:, 0].set(1 - bits[:, 0])
 
     def predict(x):
         logits, _, _ = model.apply({"params": params}, x, method=ThinkingNet.solve)
         return jnp.argmax(logits, -1)
 
-    return np.asarray(jnp.mean(predict(bits) != predict(flipped), axis=0))
+    return jnp.mean(predict(bits) != predict(flipped), axis=0)
+
+
+def reach(model: ThinkingNet, params: Any, bits: jax.Array) -> np.ndarray:
+    """Per position of [N, L, 1] bit strings, the fraction of strings whose prediction at
+    the fixed point changes when bit 0 flips (a prefix-sum solver: 1 everywhere)."""
+    return np.asarray(_flips(model, params, bits))
 
 
 def iteration(model: ThinkingNet, params: Any, inputs: jax.Array):
@@ -94,18 +106,31 @@ def iteration(model: ThinkingNet, params: Any, inputs: jax.Array):
     return lambda h: model.apply({"params": params}, h, inputs, method=ThinkingNet.step)
 
 
-def _readings(model: ThinkingNet, params: Any, split, unrolled: int, key: jax.Array) -> dict:
-    inputs, labels = jnp.asarray(split.inputs, jnp.float32), jnp.asarray(split.labels)
+@partial(jax.jit, static_argnames=("model", "unrolled"))
+def _measured(model: ThinkingNet, params: Any, inputs, labels, key, unrolled: int) -> dict:
+    """Every reading of `_readings` in one program: compiled once per net shape, so the
+    trained net reuses the fresh one's."""
     h, stats = fixed_point(model, params, inputs)
     logits = model.apply({"params": params}, h, method=ThinkingNet.readout)
-    radius = spectral_radius(iteration(model, params, inputs), h, key)
-    thirds = np.array_split(reach(model, params, inputs)[1:], 3)
     return {
-        "position_accuracy": float(jnp.mean(jnp.argmax(logits, -1) == labels)),
-        "solver_iterations": int(stats.iterations),
-        "solver_converged": bool(stats.converged),
-        "spectral_radius": float(np.median(radius)),  # over the examples
-        "gradient_cosine": gradient_agreement(model, params, inputs, labels, unrolled),
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "stats": stats,
+        "radius": _radius(iteration(model, params, inputs), h, key),
+        "cosine": _cosine(model, params, inputs, labels, unrolled),
+        "flips": _flips(model, params, inputs),
+    }
+
+
+def _readings(model: ThinkingNet, params: Any, split, unrolled: int, key: jax.Array) -> dict:
+    inputs, labels = jnp.asarray(split.inputs, jnp.float32), jnp.asarray(split.labels)
+    m = jax.device_get(_measured(model, params, inputs, labels, key, unrolled))
+    thirds = np.array_split(np.asarray(m["flips"])[1:], 3)
+    return {
+        "position_accuracy": float(m["accuracy"]),
+        "solver_iterations": int(m["stats"].iterations),
+        "solver_converged": bool(m["stats"].converged),
+        "spectral_radius": float(np.median(m["radius"])),  # over the examples
+        "gradient_cosine": float(m["cosine"]),
         "reach": [float(np.mean(t)) for t in thirds],  # positions 1.., in thirds
     }
 
