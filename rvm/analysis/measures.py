@@ -79,7 +79,8 @@ def track_intervals(
 ) -> dict[str, list[float] | None]:
     """95% percentile-bootstrap intervals of mean IoU, success, failure and recovery,
     drawing `draws` resamples of the tracks (rows of [N, T]) with replacement."""
-    after = np.asarray(ious, np.float64)[:, 1:]
+    ious = np.asarray(ious, np.float64)
+    after = ious[:, 1:]
     per_track = {  # each track's sum; all tracks have the same number of frames
         "mean_iou": after.sum(1),
         "success_rate": (after > 0.5).sum(1),
@@ -88,7 +89,7 @@ def track_intervals(
     hits, counts = np.zeros(len(after)), np.zeros(len(after))
     for n, t in occlusion_ends(visible):
         counts[n] += 1
-        hits[n] += np.any(np.asarray(ious)[n, t : t + window] > 0.5)
+        hits[n] += np.any(ious[n, t : t + window] > 0.5)
     picks = np.random.default_rng(seed).integers(0, len(after), (draws, len(after)))
     bounds = lambda v: [float(x) for x in np.percentile(v, [2.5, 97.5])]
     out: dict[str, list[float] | None] = {

@@ -8,12 +8,6 @@ the target reaches it. Each returns mask logits [B, T, H, W].
   project's ResNet trunk (`rvm.models.resnet.Level`) made fully convolutional (stem of
   stride 2, no pooling head) with an upsampling head that also sees the frame at full
   resolution, so the mask can follow the strokes.
-
-With `match` (every system), the big network's head also sees, at each site, the cosine
-similarity of its top features to frame 0's mean feature inside the target's mask and
-outside it (`prototypes`, `similarity`): the frames reach the trunk only as channels
-stacked with frame 0, so without it the network can compare the target with what it
-sees only within its receptive field, not wherever the target has moved.
 * `stale`: trained as `frame`; at evaluation the key frame's mask is reused until the
   next key frame (clockwork's reuse of the full output).
 * `resrec`: `frame` with a convolutional recurrent cell (rvm's Elman or GRU) on the
@@ -39,6 +33,12 @@ sees only within its receptive field, not wherever the target has moved.
   a non-zero threshold acts in training as well as in evaluation: the network is
   trained under the schedule it is measured with. With both at 0 (the configs'
   default) the schedule is the fixed one, a re-initialisation every K frames.
+
+With `match` (every system), the big network's head also sees, at each site, the cosine
+similarity of its top features to frame 0's mean feature inside the target's mask and
+outside it (`prototypes`, `similarity`): the frames reach the trunk only as channels
+stacked with frame 0, so without it the network can compare the target with what it
+sees only within its receptive field, not wherever the target has moved.
 
 The training path is vectorised over time (key frames picked statically); evaluation
 runs the same path, so what is trained is what is measured.

@@ -213,7 +213,9 @@ def test_scores(config, model, params, test: Split, mesh=None, ious=None) -> tup
     e, visible = config.eval, ~test.occluded
     if ious is None:
         ious = split_ious(model, params, test, config.eval_batch_size, e.reset_every, mesh)
-    no_reset = split_ious(model, params, test, config.eval_batch_size, 0, mesh)
+    no_reset = ious  # without resets configured, these tracks are never reset
+    if e.reset_every:
+        no_reset = split_ious(model, params, test, config.eval_batch_size, 0, mesh)
     return (
         tracking_scores(ious, visible, e.recovery_window),
         tracking_scores(no_reset, visible, e.recovery_window),
