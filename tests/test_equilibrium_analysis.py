@@ -54,11 +54,12 @@ def test_gradient_agreement_at_a_fixed_point_and_away_from_it():
     assert diag.gradient_agreement(model, params, bits, labels, unrolled=1) < 0.99
 
 
-def test_diagnose_reads_a_trained_run_and_its_initial_net(tmp_path):
+def test_diagnose_and_solver_budgets_read_a_trained_run(tmp_path):
     from helpers import train
 
     from experiments.configs import equilibrium as eq_configs
     from experiments.configs import prefix_sums
+    from rvm.train import metrics
 
     config = prefix_sums.get_config("smoke")
     config.num_epochs = 1
@@ -76,6 +77,20 @@ def test_diagnose_reads_a_trained_run_and_its_initial_net(tmp_path):
     assert row["initial"] != row["trained"]  # the checkpoint's parameters, not the fresh ones
     table = diag.markdown(rows)
     assert "\n| run | initial | implicit |" in table and "\n| run | step 4 | implicit |" in table
+
+    # At the trained cap, the validation reading is the run's own last epoch record; at a
+    # cap of 1, every batch stops there unconverged.
+    budgets = diag.solver_budgets(tmp_path / "run", [1, 8])
+    capped, own = budgets["sizes"][str(config.data.train_size)]
+    last = metrics.read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert last["step"] == budgets["step"] == 4 and budgets["trained_max_iter"] == 8
+    assert own["solver_accuracy"] == last["val_solver_accuracy"]
+    assert own["solver_iterations"] == last["val_solver_iterations"]
+    assert own["examples"] == config.data.num_val
+    batches = -(-config.data.num_val // config.eval_batch_size)
+    assert (capped["solver_max_iter"], capped["solver_iterations"]) == (1, 1.0)
+    assert capped["solver_nonconverged_batches"] == batches
+    assert "| run (step 4) | 8 | 64 | 1: " in diag.budgets_markdown([budgets])
 
 
 def test_diagnose_refuses_a_run_of_another_kind(tmp_path):

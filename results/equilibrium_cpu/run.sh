@@ -16,6 +16,13 @@ copy() {  # workdir -> results/equilibrium_cpu/<name>
   mkdir -p "$OUT/$2"
   cp "$1"/{config.json,metrics.jsonl,starts.jsonl,results.json} "$OUT/$2/"
 }
+keep_checkpoint() {  # name workdir: its newest checkpoint copied here (committed), if it
+  # still exists, for the readings that load it
+  local ckpts=workdirs/$2/checkpoints
+  [ -d "$ckpts" ] || return 0
+  rm -rf "$OUT/$1/checkpoints" && mkdir -p "$OUT/$1/checkpoints"
+  cp -r "$ckpts/$(ls "$ckpts" | sort -n | tail -1)" "$OUT/$1/checkpoints/"
+}
 train() {  # name config workdir flags...
   local name=$1 config=$2 workdir=$3
   shift 3
@@ -26,7 +33,7 @@ train() {  # name config workdir flags...
 # --config.rng_streams=shared gives them their keys again (rvm.train.step).
 THINK_EPOCHS=${THINK_EPOCHS:-1}
 THINK_TRAIN=${THINK_TRAIN:-640}  # training examples: 20 steps of 32 (README.md: the budget)
-for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom diagnosis cifar_raw cifar_deq cifar_jac}; do
+for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom diagnosis budgets cifar_raw cifar_deq cifar_jac}; do
   case $run in
     cifar_raw)
       train all3_raw_e$EPOCHS experiments/configs/cifar10.py:all3_raw workdirs/eq_all3_raw_e$EPOCHS \
@@ -65,16 +72,17 @@ for run in ${RUNS:-mazes prefix_sums mazes_phantom prefix_sums_phantom diagnosis
         --config.equilibrium.phantom_steps=10 --config.equilibrium.phantom_damping=1.0 \
         --config.log_every_steps=25 --config.data.test_sizes="(32,64)" --config.eval.factor=3 ;;
     diagnosis)  # why the implicit prefix-sum run stayed at chance where the phantom one
-      # learned (README.md), read at h* from their newest checkpoints, copied here from
-      # their workdirs where those exist (the copies are committed)
-      for pair in prefix_sums_implicit:eq_prefix_sums prefix_sums_phantom:eq_ps_phantom; do
-        name=${pair%%:*} ckpts=workdirs/${pair#*:}/checkpoints
-        [ -d "$ckpts" ] || continue
-        rm -rf "$OUT/$name/checkpoints" && mkdir -p "$OUT/$name/checkpoints"
-        cp -r "$ckpts/$(ls "$ckpts" | sort -n | tail -1)" "$OUT/$name/checkpoints/"
-      done
+      # learned (README.md), read at h* from their newest checkpoints
+      keep_checkpoint prefix_sums_implicit eq_prefix_sums
+      keep_checkpoint prefix_sums_phantom eq_ps_phantom
       python -m experiments.equilibrium_diagnosis --out="$OUT/diagnosis.json" \
         --runs="$OUT/prefix_sums_implicit,$OUT/prefix_sums_phantom" \
         --command="RUNS=diagnosis bash results/equilibrium_cpu/run.sh" ;;
+    budgets)  # whether mazes_phantom misses on 13x13 for want of solver iterations: its
+      # validation exact match with the forward solve capped at 1x to 6x the trained 90
+      keep_checkpoint mazes_phantom eq_mz_phantom
+      python -m experiments.equilibrium_diagnosis --out="$OUT/budgets.json" \
+        --runs="$OUT/mazes_phantom" --budgets=90,180,270,540 \
+        --command="RUNS=budgets bash results/equilibrium_cpu/run.sh" ;;
   esac
 done

@@ -11,11 +11,16 @@
   prediction at every position; a contractive fixed point's dependence on a distant
   bit decays with the distance, and the predictions stop following.
 
-`experiments/equilibrium_diagnosis.py` reads them from runs' checkpoints.
+And, for a net whose test solves stop at their cap unconverged, `solver_budgets`: its
+validation exact match at each of several caps, to tell whether allowing more
+iterations would answer more. `experiments/equilibrium_diagnosis.py` reads them from
+runs' checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -135,13 +140,9 @@ def _readings(model: ThinkingNet, params: Any, split, unrolled: int, key: jax.Ar
     }
 
 
-def diagnose(path, num: int = 128, unrolled: int = 200, max_iter: int = 200, tol: float = 1e-4):
-    """`_readings` of a prefix-sum equilibrium run's newest checkpoint and of a fresh net of
-    its config (seed `config.seed`), on `num` validation strings of its trained length.
-
-    Both are solved with the implicit backward, to `tol` within `max_iter` iterations (the
-    same solver as trained otherwise), whatever the run trained with: the question is
-    whether the exact gradient at a fixed point would have taught the net."""
+def _restored(path, kind: str | None = None, what: str = "thinking"):
+    """(name, step, config, data, model, state) of the newest checkpoint of a thinking run
+    trained to equilibrium (of data.kind `kind` where given: `what` names it)."""
     from pathlib import Path
 
     import ml_collections
@@ -151,11 +152,25 @@ def diagnose(path, num: int = 128, unrolled: int = 200, max_iter: int = 200, tol
     from rvm.train import loop
 
     path = Path(path)
-    run = read_run(path)
-    config = ml_collections.ConfigDict(run["config"])
-    if config.data.kind != "prefix_sums" or not thinking_task.is_equilibrium(config):
-        raise ValueError(f"{path}: not a prefix-sum net trained to equilibrium")
-    step, state = loop.restore_newest(config, thinking_task.load_data(config), path)
+    config = ml_collections.ConfigDict(read_run(path)["config"])
+    if not thinking_task.is_equilibrium(config) or kind not in (None, config.data.kind):
+        raise ValueError(f"{path}: not a {what} net trained to equilibrium")
+    data = thinking_task.load_data(config)
+    step, state = loop.restore_newest(config, data, path)
+    return path.name, step, config, data, thinking_task.build_model(config), state
+
+
+def diagnose(path, num: int = 128, unrolled: int = 200, max_iter: int = 200, tol: float = 1e-4):
+    """`_readings` of a prefix-sum equilibrium run's newest checkpoint and of a fresh net of
+    its config (seed `config.seed`), on `num` validation strings of its trained length.
+
+    Both are solved with the implicit backward, to `tol` within `max_iter` iterations (the
+    same solver as trained otherwise), whatever the run trained with: the question is
+    whether the exact gradient at a fixed point would have taught the net."""
+    from rvm.tasks.thinking import task as thinking_task
+
+    name, step, config, _, _, state = _restored(path, "prefix_sums", "prefix-sum")
+    backward = config.equilibrium.backward
     with config.unlocked():
         config.equilibrium.backward = "implicit"
         config.equilibrium.max_iter = config.equilibrium.backward_max_iter = max_iter
@@ -166,12 +181,62 @@ def diagnose(path, num: int = 128, unrolled: int = 200, max_iter: int = 200, tol
     fresh = model.init(jax.random.key(config.seed), jnp.asarray(split.inputs[:1], jnp.float32))
     key = jax.random.key(0)
     return {
-        "run": path.name,
+        "run": name,
         "step": step,
-        "backward": run["config"]["equilibrium"]["backward"],
+        "backward": backward,
         "initial": _readings(model, fresh["params"], split, unrolled, key),
         "trained": _readings(model, state.variables["params"], split, unrolled, key),
     }
+
+
+def solver_budgets(path, budgets: Sequence[int]) -> dict:
+    """Exact match (%) on the validation split of every size a thinking run was tested on,
+    at its newest checkpoint's fixed point with the forward solve capped at each of
+    `budgets` iterations (the trained solver otherwise), and the batches stopped there
+    unconverged: validation, so a cap may be chosen from it."""
+    from rvm.tasks.thinking import task as thinking_task
+
+    name, step, config, data, model, state = _restored(path)
+    if not data.vals:
+        raise ValueError(f"{path}: the run has no validation split to read the caps on")
+    solver = model.equilibrium.solver
+    sizes = {}
+    for size, split in sorted(data.vals.items()):
+        sizes[str(size)] = [
+            thinking_task.solver_results(
+                model,
+                state.variables,
+                split,
+                dataclasses.replace(solver, max_iter=int(cap)),
+                config.eval_batch_size,
+            )
+            | {"examples": len(split.inputs)}
+            for cap in budgets
+        ]
+    return {"run": name, "step": step, "trained_max_iter": solver.max_iter, "sizes": sizes}
+
+
+def budgets_markdown(rows: list[dict], command: str = "") -> str:
+    """The readings of `solver_budgets` as a table, a row per run and size."""
+    lines = ["# Validation exact match at the fixed point against the solver's cap", ""]
+    if command:
+        lines += [f"Made by `{command}`.", ""]
+    lines += [
+        "| run | size | validation examples | cap: exact match % (batches unconverged) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        for size, readings in row["sizes"].items():
+            caps = "; ".join(
+                f"{r['solver_max_iter']}: {r['solver_accuracy']:.1f} "
+                f"({r['solver_nonconverged_batches']})"
+                for r in readings
+            )
+            lines.append(
+                f"| {row['run']} (step {row['step']}) | {size} | "
+                f"{readings[0]['examples']} | {caps} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict], command: str = "") -> str:
