@@ -153,8 +153,18 @@ def test_summary_sets_runs_against_the_targets(tmp_path):
     tracked = lambda scores: {"test": scores, "test_no_reset": scores, "steps_per_sec": speeds}
     small = tracker_config.get_config("lstm")
     small.model.size = 24
-    runs = {  # "small" first: an LSTM with no feed-forward run of its network
+    long = tracker_config.get_config("lstm")
+    long.num_epochs *= 2
+    short_random = glimpses_config.get_config("cluttered_random")
+    short_random.num_epochs = 5
+    glimpsed = lambda error: {
+        "test_error": error,
+        "test_error_interval": [error - 1, error + 1],
+        "val_error": error,
+    }
+    runs = {  # "small", "long" first: LSTMs with no feed-forward run trained alike
         "small": (small, tracked(scores)),
+        "long": (long, tracked(scores)),
         "track": (tracker_config.get_config("lstm"), tracked(scores)),
         "ff": (
             tracker_config.get_config("feedforward"),
@@ -164,10 +174,14 @@ def test_summary_sets_runs_against_the_targets(tmp_path):
             glimpses_config.get_config("cluttered_ram"),
             {"test_error": 6.0, "test_error_interval": [5.0, 7.0], "val_error": 6.5},
         ),
+        # random locations at a shorter budget first: not the learned run's baseline
+        "random_short": (short_random, glimpsed(30.0)),
+        "random": (glimpses_config.get_config("cluttered_random"), glimpsed(9.0)),
     }
-    runs["ram"][1].update(flops_per_image={"60": 1e6, "100": 1e6}, shown_predictions=[1] * 2)
+    for name in ("ram", "random_short", "random"):
+        runs[name][1].update(flops_per_image={"60": 1e6, "100": 1e6}, shown_predictions=[1] * 2)
     runs["ram"][1]["shown_locations"] = [[[0.0, 0.0]] * 2] * 3
-    for name in ("track", "ff", "small"):
+    for name in ("track", "ff", "small", "long"):
         runs[name][1].update(test_frames=8, shown_ious=[[1.0] * 8], shown_occluded=[[False] * 8])
     for name, (config, results) in runs.items():
         (tmp_path / name).mkdir()
@@ -179,9 +193,11 @@ def test_summary_sets_runs_against_the_targets(tmp_path):
     assert "success_rate 0.850 (>= 0.9): missed by 0.05" in text
     assert "mean_iou 0.800 (>= 0.75): met" in text
     assert "900 track steps/s at batch 1 (>= 1,000): missed by 100" in text
-    # Each LSTM is set against the feed-forward run of its own network only.
+    # Each LSTM is set against the feed-forward run of its own network and budget only,
+    # RAM against random locations at its own budget.
     assert "LSTM track 0.100 against feed-forward ff 0.200 (LSTM below): met" in text
-    assert "LSTM small" not in text
+    assert "LSTM small" not in text and "LSTM long" not in text
+    assert "- ram: +3.00 points better than random locations (target at least 2): met" in text
     assert "= 1.00" in text  # RAM's operations per image do not grow with the canvas
     assert (tmp_path / "tracker_iou.png").is_file() and (
         tmp_path / "glimpse_locations.png"

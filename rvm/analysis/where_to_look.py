@@ -170,9 +170,8 @@ def target_lines(glimpses: dict[str, dict], trackers: dict[str, dict]) -> list[s
                 (
                     o["results"]["test_error"]
                     for o in glimpses.values()
-                    if o["config"]["data"]["clutter"] == c["data"]["clutter"]
-                    and o["config"]["model"].get("policy") == "random"
-                    and o["config"]["model"]["kind"] == "ram"
+                    if o["config"]["model"]["policy"] == "random"
+                    and _differ_only_in(o["config"], c, "model.policy")
                 ),
                 None,
             )
@@ -208,16 +207,33 @@ def target_lines(glimpses: dict[str, dict], trackers: dict[str, dict]) -> list[s
     return lines
 
 
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _differ_only_in(a: dict, b: dict, field: str) -> bool:
+    """Whether configs `a` and `b` are equal but for `field` (dotted): runs trained alike,
+    data, network and budget, so that their scores compare that one field."""
+    a, b = _flat(a), _flat(b)
+    return {k: v for k, v in a.items() if k != field} == {k: v for k, v in b.items() if k != field}
+
+
 def _ablation_pairs(trackers: dict[str, dict]) -> list[tuple[dict, dict]]:
-    """(LSTM run, feed-forward run) pairs whose models differ in `recurrent` alone."""
-    without = lambda run: {k: v for k, v in run["config"]["model"].items() if k != "recurrent"}
+    """(LSTM run, feed-forward run) pairs whose configs differ in `model.recurrent` alone."""
     runs = list(trackers.values())
     return [
         (lstm, ff)
         for lstm in runs
         if lstm["config"]["model"]["recurrent"]
         for ff in runs
-        if not ff["config"]["model"]["recurrent"] and without(ff) == without(lstm)
+        if not ff["config"]["model"]["recurrent"]
+        and _differ_only_in(lstm["config"], ff["config"], "model.recurrent")
     ]
 
 
