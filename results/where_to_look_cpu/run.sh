@@ -24,6 +24,7 @@ MACHINE=${MACHINE:-"a 2-core $(lscpu | sed -n 's/^Model name: *//p') VM shared w
 ALL="tracker_lstm tracker_feedforward cluttered_ram cluttered_random cluttered_cnn"
 ALL+=" translated_ram translated_random translated_cnn tracker_one_crop cluttered_center"
 ALL+=" tracker_lstm_own tracker_feedforward_own tracker_lstm_long tracker_feedforward_long"
+ALL+=" translated_ram_own cluttered_ram_own translated_random_own cluttered_random_own"
 RUNS=${RUNS:-$ALL}
 mkdir -p "$WORKDIRS"
 
@@ -81,6 +82,12 @@ train tracker_feedforward_own tracker feedforward
 train tracker_lstm_long tracker lstm --config.num_epochs=20
 # Its feed-forward ablation at the same budget.
 train tracker_feedforward_long tracker feedforward --config.num_epochs=20
+# RAM and its random-location baseline at the glimpse variants' own budget (20 epochs,
+# 6,240 steps of 64; README.md says how long they took).
+train translated_ram_own glimpses translated_ram
+train cluttered_ram_own glimpses cluttered_ram
+train translated_random_own glimpses translated_random
+train cluttered_random_own glimpses cluttered_random
 
 paths=""  # every run with records here, trained now or before
 for name in $ALL; do
