@@ -60,6 +60,44 @@ def test_dual_with_k1_uses_only_the_big_network(dual_pair):
     np.testing.assert_allclose(out, jax.jit(frame.apply)(big_only, video), atol=1e-5)
 
 
+def _big(model, *args):
+    return model.big(*args)
+
+
+def test_propagate_feeds_each_frame_the_mask_it_predicted_for_the_one_before():
+    video = _video(frames=4)
+    model = vo.VideoObjects("propagate", **TINY)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), video)
+    got = jax.jit(model.apply)(variables, video)
+    x0, m0 = video[:, 0, ..., :1], video[:, 0, ..., 1:]
+    big = jax.jit(lambda v, x, prev: model.apply(v, x, x0, m0, False, prev, method=_big))
+
+    def frame_by_frame(fed):
+        prev, out = m0, []
+        for t in range(video.shape[1]):
+            logits, _ = big(variables, video[:, t, ..., :1], prev)
+            out.append(logits)
+            prev = fed(logits)
+        return jnp.stack(out, 1)
+
+    own = frame_by_frame(lambda logits: jax.nn.sigmoid(logits)[..., None])
+    np.testing.assert_allclose(got, own, atol=1e-5)
+    # fed frame 0's mask at every frame instead, the later frames differ: the feed matters
+    still = frame_by_frame(lambda logits: m0)
+    assert not np.allclose(got[:, 1:], still[:, 1:], atol=1e-3)
+    # training carries the batch statistics through the frames, and updates them
+    _, updated = jax.jit(lambda v, x: model.apply(v, x, True, mutable=["batch_stats"]))(
+        variables, video
+    )
+    before, after = jax.tree.leaves(variables["batch_stats"]), jax.tree.leaves(updated)
+    assert all(np.all(np.isfinite(a)) for a in after)
+    assert any(not np.allclose(a, b) for a, b in zip(after, before))
+    config = configs.get_config("propagate")
+    config.model.match = True
+    with pytest.raises(ConfigError, match="not built for model.system='propagate'"):
+        validate(config)
+
+
 def test_prototypes_and_similarity_of_a_known_target():
     fg, bg = np.array([1.0, 0.0, 1.0]), np.array([0.0, 2.0, 0.0])
     mask = np.zeros((1, 8, 8, 1), np.float32)

@@ -29,6 +29,9 @@ Variants (`rvm.models.video_objects` describes each system):
                   `--config.model.ignore_threshold=...` and
                   `--config.model.reinit_threshold=...` (mean absolute pixel change); they
                   act in training and in evaluation alike (one path computes both).
+  propagate       the big network frame by frame, also given the mask it predicted for
+                  the previous frame (mask propagation), trained through its own
+                  predictions; the FLOPs of `frame` per frame.
   smoke           a tiny `dual` run (32x32 canvas, 6 frames) that trains in about a minute.
 `--config.model.match=True` on any of them: the big network's head also sees, at each
 site, the similarity of its features to frame 0's target (and background).
@@ -54,6 +57,7 @@ SYSTEM_VARIANTS = {
     "small": dict(system="small"),
     "pc": dict(system="pc", pc_layers=(3,)),
     "pc_stacked": dict(system="pc", pc_layers=(2, 3)),
+    "propagate": dict(system="propagate"),
 }
 
 

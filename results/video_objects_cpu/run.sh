@@ -19,7 +19,8 @@ CONFIG=experiments/configs/video_objects.py
 MACHINE=${MACHINE:-"$(lscpu | grep 'Model name' | sed 's/Model name: *//'), 2 cores shared with other work"}
 BUDGET=()
 RUNS=${RUNS:-"frame dual small stale pc pc_ignore_0.03 pc_ignore_0.045 pc_ignore_0.08 pc_ignore_0.1
-  pc_ignore_0.12 resrec_gru dual_carry frame_long frame_match frame_match_long"}
+  pc_ignore_0.12 resrec_gru dual_carry frame_long frame_match frame_match_long propagate
+  propagate_long"}
 mkdir -p "$WORKDIRS"
 
 train() {  # NAME VARIANT [--config.FIELD=VALUE ...]
@@ -74,6 +75,11 @@ train frame_match frame --config.model.match=True
 # ... and with frame_long's budget.
 train frame_match_long frame --config.model.match=True --config.data.num_train=2048 \
   --config.num_epochs=8
+# Mask propagation: the big network frame by frame, also given the mask it predicted for
+# the previous frame, trained through its own predictions; at the common budget and at
+# frame_long's.
+train propagate propagate
+train propagate_long propagate --config.data.num_train=2048 --config.num_epochs=8
 # Runs whose results.json predates J by distractor class, evaluated again from their
 # checkpoint (evaluated.json); then the summary.
 python -c "from rvm.analysis.video_objects import evaluate_where_missing as e; print(e('$OUT'))"

@@ -75,12 +75,15 @@ def part_flops(model: vo.VideoObjects, variables: dict, frame_shape: tuple[int, 
     h, w = frame_shape
     x = jnp.zeros((1, h, w, 1))
     apply = lambda f, *a: compiled_flops(lambda v, *b: model.apply(v, *b, method=f), variables, *a)
-    out = {"big": apply(lambda m, x: m.big(x, x, x, False), x)}
-    feats = jax.eval_shape(lambda v: model.apply(v, x, x, x, False, method=_big), variables)[1]
+    prev = (x,) if model.system == "propagate" else ()  # the previous frame's mask
+    out = {"big": apply(lambda m, x: m.big(x, x, x, False, *prev), x)}
+    feats = jax.eval_shape(lambda v: model.apply(v, x, x, x, False, *prev, method=_big), variables)[
+        1
+    ]
     protos = lambda f, x: vo.prototypes(f, x) if model.match else None  # x: a mask's shape
     out["head"] = apply(lambda m, f, x: m.big.logits(f, x, protos(f, x)), jnp.zeros(feats.shape), x)
     bounds = (0, *model.pc_layers)
-    y = jnp.zeros((1, h, w, 3))
+    y = jnp.zeros((1, h, w, 3 + len(prev)))  # the trunk's input channels
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         seg = lambda m, y, a=a, b=b: m.big.trunk(y, False, a, b)
         out[f"segment{i}"] = apply(seg, y)
@@ -105,8 +108,8 @@ def part_flops(model: vo.VideoObjects, variables: dict, frame_shape: tuple[int, 
     return out
 
 
-def _big(m, x, x0, m0, train):
-    return m.big(x, x0, m0, train)
+def _big(m, x, x0, m0, train, *prev):
+    return m.big(x, x0, m0, train, *prev)
 
 
 def system_flops(model: vo.VideoObjects, parts: dict, num_frames: int, kinds=None, nonzero=None):
@@ -115,7 +118,7 @@ def system_flops(model: vo.VideoObjects, parts: dict, num_frames: int, kinds=Non
     of each block's input difference `nonzero` [blocks, N, T]."""
     big, s = parts["big"], model.system
     keys = -(-num_frames // model.key_every)
-    if s == "frame":
+    if s in ("frame", "propagate"):
         return {"flops_per_frame": big}
     if s == "stale":
         return {"flops_per_frame": keys * big / num_frames}

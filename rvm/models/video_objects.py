@@ -19,6 +19,12 @@ the target reaches it. Each returns mask logits [B, T, H, W].
   `every_frame` lets the small network update it every frame. The small network is
   meant to cost at most 10% of the big one's FLOPs per frame (`small_features`).
 * `small`: `dual` with only frame 0 as key frame.
+* `propagate`: the big network frame by frame, its trunk also given the mask it
+  predicted for the previous frame (frame 0's given mask for frame 0), as in mask
+  propagation (MaskTrack, Perazzi et al. 2017; RGMP, Oh et al. 2018): frame 0 and its
+  mask say what the target looks like, the previous prediction where it just was. The
+  fed mask is the sigmoid of the previous logits without gradient; training runs the
+  same scan over time as evaluation, so the network learns from its own predictions.
 * `pc`: predictive-corrective blocks (Dave et al. 2017) over segments of the trunk
   (`pc_layers`, segment ends): a block re-initialises y_t = init(x_t) and otherwise
   corrects y_t = y_ref + update(x_t - x_ref), x_ref the last frame it processed;
@@ -59,7 +65,7 @@ from rvm.models.recurrent import ConvElmanCell, ConvGRUCell, run_sequence
 from rvm.models.resnet import Level
 
 Array = jax.Array
-SYSTEMS = ("frame", "stale", "resrec", "dual", "small", "pc")
+SYSTEMS = ("frame", "stale", "resrec", "dual", "small", "pc", "propagate")
 CELLS = {"none": None, "elman": ConvElmanCell, "gru": ConvGRUCell}
 MEMORY = ("big_only", "every_frame")
 REINIT, UPDATE, IGNORE = 0, 1, 2  # what a pc schedule does at a frame
@@ -147,9 +153,10 @@ def similarity(features: Array, protos: Array) -> Array:
 
 
 class BigNet(nn.Module):
-    """Trunk + head on [frame, frame 0, mask 0]; also returns the top features. Called on
-    frames alone, `match` compares each frame's features with its own prototypes (what it
-    does for frame 0; `rvm.analysis.video_objects` counts the FLOPs of that call)."""
+    """Trunk + head on [frame, frame 0, mask 0] (and the previous frame's mask where one is
+    given: `propagate`); also returns the top features. Called on frames alone, `match`
+    compares each frame's features with its own prototypes (what it does for frame 0;
+    `rvm.analysis.video_objects` counts the FLOPs of that call)."""
 
     widths: tuple[int, ...]
     blocks: tuple[int, ...]
@@ -159,8 +166,11 @@ class BigNet(nn.Module):
         self.trunk = Trunk(self.widths, self.blocks)
         self.head = Head()
 
-    def __call__(self, x: Array, x0: Array, m0: Array, train: bool) -> tuple[Array, Array]:
-        features = self.trunk(jnp.concatenate([x, x0, m0], -1), train)
+    def __call__(
+        self, x: Array, x0: Array, m0: Array, train: bool, prev: Array | None = None
+    ) -> tuple[Array, Array]:
+        stacked = [x, x0, m0] if prev is None else [x, x0, m0, prev]
+        features = self.trunk(jnp.concatenate(stacked, -1), train)
         protos = prototypes(features, m0) if self.match else None
         return self.logits(features, x, protos), features
 
@@ -316,6 +326,8 @@ class VideoObjects(nn.Module):
         if self.system in ("dual", "small"):
             every = x.shape[1] if self.system == "small" else self.key_every
             return self._dual(inputs, x, every, big)
+        if self.system == "propagate":
+            return self._propagate(inputs, train)
         return self._pc(inputs, x, train)
 
     def _big(self, inputs: Array, train: bool) -> tuple[Array, Array]:
@@ -352,6 +364,28 @@ class VideoObjects(nn.Module):
         memory = (h_key[:, 0], big_logits[:, 0])
         _, logits = self.small(memory, (x, flags, h_key[:, keys], big_logits[:, keys]))
         return logits
+
+    def _propagate(self, inputs: Array, train: bool) -> Array:
+        """The big network over time, each frame given the previous frame's predicted mask."""
+
+        def step(module, prev, frame):
+            logits, _ = module.big(frame[..., :1], frame[..., 1:2], frame[..., 2:], train, prev)
+            return jax.lax.stop_gradient(jax.nn.sigmoid(logits))[..., None], logits
+
+        first = inputs[:, 0, ..., 2:]
+        if self.is_initializing():  # the scan carries batch statistics that must exist
+            step(self, first, inputs[:, 0])
+        # training updates the running statistics frame after frame; evaluation reads them
+        stats = dict(variable_carry="batch_stats") if train else {}
+        scan = nn.scan(
+            step,
+            variable_broadcast=("params",) if train else ("params", "batch_stats"),
+            **stats,
+            split_rngs={"params": False},
+            in_axes=1,
+            out_axes=1,
+        )
+        return scan(self, first, inputs)[1]
 
     def _pc(self, inputs, x, train):
         kind, ref = pc_schedule(x, self.key_every, self.reinit_threshold, self.ignore_threshold)

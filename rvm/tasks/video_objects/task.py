@@ -146,7 +146,8 @@ def evaluate(model, variables, videos: TargetVideos, batch_size: int, mesh=None)
     outputs = jax.device_get(outputs)
     keep = lambda a, w: np.asarray(a)[np.asarray(w) > 0]
     iou = np.concatenate([keep(i, w) for i, _, w in outputs])
-    out = measures.summarize_j(iou, None if model.system == "frame" else model.key_every)
+    keyless = model.system in ("frame", "propagate")
+    out = measures.summarize_j(iou, None if keyless else model.key_every)
     out.update(measures.j_by_distractor_class(iou, videos.classes))
     if model.system == "pc":
         out["pc_kind"] = np.concatenate([keep(i["pc_kind"][0], w) for _, i, w in outputs])
@@ -228,6 +229,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("reinit_threshold", "ignore_threshold"):
         nonnegative(config, f"model.{field}")
     boolean(config, "model.match")
+    if m.match and m.system == "propagate":
+        raise ConfigError("model.match=True is not built for model.system='propagate'")
     if len(m.widths) != len(m.blocks) or not all(int(b) >= 1 for b in m.blocks):
         raise ConfigError(f"model.blocks={m.blocks!r} needs one count >= 1 per width {m.widths!r}")
     if any(int(b) < 2 for b in m.blocks[1:]):
