@@ -235,6 +235,11 @@ def test_every_equilibrium_config_validates(variant):
         model = sharing.build_model(config.model, 10)
         shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((2, 32, 32, 3))))
         assert "cell" in shapes["params"]["level2"]  # a level solved to its fixed point
+        # model.widths reaches the network: all3_wide is of multiscale-DEQ size
+        stem = shapes["params"]["stem_conv"]["kernel"].shape[-1]
+        assert stem == config.model.widths[0] == (64 if variant == "all3_wide" else 16)
+        if variant == "all3_wide":
+            assert 2e6 < sharing.count_params(shapes["params"]) < 5e6
 
 
 def test_equilibrium_level_runs_a_given_number_of_solver_iterations():

@@ -297,6 +297,7 @@ def test_fields_added_since_a_run_was_saved_are_filled_for_its_task_only():
         "random_iterations": False,
         "iterations_mean": 2.0,
         "iterations_sigma": 0.5,
+        "widths": [16, 32, 64],
     }
     assert filled["rng_streams"] == "shared" and image == {"model": {"sharing": "raw"}}
     tracker = with_added_fields({"task": "tracker", "model": {"size": 32}})

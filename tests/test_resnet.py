@@ -94,6 +94,8 @@ def test_minimal_shrinks_only_the_levels_in_scope():
         ("scope", "upper", "model.scope='upper' is not one of middle, all"),
         ("blocks_per_level", (3, 4), "model.blocks_per_level=(3, 4) must be 3 integers"),
         ("blocks_per_level", (3, 1, 4), "at least (1, 2, 2)"),
+        ("widths", (16, 32), "model.widths=(16, 32) must be 3 positive integers"),
+        ("widths", (16, 0, 64), "model.widths=(16, 0, 64) must be 3 positive integers"),
         ("final_death_rate", 1.0, "model.final_death_rate=1.0 must be a number in [0, 1)"),
         ("dtype", "float16", "model.dtype='float16'"),
         ("conv_impl", "cudnn", "model.conv_impl='cudnn' is not one of xla, gemm, kernel_gemm"),

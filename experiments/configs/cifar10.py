@@ -79,6 +79,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.blocks_per_level = (18, 18, 18)
+    config.model.widths = (16, 32, 64)  # filters per level (the paper's)
     config.model.sharing = "nonshared"
     config.model.scope = "middle"
     config.model.stochastic_depth = True

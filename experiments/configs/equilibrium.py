@@ -10,6 +10,9 @@ Variants (`rvm.models.equilibrium`, `rvm.models.equilibrium_resnet`):
                      middle one; the other fields are cifar10.py's all3_raw
   all3_jac           all3 with Jacobian regularisation (Bai et al. 2021)
   all3_phantom       all3 with the phantom gradient (Geng et al. 2021) instead of implicit
+  all3_wide          all3 four times as wide (64-128-256 filters, 2.7M parameters) with
+                     pad-4 random crops: a CIFAR model of multiscale-DEQ size for a GPU
+                     (results/equilibrium_gpu/run.sh)
   mazes, prefix_sums the thinking nets of mazes.py:recall_prog / prefix_sums.py:recall_prog
                      with their block solved to equilibrium (`train.scheme="equilibrium"`)
   smoke, mazes_smoke tiny runs on synthetic images / 5x5 mazes, under a minute on a CPU
@@ -30,6 +33,7 @@ VARIANTS = (
     "middle3",
     "all3_jac",
     "all3_phantom",
+    "all3_wide",
     "mazes",
     "prefix_sums",
     "smoke",
@@ -83,4 +87,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
         config.model.equilibrium.jacobian_weight = 0.5
     if variant == "all3_phantom":
         config.model.equilibrium.backward = "phantom"
+    if variant == "all3_wide":
+        config.model.widths = (64, 128, 256)
+        config.data.crop = True
     return config

@@ -31,6 +31,7 @@ PAPER_MODES = ("nonshared", "raw", "relaxed", "minimal")
 SHARING_MODES = (*PAPER_MODES, "equilibrium")
 SCOPES = ("middle", "all")
 NUM_LEVELS = 3
+WIDTHS = (16, 32, 64)  # the paper's filters per level; `model.widths` may change them
 KERNELS = ("conv1", "conv2")
 
 
@@ -55,6 +56,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(
             f"model.blocks_per_level={blocks!r}: each level needs at least {minimum} blocks "
             "(the padding block of levels 2 and 3 included)"
+        )
+    widths = tuple(cfg.get("widths", WIDTHS))
+    if len(widths) != NUM_LEVELS or not all(isinstance(w, int) and w >= 1 for w in widths):
+        raise ValueError(
+            f"model.widths={widths!r} must be {NUM_LEVELS} positive integers, one per level"
         )
     rate = cfg.final_death_rate
     if not (isinstance(rate, (int, float)) and 0.0 <= rate < 1.0):
@@ -103,6 +109,7 @@ def build_model(
         equilibrium_levels=levels_in_scope(cfg.scope) if solved else (False,) * NUM_LEVELS,
         equilibrium=spec_from_config(cfg.equilibrium, "model.equilibrium") if solved else None,
         blocks_per_level=trained_blocks(cfg),
+        widths=tuple(cfg.get("widths", WIDTHS)),
         shared_levels=shared,
         num_classes=num_classes,
         final_death_rate=cfg.final_death_rate if cfg.stochastic_depth else 0.0,

@@ -55,6 +55,7 @@ TASK_ADDED_FIELDS = {
         "model.random_iterations": False,
         "model.iterations_mean": 2.0,
         "model.iterations_sigma": 0.5,
+        "model.widths": [16, 32, 64],  # as config.json holds a tuple
     },
     # thinking runs recorded before their validation split and the reference count draw
     "thinking": {"data.num_val": 0, "data.eval_stream": 0, "train.draw": "fixed_k"},
