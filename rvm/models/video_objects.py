@@ -46,8 +46,9 @@ outside it (`prototypes`, `similarity`): the frames reach the trunk only as chan
 stacked with frame 0, so without it the network can compare the target with what it
 sees only within its receptive field, not wherever the target has moved.
 
-The training path is vectorised over time (key frames picked statically); evaluation
-runs the same path, so what is trained is what is measured.
+The training path is vectorised over time (key frames picked statically; `propagate`
+scans, each frame needing the last one's mask); evaluation runs the same path, so what
+is trained is what is measured.
 """
 
 from __future__ import annotations
