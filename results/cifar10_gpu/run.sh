@@ -6,10 +6,14 @@
 # official binary layout under DATA (see README). Writes config.json, metrics.jsonl,
 # starts.jsonl (the commit, devices and versions of each start), results.json and
 # train.log into OUT. EXTRA holds further --config.* overrides (such as
-# --config.model.sd_impl=compact); XLA_FLAGS passes through.
+# --config.model.sd_impl=compact); XLA_FLAGS passes through. CONFIG (another config file of
+# the CIFAR-10 family) and DTYPE let other GPU runs share this script
+# (results/equilibrium_gpu/run.sh).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
+CONFIG=${CONFIG:-experiments/configs/cifar10.py}
 VARIANT=${VARIANT:-all18_relaxed}
+DTYPE=${DTYPE:-bfloat16}
 EPOCHS=${EPOCHS:-15}
 DATA=${DATA:-data/cifar10}
 OUT=${OUT:-results/cifar10_gpu/$VARIANT}
@@ -19,8 +23,8 @@ mkdir -p "$OUT"
 XLA_FLAGS=$(python3 -c "from rvm.train import xla; import sys; print(xla.gpu_xla_flags(sys.argv[1]))" "${XLA_FLAGS:-}")
 export XLA_FLAGS
 # shellcheck disable=SC2086  # EXTRA is a list of flags
-python3 -m experiments.train --config=experiments/configs/cifar10.py:"$VARIANT" \
-  --config.model.dtype=bfloat16 --config.num_epochs="$EPOCHS" --config.data.source=binary \
+python3 -m experiments.train --config="$CONFIG:$VARIANT" \
+  --config.model.dtype="$DTYPE" --config.num_epochs="$EPOCHS" --config.data.source=binary \
   --config.data.binary_dir="$DATA" ${EXTRA:-} --workdir="$WORKDIR" --alsologtostderr \
   > "$OUT/train.log" 2>&1 &
 # A SIGTERM (a time limit's) reaches the run, which saves a checkpoint and exits 75.

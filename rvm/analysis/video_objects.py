@@ -77,9 +77,8 @@ def part_flops(model: vo.VideoObjects, variables: dict, frame_shape: tuple[int, 
     apply = lambda f, *a: compiled_flops(lambda v, *b: model.apply(v, *b, method=f), variables, *a)
     prev = (x,) if model.system == "propagate" else ()  # the previous frame's mask
     out = {"big": apply(lambda m, x: m.big(x, x, x, False, *prev), x)}
-    feats = jax.eval_shape(lambda v: model.apply(v, x, x, x, False, *prev, method=_big), variables)[
-        1
-    ]
+    big = lambda v: model.apply(v, x, x, x, False, *prev, method=_big)
+    feats = jax.eval_shape(big, variables)[1]
     protos = lambda f, x: vo.prototypes(f, x) if model.match else None  # x: a mask's shape
     out["head"] = apply(lambda m, f, x: m.big.logits(f, x, protos(f, x)), jnp.zeros(feats.shape), x)
     bounds = (0, *model.pc_layers)
